@@ -1,0 +1,154 @@
+"""The ``segray`` command: one entry point, one subcommand per job.
+
+Each subcommand parses its flags, calls one segray function and prints where
+the results went. Errors that the user can fix end with a one-line message
+and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+
+from segray.config import ConfigError, parse_size
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs that the user can fix."""
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _print_dataset(info, dst: str) -> None:
+    print(f"dataset: {dst}")
+    print(f"  layout {info.layout}, {info.num_classes} classes, size {'x'.join(map(str, info.size)) if info.size else 'varies'}")
+    print(f"  splits: " + ", ".join(f"{k} {v}" for k, v in info.splits.items()) + f"; rejected inputs: {info.errors}")
+    print(f"  mean {[round(x, 2) for x in info.mean]}  std {[round(x, 2) for x in info.std]}")
+    print("  pixel frequency (train):")
+    width = max(len(n) for n in info.pixel_frequency)
+    for name, freq in info.pixel_frequency.items():
+        bar = "#" * int(round(freq * 40))
+        print(f"    {name:<{width}}  {freq:7.2%}  {bar}")
+    if info.priority:
+        print(f"  overlap priority (first wins): {', '.join(info.priority)}")
+
+
+# --- subcommands -------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from segray.data import synthesize
+
+    synthesize(args.dst, n=args.n, size=args.size, num_classes=args.classes, seed=args.seed)
+    print(f"wrote {args.n} image/mask pairs ({args.size[0]}x{args.size[1]}, {args.classes} classes) to {args.dst}")
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from segray import storage
+    from segray.data import ingest
+    from segray.runtime import init_ray
+
+    init_ray()
+    result = ingest(
+        args.src,
+        args.dst,
+        layout=args.layout,
+        val_fraction=args.val_fraction,
+        shard_mb=args.shard_mb,
+        classes_file=args.classes,
+        num_classes=args.num_classes,
+        class_order=args.class_order,
+        priority=args.priority,
+        images_dir=args.images_dir,
+        overwrite=args.overwrite,
+        command="segray " + shlex.join(sys.argv[1:]),
+    )
+    _print_dataset(result.info, args.dst)
+    if result.errors:
+        print(f"{len(result.errors)} input(s) rejected, reasons in {storage.join(args.dst, '_errors.parquet')}; first ones:")
+        for _, reason in result.errors[:5]:
+            print(f"  {reason}")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from segray import models
+
+    print(models.describe(args.name, size=args.size, num_classes=args.num_classes))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from segray.demo import run_demo
+
+    run_demo(args.dir, n=args.n, size=args.size, overwrite=True)
+
+
+# --- parser ------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segray", description="Distributed semantic segmentation on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic dataset of shapes in the ids layout")
+    p.add_argument("dst", help="local folder or s3://bucket/prefix")
+    p.add_argument("--n", type=int, default=100, help="number of image/mask pairs (default 100)")
+    p.add_argument("--size", type=_size, default=(128, 128), help="H or HxW (default 128)")
+    p.add_argument("--classes", type=int, default=4, help="classes including background (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("ingest", help="check a raw dataset and write Parquet shards + dataset.json")
+    p.add_argument("src", help="raw dataset: local folder or s3://bucket/prefix")
+    p.add_argument("dst", help="where the ingested dataset goes")
+    p.add_argument("--layout", choices=["ids", "palette", "per-class"], default="ids")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MB of source bytes")
+    p.add_argument("--classes", default=None, help="classes.json (default SRC/classes.json)")
+    p.add_argument("--num-classes", type=int, default=None, help="ids layout without classes.json: declare C classes")
+    p.add_argument("--class-order", type=_names, default=None, help="per-class: class folders in id order (ids 1..K)")
+    p.add_argument("--priority", type=_names, default=None, help="per-class: overlap priority, first wins")
+    p.add_argument("--images-dir", default="images", help="per-class: folder of images (default images)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST whole if it holds files")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("models", help="list models, or show one's parameters and FLOPs")
+    p.add_argument("name", nargs="?", default=None)
+    p.add_argument("--size", type=_size, default=(256, 256), help="H or HxW for FLOPs (default 256)")
+    p.add_argument("--num-classes", type=int, default=2)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on a local synthetic dataset")
+    p.add_argument("--dir", default="segray-demo", help="working folder (default ./segray-demo, replaced)")
+    p.add_argument("--n", type=int, default=96, help="synthetic pairs (default 96)")
+    p.add_argument("--size", type=_size, default=(64, 64), help="image size (default 64)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    from segray.data import IngestError
+
+    try:
+        func(args)
+    except (UsageError, ConfigError, IngestError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"segray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Classes and the ``dataset.json`` that describes an ingested dataset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from segray import storage
+from segray.config import ConfigError, from_dict, to_dict
+
+IGNORE_INDEX = 255
+DATASET_FORMAT = "segray-dataset/1"
+
+# Distinct colours for overlays and palettes; class i takes colour i.
+PALETTE = [
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
+    (255, 215, 180), (0, 0, 128), (128, 128, 128),
+]
+
+
+def default_color(class_id: int) -> list[int]:
+    if class_id < len(PALETTE):
+        return list(PALETTE[class_id])
+    # Beyond the table: a deterministic spread over the colour cube.
+    return [(class_id * 97) % 256, (class_id * 57) % 256, (class_id * 199) % 256]
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    id: int
+    name: str
+    color: tuple[int, int, int] = (0, 0, 0)
+
+
+def parse_classes(entries: Any, source: str) -> list[ClassInfo]:
+    """Reads a classes.json list; ids must be unique and 0..254, or 255 for an ignore colour.
+
+    Returns:
+        The classes sorted by id, the entry with id 255 (if any) last.
+    """
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{source}: expected a non-empty list of {{id, name, color}} objects")
+    classes = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, dict) and "color" not in entry and "id" in entry:
+            entry = {**entry, "color": default_color(entry["id"])}
+        try:
+            c = from_dict(ClassInfo, entry, prefix=f"{source}[{i}].")
+        except ConfigError as e:
+            raise ConfigError(str(e)) from None
+        if not 0 <= c.id <= 255:
+            raise ConfigError(f"{source}[{i}]: class id {c.id} is outside 0..255")
+        classes.append(c)
+    ids = [c.id for c in classes]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{source}: class ids repeat: {sorted(ids)}")
+    real = sorted(c.id for c in classes if c.id != IGNORE_INDEX)
+    if real != list(range(len(real))):
+        raise ConfigError(f"{source}: class ids must be 0..C-1 without gaps, got {real}")
+    return sorted(classes, key=lambda c: c.id)
+
+
+def load_classes(uri: str) -> list[ClassInfo]:
+    try:
+        entries = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{uri}: not valid JSON ({e})") from None
+    return parse_classes(entries, uri)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The contents of ``DST/dataset.json``."""
+
+    classes: list[ClassInfo]
+    splits: dict[str, int]
+    pixel_counts: list[int]
+    pixel_frequency: dict[str, float]
+    mean: list[float]
+    std: list[float]
+    layout: str
+    source: str
+    command: str
+    size: list[int] | None = None  # [H, W] when every image shares it
+    channels: int = 3
+    ignore_index: int = IGNORE_INDEX
+    errors: int = 0
+    priority: list[str] | None = None
+    val_fraction: float = 0.1
+    format: str = DATASET_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return sum(1 for c in self.classes if c.id != IGNORE_INDEX)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes if c.id != IGNORE_INDEX]
+
+    def to_json(self) -> str:
+        data = to_dict(self)
+        data["num_classes"] = self.num_classes
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "dataset.json") -> "DatasetInfo":
+        data = json.loads(text)
+        data.pop("num_classes", None)
+        data["classes"] = [from_dict(ClassInfo, c, prefix=f"{source}.classes.") for c in data["classes"]]
+        return from_dict(cls, data, prefix=f"{source}: ")
+
+
+def load_dataset_info(uri: str) -> DatasetInfo:
+    """Reads ``URI/dataset.json``.
+
+    Raises:
+        FileNotFoundError: ``uri`` is not an ingested dataset.
+    """
+    path = storage.join(uri, "dataset.json")
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{uri} is not an ingested dataset: {path} is missing (run `segray ingest` first)")
+    return DatasetInfo.from_json(storage.read_text(path), source=path)

@@ -1,0 +1,225 @@
+"""Raw layouts that users bring: listing, pairing by id, and building class-id masks.
+
+- ``ids``: ``ROOT/images/<id>.<ext>`` with ``ROOT/masks/<id>.png`` holding class ids.
+- ``palette``: the same folders, RGB masks mapped to ids through classes.json colours.
+- ``per-class``: ``ROOT/<images_dir>/<id>.<ext>`` and one folder of binary masks per
+  class, ``ROOT/<class>/<id>.png``; overlaps are settled by a priority order.
+
+Planning runs on the driver and reads only listings; the pixel checks run in
+Ray tasks (``build_mask``) so that they scale with the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+
+from segray import storage
+from segray.config import ConfigError
+from segray.data.imageio import BadInput, decode_mask, decode_raw, is_image_name
+from segray.data.info import IGNORE_INDEX, ClassInfo, default_color, load_classes
+
+LAYOUTS = ("ids", "palette", "per-class")
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """One image and the mask file(s) that belong to it."""
+
+    image_id: str
+    image_uri: str
+    mask_uris: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass
+class Plan:
+    """What ingest will read: the pairs, the inputs already rejected, the classes."""
+
+    layout: str
+    pairs: list[PairSpec]
+    errors: list[tuple[str, str]]
+    classes: list[ClassInfo] | None  # None: infer 0..max from the masks
+    priority: list[str] | None = None
+
+
+def _relative_id(uri: str, root: str) -> tuple[str, str]:
+    """(id, extension) of a file under ``root``: its relative path without extension."""
+    rel = uri[len(root):].lstrip("/").lstrip(os.sep)
+    stem, ext = posixpath.splitext(rel.replace(os.sep, "/"))
+    return stem, ext.lower()
+
+
+def _index_folder(root: str, kind: str, errors: list[tuple[str, str]]) -> dict[str, storage.FileEntry]:
+    """Maps id -> file for the image files under ``root``; others become errors."""
+    index: dict[str, storage.FileEntry] = {}
+    for entry in storage.list_files(root):
+        name = posixpath.basename(entry.uri)
+        if name.startswith("."):
+            continue
+        image_id, ext = _relative_id(entry.uri, root)
+        if not is_image_name(name):
+            errors.append((entry.uri, f"{entry.uri}: not an image (extension {ext or 'none'!r} in {kind}/)"))
+            continue
+        if image_id in index:
+            errors.append((entry.uri, f"{entry.uri}: duplicate id {image_id!r} in {kind}/ (kept {index[image_id].uri})"))
+            continue
+        index[image_id] = entry
+    return index
+
+
+def _pair(images: dict[str, storage.FileEntry], masks: dict[str, list[storage.FileEntry]], errors: list) -> list[PairSpec]:
+    pairs = []
+    for image_id, image in sorted(images.items()):
+        mask_files = masks.get(image_id)
+        if not mask_files:
+            errors.append((image.uri, f"{image.uri}: image has no mask (id {image_id!r})"))
+            continue
+        nbytes = image.size + sum(m.size for m in mask_files)
+        pairs.append(PairSpec(image_id, image.uri, tuple(m.uri for m in mask_files), nbytes))
+    for image_id, mask_files in sorted(masks.items()):
+        if image_id not in images:
+            for m in mask_files:
+                errors.append((m.uri, f"{m.uri}: mask has no image (id {image_id!r})"))
+    return pairs
+
+
+def _classes_file(src: str, classes_file: str | None) -> str | None:
+    if classes_file:
+        return classes_file
+    default = storage.join(src, "classes.json")
+    return default if storage.exists(default) else None
+
+
+def plan_ids(src: str, classes_file: str | None = None, num_classes: int | None = None) -> Plan:
+    errors: list[tuple[str, str]] = []
+    images = _index_folder(storage.join(src, "images"), "images", errors)
+    masks = _index_folder(storage.join(src, "masks"), "masks", errors)
+    path = _classes_file(src, classes_file)
+    if path:
+        classes = load_classes(path)
+    elif num_classes:
+        classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(default_color(k))) for k in range(num_classes)]
+    else:
+        classes = None
+    pairs = _pair(images, {k: [v] for k, v in masks.items()}, errors)
+    return Plan("ids", pairs, errors, classes)
+
+
+def plan_palette(src: str, classes_file: str | None = None) -> Plan:
+    path = _classes_file(src, classes_file)
+    if not path:
+        raise ConfigError(f"the palette layout needs classes.json with colours: none at {storage.join(src, 'classes.json')}")
+    classes = load_classes(path)
+    colors = [c.color for c in classes]
+    if len(set(colors)) != len(colors):
+        raise ConfigError(f"{path}: two classes share a colour; the palette cannot be read back")
+    errors: list[tuple[str, str]] = []
+    images = _index_folder(storage.join(src, "images"), "images", errors)
+    masks = _index_folder(storage.join(src, "masks"), "masks", errors)
+    pairs = _pair(images, {k: [v] for k, v in masks.items()}, errors)
+    return Plan("palette", pairs, errors, classes)
+
+
+def plan_per_class(
+    src: str,
+    class_order: list[str] | None = None,
+    priority: list[str] | None = None,
+    images_dir: str = "images",
+) -> Plan:
+    """Plans a per-class layout.
+
+    Args:
+        class_order: class folder names; they get ids 1..K in this order
+            (0 is background). Default: every folder beside ``images_dir``, sorted.
+        priority: where layers overlap, the class listed first wins. Default:
+            ``class_order``.
+    """
+    folders = [d for d in storage.list_dirs(src) if d != images_dir and not d.startswith(".")]
+    if not storage.is_dir(storage.join(src, images_dir)):
+        raise ConfigError(f"{storage.join(src, images_dir)}: no images folder (set --images-dir to the folder that holds the images)")
+    order = list(class_order) if class_order else folders
+    missing = [c for c in order if c not in folders]
+    if missing or not order:
+        raise ConfigError(f"{src}: class folder(s) {missing or '(none)'} not found; folders there: {folders}")
+    priority = list(priority) if priority else order
+    if sorted(priority) != sorted(order):
+        raise ConfigError(f"--priority must name each class once: got {priority}, classes are {order}")
+    classes = [ClassInfo(0, "background", tuple(default_color(0)))]
+    classes += [ClassInfo(i + 1, name, tuple(default_color(i + 1))) for i, name in enumerate(order)]
+    errors: list[tuple[str, str]] = []
+    images = _index_folder(storage.join(src, images_dir), images_dir, errors)
+    layers: dict[str, list[storage.FileEntry]] = {}
+    for name in priority:
+        for image_id, entry in _index_folder(storage.join(src, name), name, errors).items():
+            layers.setdefault(image_id, []).append(entry)
+    # A pair's mask files are in priority order. A missing layer means the class is
+    # absent from that image; each file's class is read from its folder.
+    return Plan("per-class", _pair(images, layers, errors), errors, classes, priority=priority)
+
+
+def layer_class(mask_uri: str, src_classes: list[ClassInfo]) -> int:
+    """Class id of a per-class layer file, from its folder name."""
+    folder = posixpath.basename(posixpath.dirname(mask_uri.replace(os.sep, "/")))
+    for c in src_classes:
+        if c.name == folder:
+            return c.id
+    raise BadInput(f"{mask_uri}: folder {folder!r} is not a class")
+
+
+def build_mask(
+    layout: str,
+    mask_blobs: list[tuple[str, bytes]],
+    classes: list[ClassInfo] | None,
+) -> np.ndarray:
+    """Turns the mask file(s) of one pair into an (H, W) uint8 class-id mask.
+
+    Raises:
+        BadInput: undecodable mask, unknown colour, layers of different sizes,
+            or class ids outside the declared classes.
+    """
+    if layout == "ids":
+        mask = decode_mask(mask_blobs[0][1])
+        if classes is not None:
+            num = sum(1 for c in classes if c.id != IGNORE_INDEX)
+            bad = (mask >= num) & (mask != IGNORE_INDEX)
+            if bad.any():
+                values = sorted(int(v) for v in np.unique(mask[bad]))
+                raise BadInput(f"mask values {values} outside the declared classes 0..{num - 1} (and 255) in {int(bad.sum())} pixels")
+        return mask
+    if layout == "palette":
+        raw = decode_raw(mask_blobs[0][1])
+        if raw.ndim != 3 or raw.shape[2] < 3:
+            raise BadInput(f"palette mask has {1 if raw.ndim == 2 else raw.shape[2]} channel(s); expected RGB")
+        rgb = raw[..., 2::-1][..., :3].astype(np.int32)  # BGR(A) -> RGB
+        packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        lookup = {(c.color[0] << 16) | (c.color[1] << 8) | c.color[2]: c.id for c in classes or []}
+        values, inverse = np.unique(packed, return_inverse=True)
+        unknown = [v for v in values if int(v) not in lookup]
+        if unknown:
+            shown = [((int(v) >> 16) & 255, (int(v) >> 8) & 255, int(v) & 255) for v in unknown[:5]]
+            count = int(np.isin(packed, unknown).sum())
+            raise BadInput(f"palette colour(s) {shown} not in classes.json ({count} pixels)")
+        ids = np.array([lookup[int(v)] for v in values], np.uint8)
+        return ids[inverse.reshape(packed.shape)]
+    if layout == "per-class":
+        assert classes is not None
+        mask = None
+        shape = None
+        # Paint lowest priority first so that the first-priority class ends on top.
+        for uri, data in reversed(mask_blobs):
+            raw = decode_raw(data)
+            # Binary layers: any colour channel above 127 is set (alpha is ignored:
+            # it is 255 everywhere in RGBA layers).
+            layer = raw if raw.ndim == 2 else raw[..., :3].max(axis=2)
+            if shape is None:
+                shape = layer.shape
+                mask = np.zeros(shape, np.uint8)
+            elif layer.shape != shape:
+                raise BadInput(f"layer {uri} is {layer.shape[1]}x{layer.shape[0]}, other layers are {shape[1]}x{shape[0]}")
+            mask[layer > 127] = layer_class(uri, classes)
+        return mask
+    raise ConfigError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")

@@ -1,0 +1,189 @@
+"""URIs -> filesystems.
+
+Every path segray takes is either a local path or ``s3://bucket/prefix``.
+Endpoint and credentials come from the standard AWS variables and profiles
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, instance
+profiles ...), so the same command works against AWS, MinIO or a local
+endpoint. Nothing here ever formats a credential into a message.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+S3_SCHEME = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Returns the pyarrow filesystem for ``uri`` and the path inside it.
+
+    The pair is what Ray Data's readers and writers take
+    (``read_parquet(path, filesystem=fs)``).
+    """
+    if is_s3(uri):
+        path = uri[len(S3_SCHEME):].strip("/")
+        if not path:
+            raise ValueError(f"{uri!r} names no bucket: expected s3://bucket/prefix")
+        endpoint = _endpoint()
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint,
+            region=_region(),
+            # Custom endpoints (MinIO, moto, Ceph) serve buckets by path.
+            force_virtual_addressing=False,
+        )
+        return fs, path
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(f"{uri!r}: unsupported scheme {scheme!r}; expected a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Joins path parts onto a URI with '/' (also for local paths)."""
+    if is_s3(uri):
+        return S3_SCHEME + posixpath.join(uri[len(S3_SCHEME):].rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/"))
+
+
+def display(fs: pafs.FileSystem, path: str) -> str:
+    """The URI a user would type for ``path`` on ``fs`` (for messages)."""
+    return S3_SCHEME + path if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        return True
+    if isinstance(fs, pafs.S3FileSystem) and info.type == pafs.FileType.NotFound:
+        # S3 has no directories: a prefix "exists" when something lies under it.
+        return bool(list_files(uri, limit=1))
+    return False
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    uri: str
+    size: int
+
+
+def list_files(uri: str, recursive: bool = True, limit: int | None = None) -> list[FileEntry]:
+    """Files under ``uri`` (a directory or prefix), sorted by URI. Empty if absent."""
+    fs, path = filesystem(uri)
+    selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+    out = []
+    for info in fs.get_file_info(selector):
+        if info.type == pafs.FileType.File:
+            out.append(FileEntry(display(fs, info.path), info.size or 0))
+            if limit is not None and len(out) >= limit:
+                break
+    out.sort(key=lambda e: e.uri)
+    return out
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Immediate sub-directories of ``uri`` (names only), sorted."""
+    fs, path = filesystem(uri)
+    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+    return sorted(posixpath.basename(i.path) for i in fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Writes ``data`` so that no reader ever sees a partial file at ``uri``.
+
+    Locally the bytes go to a temporary name first and are renamed into place;
+    an S3 PUT is atomic by itself.
+    """
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(parent, recursive=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def delete_dir(uri: str) -> None:
+    """Removes ``uri`` and everything under it; no error if it is absent."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound and not is_dir(uri):
+        return
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+
+
+def delete_file(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_parquet(table, uri: str, **kwargs) -> None:
+    """Writes a pyarrow Table to ``uri``, creating local parent folders."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+    pq.write_table(table, path, filesystem=fs, **kwargs)
+
+
+def read_parquet(uri: str, **kwargs):
+    """Reads one Parquet file or a folder of them into a pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    return pq.read_table(path, filesystem=fs, **kwargs)

@@ -1,0 +1,267 @@
+"""Ingest: layouts, bad inputs, local vs S3, reproducible split."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from segray import storage
+from segray.cli import main as cli_main
+from segray.data import IngestError, decode_image, decode_mask, ingest, load_dataset_info, split_of, synthesize
+from segray.data.imageio import encode_png
+from tests.conftest import EPFL_MINI
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def read_split_table(dst: str, split: str):
+    files = [f.uri for f in storage.list_files(storage.join(dst, split))]
+    tables = [storage.read_parquet(f) for f in files]
+    import pyarrow as pa
+
+    return pa.concat_tables(tables).sort_by("image_id") if tables else None
+
+
+def errors_of(dst: str) -> list[dict]:
+    return storage.read_parquet(storage.join(dst, "_errors.parquet")).to_pylist()
+
+
+def test_ids_layout_roundtrip(tmp_path):
+    raw, dst = str(tmp_path / "raw"), str(tmp_path / "ds")
+    synthesize(raw, n=24, size=(32, 40), num_classes=4, seed=3, show_progress=False)
+    result = ingest(raw, dst, val_fraction=0.25)
+    info = load_dataset_info(dst)
+    assert info == result.info
+    assert info.num_classes == 4 and info.size == [32, 40]
+    assert sum(info.splits.values()) == 24 and info.splits["val"] > 0
+    assert errors_of(dst) == []
+    assert abs(sum(info.pixel_frequency.values()) - 1.0) < 1e-9
+    # Every row: the image bytes are the source file's, the mask decodes to the source mask.
+    for split in ("train", "val"):
+        table = read_split_table(dst, split)
+        assert table.num_rows == info.splits[split]
+        for row in table.to_pylist():
+            assert split_of(row["image_id"], 0.25) == split
+            assert row["image"] == open(row["source_image"], "rb").read()
+            src_mask = cv2.imread(row["source_mask"], cv2.IMREAD_UNCHANGED)
+            np.testing.assert_array_equal(decode_mask(row["mask"]), src_mask)
+            assert (row["height"], row["width"]) == (32, 40)
+    # Mean and std are those of the train images.
+    train = read_split_table(dst, "train")
+    pixels = np.concatenate([decode_image(b).reshape(-1, 3).astype(np.float64) for b in train["image"].to_pylist()])
+    np.testing.assert_allclose(info.mean, pixels.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(info.std, pixels.std(0), rtol=1e-5)
+
+
+def test_local_and_s3_give_equal_tables(tmp_path, s3):
+    bucket = s3.bucket()
+    local_raw, local_dst = str(tmp_path / "raw"), str(tmp_path / "ds")
+    s3_raw, s3_dst = f"{bucket}/raw", f"{bucket}/datasets/shapes"
+    synthesize(local_raw, n=16, size=(32, 32), seed=1, show_progress=False)
+    synthesize(s3_raw, n=16, size=(32, 32), seed=1, show_progress=False)
+    a = ingest(local_raw, local_dst, val_fraction=0.3)
+    b = ingest(s3_raw, s3_dst, val_fraction=0.3)
+    assert any(k.endswith("dataset.json") for k in s3.keys(s3_dst))
+    assert a.info.splits == b.info.splits and a.info.pixel_counts == b.info.pixel_counts
+    np.testing.assert_allclose(a.info.mean, b.info.mean)
+    for split in ("train", "val"):
+        ta, tb = read_split_table(local_dst, split), read_split_table(s3_dst, split)
+        cols = ["image_id", "image", "mask", "height", "width"]
+        assert ta.select(cols).equals(tb.select(cols))
+        assert all(u.startswith(s3_raw) for u in tb["source_image"].to_pylist())
+
+
+def _png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    assert cv2.imwrite(path, array)
+
+
+def test_every_bad_input_is_reported_and_good_pairs_arrive(tmp_path):
+    raw, dst = tmp_path / "raw", str(tmp_path / "ds")
+    synthesize(str(raw), n=6, size=(24, 24), num_classes=3, seed=0, show_progress=False)
+    good_ids = {f"img_{i:06d}" for i in range(6)}
+    img, msk = raw / "images", raw / "masks"
+    rng = np.random.default_rng(0)
+    ok_image = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    # corrupt: random bytes with a .png name
+    (img / "corrupt.png").write_bytes(b"GIF89a" + bytes(rng.integers(0, 255, 300, dtype=np.uint8)))
+    _png(str(msk / "corrupt.png"), np.zeros((24, 24), np.uint8))
+    # truncated PNG and JPEG
+    data = encode_png(ok_image)
+    (img / "truncated.png").write_bytes(data[: len(data) // 2])
+    _png(str(msk / "truncated.png"), np.zeros((24, 24), np.uint8))
+    jpg = cv2.imencode(".jpg", ok_image)[1].tobytes()
+    (img / "trunc_jpeg.jpg").write_bytes(jpg[: len(jpg) - 40])
+    _png(str(msk / "trunc_jpeg.png"), np.zeros((24, 24), np.uint8))
+    # empty file
+    (img / "empty.png").write_bytes(b"")
+    _png(str(msk / "empty.png"), np.zeros((24, 24), np.uint8))
+    # image without mask, mask without image
+    _png(str(img / "lonely_image.png"), ok_image)
+    _png(str(msk / "lonely_mask.png"), np.zeros((24, 24), np.uint8))
+    # mask of another size
+    _png(str(img / "wrong_size.png"), ok_image)
+    _png(str(msk / "wrong_size.png"), np.zeros((20, 24), np.uint8))
+    # class ids beyond the 3 declared (255 alone would be fine)
+    bad_values = np.zeros((24, 24), np.uint8)
+    bad_values[0, :3] = [7, 255, 9]
+    _png(str(img / "bad_values.png"), ok_image)
+    _png(str(msk / "bad_values.png"), bad_values)
+    # a file in images/ that is not an image
+    (img / "notes.txt").write_text("not an image")
+
+    ingest(str(raw), dst, val_fraction=0.2)
+    errors = {os.path.basename(e["uri"]): e["reason"] for e in errors_of(dst)}
+    expected = {
+        "corrupt.png": "not a decodable image",
+        "truncated.png": "truncated PNG",
+        "trunc_jpeg.jpg": "truncated JPEG",
+        "empty.png": "empty file",
+        "lonely_image.png": "image has no mask",
+        "lonely_mask.png": "mask has no image",
+        "wrong_size.png": "is 24x20, image",
+        "bad_values.png": "mask values [7, 9] outside the declared classes 0..2",
+        "notes.txt": "not an image",
+    }
+    assert set(errors) == set(expected)
+    for name, fault in expected.items():
+        assert fault in errors[name], (name, errors[name])
+        assert name in errors[name] or name.replace(".jpg", ".png") in errors[name], errors[name]
+    arrived = set()
+    for split in ("train", "val"):
+        table = read_split_table(dst, split)
+        if table is not None:
+            arrived |= set(table["image_id"].to_pylist())
+    assert arrived == good_ids
+    assert load_dataset_info(dst).errors == len(expected)
+
+
+def test_no_valid_pair_fails_with_message(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    (raw / "masks").mkdir()
+    (raw / "images" / "a.png").write_bytes(b"")
+    _png(str(raw / "masks" / "a.png"), np.zeros((4, 4), np.uint8))
+    with pytest.raises(IngestError, match="no valid pair"):
+        ingest(str(raw), str(tmp_path / "ds"))
+    code = cli_main(["ingest", str(raw), str(tmp_path / "ds2")])
+    assert code != 0
+    assert "no valid pair" in capsys.readouterr().err
+    assert cli_main(["ingest", str(tmp_path / "missing"), str(tmp_path / "ds3")]) != 0
+
+
+def test_rerun_refuses_or_replaces_whole(tmp_path):
+    raw, dst = str(tmp_path / "raw"), str(tmp_path / "ds")
+    synthesize(raw, n=8, size=(16, 16), seed=0, show_progress=False)
+    ingest(raw, dst)
+    before = {f.uri for f in storage.list_files(dst)}
+    with pytest.raises(IngestError, match="--overwrite"):
+        ingest(raw, dst)
+    assert {f.uri for f in storage.list_files(dst)} == before
+    ingest(raw, dst, overwrite=True)
+    after = {f.uri for f in storage.list_files(dst)}
+    shards = [u for u in after if u.endswith(".parquet") and "_errors" not in u]
+    # Shard names carry a run id: none of the first run's shards survive.
+    assert not (set(shards) & before)
+    assert sum(pq.read_metadata(u).num_rows for u in shards) == 8
+
+
+def test_palette_layout(tmp_path):
+    raw, dst = tmp_path / "raw", str(tmp_path / "ds")
+    classes = [
+        {"id": 0, "name": "background", "color": [0, 0, 0]},
+        {"id": 1, "name": "road", "color": [128, 64, 128]},
+        {"id": 2, "name": "car", "color": [0, 0, 142]},
+        {"id": 255, "name": "void", "color": [224, 224, 192]},
+    ]
+    os.makedirs(raw)
+    (raw / "classes.json").write_text(json.dumps(classes))
+    rng = np.random.default_rng(0)
+    truth = {}
+    for i in range(4):
+        ids = rng.choice([0, 1, 2, 255], size=(12, 16)).astype(np.uint8)
+        rgb = np.zeros((12, 16, 3), np.uint8)
+        for c in classes:
+            rgb[ids == c["id"]] = c["color"]
+        _png(str(raw / "images" / f"p{i}.png"), rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
+        _png(str(raw / "masks" / f"p{i}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        truth[f"p{i}"] = ids
+    odd = np.zeros((12, 16, 3), np.uint8)
+    odd[0, 0] = (1, 2, 3)
+    _png(str(raw / "images" / "odd.png"), rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    _png(str(raw / "masks" / "odd.png"), cv2.cvtColor(odd, cv2.COLOR_RGB2BGR))
+
+    info = ingest(str(raw), dst, layout="palette", val_fraction=0.0).info
+    assert info.class_names == ["background", "road", "car"]
+    table = read_split_table(dst, "train")
+    assert table["image_id"].to_pylist() == ["p0", "p1", "p2", "p3"]
+    for row in table.to_pylist():
+        np.testing.assert_array_equal(decode_mask(row["mask"]), truth[row["image_id"]])
+    (error,) = errors_of(dst)
+    assert "odd.png" in error["reason"] and "(1, 2, 3)" in error["reason"] and "not in classes.json" in error["reason"]
+
+
+def test_per_class_layout_real_pixels(tmp_path):
+    dst = str(tmp_path / "ds")
+    priority = ["mitochondrial boundaries", "PSD", "vesicles", "mitochondrion", "membranes", "axon"]
+    order = ["membranes", "mitochondrion", "mitochondrial boundaries", "PSD", "vesicles", "axon"]
+    info = ingest(
+        EPFL_MINI, dst, layout="per-class", images_dir="slices", class_order=order, priority=priority, val_fraction=0.0
+    ).info
+    assert info.class_names == ["background"] + order
+    assert info.priority == priority
+    assert info.splits["train"] == 3 and info.size == [96, 128]
+    table = read_split_table(dst, "train")
+    for row in table.to_pylist():
+        mask = decode_mask(row["mask"])
+        # Independent reading of the layers: the first class in priority order that sets a pixel.
+        expected = np.zeros_like(mask)
+        taken = np.zeros(mask.shape, bool)
+        for name in priority:
+            layer = cv2.imread(os.path.join(EPFL_MINI, name, row["image_id"] + ".png"), cv2.IMREAD_UNCHANGED)
+            on = (layer[..., :3].max(axis=2) > 127) & ~taken
+            expected[on] = order.index(name) + 1
+            taken |= on
+        np.testing.assert_array_equal(mask, expected)
+        assert len(np.unique(mask)) >= 3  # real slices hold several structures
+    overlap_layers = [
+        cv2.imread(os.path.join(EPFL_MINI, n, "training0000.png"), cv2.IMREAD_UNCHANGED)[..., :3].max(2) > 127
+        for n in ("membranes", "mitochondrial boundaries")
+    ]
+    assert (overlap_layers[0] & overlap_layers[1]).any(), "fixture should contain an overlap to settle"
+
+
+def test_synth_is_reproducible(tmp_path):
+    a, b, c = (str(tmp_path / x) for x in "abc")
+    synthesize(a, n=5, size=(32, 32), seed=7, show_progress=False)
+    synthesize(b, n=5, size=(32, 32), seed=7, show_progress=False)
+    synthesize(c, n=5, size=(32, 32), seed=8, show_progress=False)
+    files = sorted(os.path.relpath(f.uri, a) for f in storage.list_files(a))
+    assert len(files) == 11
+    for f in files:
+        assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read()
+    assert open(os.path.join(a, "images", "img_000000.png"), "rb").read() != open(os.path.join(c, "images", "img_000000.png"), "rb").read()
+    # Some image lacks some class, and classes overlap within images.
+    masks = [cv2.imread(os.path.join(a, "masks", f"img_{i:06d}.png"), cv2.IMREAD_UNCHANGED) for i in range(5)]
+    assert any(len(np.unique(m)) < 4 for m in masks)
+
+
+def test_grown_dataset_keeps_split_assignments(tmp_path):
+    small, grown = str(tmp_path / "small"), str(tmp_path / "grown")
+    synthesize(small, n=20, size=(16, 16), seed=2, show_progress=False)
+    synthesize(grown, n=40, size=(16, 16), seed=2, show_progress=False)
+    ingest(small, str(tmp_path / "ds1"), val_fraction=0.3)
+    ingest(grown, str(tmp_path / "ds2"), val_fraction=0.3)
+
+    def assignment(dst):
+        return {i: s for s in ("train", "val") for i in read_split_table(dst, s)["image_id"].to_pylist()}
+
+    first, second = assignment(str(tmp_path / "ds1")), assignment(str(tmp_path / "ds2"))
+    assert len(second) == 40 and all(second[i] == s for i, s in first.items())
+    fraction = np.mean([split_of(f"id-{i}", 0.3) == "val" for i in range(4000)])
+    assert 0.27 < fraction < 0.33

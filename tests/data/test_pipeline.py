@@ -1,0 +1,83 @@
+"""The training input pipeline and its transforms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segray.data import ingest, read_split, synthesize
+from segray.data.info import IGNORE_INDEX
+from segray.data.transforms import augment, fit, random_crop
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("pipe")
+    synthesize(str(root / "raw"), n=20, size=(48, 64), num_classes=4, seed=5, show_progress=False)
+    return ingest(str(root / "raw"), str(root / "ds"), val_fraction=0.25)
+
+
+def test_read_split_decodes_and_normalises(dataset):
+    rows = read_split(dataset.dst, "train").take_all()
+    assert len(rows) == dataset.info.splits["train"]
+    images = np.stack([r["image"] for r in rows])
+    masks = np.stack([r["mask"] for r in rows])
+    assert images.dtype == np.float32 and images.shape[1:] == (48, 64, 3)
+    assert masks.dtype == np.int32 and masks.shape[1:] == (48, 64)
+    # Normalised with the train statistics: mean ~0 and std ~1 per channel.
+    np.testing.assert_allclose(images.reshape(-1, 3).mean(0), 0, atol=1e-3)
+    np.testing.assert_allclose(images.reshape(-1, 3).std(0), 1, atol=1e-3)
+    assert set(np.unique(masks)) <= {0, 1, 2, 3}
+
+
+def test_read_split_fits_crops_and_augments(dataset):
+    rows = read_split(dataset.dst, "val", size=(32, 32), crop=(16, 24), augment=True, seed=1).take_all()
+    assert len(rows) == dataset.info.splits["val"]
+    for r in rows:
+        assert r["image"].shape == (16, 24, 3) and r["mask"].shape == (16, 24)
+        assert np.isfinite(r["image"]).all()
+
+
+def test_missing_split_and_non_dataset_fail_clearly(dataset, tmp_path):
+    with pytest.raises(FileNotFoundError, match="split 'test' has no shards"):
+        read_split(dataset.dst, "test")
+    with pytest.raises(FileNotFoundError, match="not an ingested dataset"):
+        read_split(str(tmp_path), "train")
+
+
+def _coded_pair(h=24, w=24):
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 4, (h, w)).astype(np.uint8)
+    # The image carries its own labels in channel 0, so any geometric
+    # mismatch between image and mask shows.
+    image = np.stack([mask * 50.0, rng.uniform(0, 255, (h, w)), np.full((h, w), 7.0)], -1).astype(np.float32)
+    return image, mask
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (16, 28)])
+def test_augment_keeps_image_and_mask_aligned(shape):
+    image, mask = _coded_pair(*shape)
+    for seed in range(20):
+        img, msk = augment(image, mask, np.random.default_rng(seed), scale_range=(1.0, 1.0), brightness=0, contrast=0)
+        assert msk.shape == shape and img.shape == shape + (3,)
+        np.testing.assert_array_equal(img[..., 0], msk * 50.0)
+
+
+def test_augment_is_seeded():
+    image, mask = _coded_pair()
+    a = augment(image, mask, np.random.default_rng(3))
+    b = augment(image, mask, np.random.default_rng(3))
+    c = augment(image, mask, np.random.default_rng(4))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_fit_pad_marks_padding_as_ignore():
+    image, mask = _coded_pair(10, 12)
+    img, msk = fit(image, mask, (16, 16), mode="pad")
+    assert img.shape == (16, 16, 3)
+    np.testing.assert_array_equal(msk[:10, :12], mask)
+    assert (msk[10:] == IGNORE_INDEX).all() and (msk[:, 12:] == IGNORE_INDEX).all()
+    crop_img, crop_msk = random_crop(image, mask, (20, 20), np.random.default_rng(0))
+    assert crop_img.shape == (20, 20, 3) and (crop_msk == IGNORE_INDEX).any()
