@@ -1,0 +1,63 @@
+"""Segmentation metrics: one additive int64 confusion matrix, scores from it.
+
+Rows of every matrix are truth, columns prediction; ``ignore_index`` (255 by
+default) pixels never count. ``ConfusionMatrixMetric`` and
+``tf_confusion_matrix`` live in ``segray.metrics.tf_ops``; they are re-exported
+here lazily, so scoring a per-image table with numpy does not import
+TensorFlow.
+"""
+
+from typing import Any
+
+from segray.metrics.confusion import (
+    class_counts,
+    confusion_matrix,
+    image_counts,
+    per_image_counts,
+)
+from segray.metrics.scores import (
+    dice,
+    dice_from_counts,
+    iou,
+    iou_from_counts,
+    mean_of_images,
+    pixel_accuracy,
+    precision,
+    precision_from_counts,
+    recall,
+    recall_from_counts,
+    summary,
+    summary_from_counts,
+)
+
+_TF_NAMES = ("ConfusionMatrixMetric", "tf_confusion_matrix")
+
+__all__ = [
+    "ConfusionMatrixMetric",
+    "class_counts",
+    "confusion_matrix",
+    "dice",
+    "dice_from_counts",
+    "image_counts",
+    "iou",
+    "iou_from_counts",
+    "mean_of_images",
+    "per_image_counts",
+    "pixel_accuracy",
+    "precision",
+    "precision_from_counts",
+    "recall",
+    "recall_from_counts",
+    "summary",
+    "summary_from_counts",
+    "tf_confusion_matrix",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: TensorFlow loads on first use of a TF name, not on import.
+    if name in _TF_NAMES:
+        from segray.metrics import tf_ops
+
+        return getattr(tf_ops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
