@@ -81,6 +81,69 @@ def cmd_ingest(args: argparse.Namespace) -> None:
             print(f"  {reason}")
 
 
+def _class_weights(text: str) -> str | list[float]:
+    if text in ("auto", "none"):
+        return text
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--class-weights {text!r}: expected auto, none or w0,w1,...") from None
+
+
+def _model_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--model-option {text!r}: expected KEY=VALUE, e.g. depth=3")
+    import yaml
+
+    return key, yaml.safe_load(value)
+
+
+def train_config(args: argparse.Namespace):
+    from segray.train import TrainConfig
+
+    return TrainConfig(
+        data=args.data,
+        storage=args.storage,
+        name=args.name,
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        workers=args.workers,
+        gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        mixed_precision=args.mixed_precision,
+        xla=args.xla,
+        loss=args.loss,
+        class_weights=args.class_weights,
+        size=list(args.size) if args.size else None,
+        crop=list(args.crop) if args.crop else None,
+        augment=not args.no_augment,
+        schedule=args.schedule,
+        patience=args.patience,
+        keep_checkpoints=args.keep,
+        max_failures=args.max_failures,
+        seed=args.seed,
+        resume=args.resume,
+        model_options=dict(args.model_option or []),
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from segray.runtime import init_ray
+    from segray.train import resolve, train
+
+    cfg = train_config(args)
+    resolve(cfg)  # every flag is checked before Ray starts
+    init_ray()
+    result = train(cfg)
+    h = result.history
+    print(f"trained {cfg.model} for {len(h)} epoch(s); best val mIoU {result.best['val_miou']:.4f} at epoch {int(result.best['epoch']) + 1}")
+    print(h[["epoch", "train_loss", "val_loss", "val_pixel_accuracy", "val_miou", "val_mean_dice", "seconds"]].to_string(index=False))
+    print(f"run: {result.run_uri} (model/model.keras, history.parquet, curves.png, config.json, tensorboard/)")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from segray import models
 
@@ -121,6 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-dir", default="images", help="per-class: folder of images (default images)")
     p.add_argument("--overwrite", action="store_true", help="replace DST whole if it holds files")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("train", help="train a model on an ingested dataset with Ray Train")
+    p.add_argument("--data", required=True, help="ingested dataset (local or s3://)")
+    p.add_argument("--model", default="unet", help="model name (see `segray models`)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=8, help="per worker")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cpus-per-worker", type=int, default=1)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--mixed-precision", action="store_true", help="mixed_float16 with loss scaling (GPUs)")
+    p.add_argument("--xla", action="store_true", help="compile the train step with XLA")
+    p.add_argument("--loss", choices=["ce", "ce+dice"], default="ce")
+    p.add_argument("--class-weights", type=_class_weights, default="none", help="auto, none or w0,w1,...")
+    p.add_argument("--size", type=_size, default=None, help="resize to H or HxW (default: the dataset's size, else 256)")
+    p.add_argument("--crop", type=_size, default=None, help="train on random crops of H or HxW")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--schedule", choices=["cosine", "plateau", "constant"], default="cosine")
+    p.add_argument("--patience", type=int, default=0, help="early stopping on val mIoU after N epochs without gain (0: off)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept, best by val mIoU")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-option", type=_model_option, action="append", help="KEY=VALUE passed to the model builder")
+    p.add_argument("--storage", required=True, help="where runs live (local or s3://)")
+    p.add_argument("--name", required=True, help="run name: results go to STORAGE/NAME")
+    p.add_argument("--resume", action="store_true", help="continue the run NAME from its last checkpoint")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", help="list models, or show one's parameters and FLOPs")
     p.add_argument("name", nargs="?", default=None)

@@ -8,8 +8,8 @@ import time
 from segray import storage
 
 
-def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), overwrite: bool = True) -> dict[str, str]:
-    """Synthesises shapes, ingests them and prints what each step left where.
+def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs: int = 4, overwrite: bool = True) -> dict[str, str]:
+    """Synthesises shapes, ingests, trains a U-Net on 2 workers and prints what each step left where.
 
     Returns:
         The URIs of what the demo wrote, by step.
@@ -17,17 +17,29 @@ def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), overwr
     from segray.cli import _print_dataset
     from segray.data import ingest, synthesize
     from segray.runtime import init_ray
+    from segray.train import TrainConfig, train
 
     workdir = os.path.abspath(workdir)
     if overwrite:
         storage.delete_dir(workdir)
-    raw, data = storage.join(workdir, "raw"), storage.join(workdir, "dataset")
+    raw, data, runs = (storage.join(workdir, x) for x in ("raw", "dataset", "runs"))
+    steps = 3
     t0 = time.time()
-    print(f"[1/2] synthesising {n} pairs of {size[0]}x{size[1]} shapes into {raw}")
+    print(f"[1/{steps}] synthesising {n} pairs of {size[0]}x{size[1]} shapes into {raw}")
     synthesize(raw, n=n, size=size, num_classes=4, seed=0)
     init_ray(num_cpus=max(4, os.cpu_count() or 1))
-    print(f"[2/2] ingesting {raw} -> {data}")
+    print(f"[2/{steps}] ingesting {raw} -> {data}")
     result = ingest(raw, data, val_fraction=0.2, command=f"segray demo --dir {workdir}")
     _print_dataset(result.info, data)
+
+    print(f"[3/{steps}] training a U-Net for {epochs} epochs on 2 Ray Train workers -> {runs}/unet")
+    cfg = TrainConfig(
+        data=data, storage=runs, name="unet", model="unet", epochs=epochs, batch_size=8, workers=2, lr=0.01,
+        schedule="constant", model_options={"depth": 3, "width": 8},
+    )
+    trained = train(cfg)
+    cols = ["epoch", "train_loss", "val_loss", "val_miou", "seconds"]
+    print(trained.history[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"  best val mIoU {trained.best['val_miou']:.3f}; model, history.parquet and curves.png in {trained.run_uri}")
     print(f"demo done in {time.time() - t0:.0f} s; everything is under {workdir}")
-    return {"raw": raw, "dataset": data}
+    return {"raw": raw, "dataset": data, "run": trained.run_uri}

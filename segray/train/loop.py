@@ -1,0 +1,303 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Keras 3 ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` inside a
+``TensorflowTrainer`` (ray issue 47464), so the step is written out: a
+``tf.function`` runs ``strategy.run`` on each worker's own batch, the loss is
+the weighted pixel sum divided by the weight summed over *all* replicas, and
+Keras' optimizer all-reduces (sums) the gradients. Validation confusion
+matrices are summed across workers with one collective per epoch, so every
+worker computes the same mIoU and takes the same early-stopping decision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from segray import storage
+from segray.data.info import IGNORE_INDEX, DatasetInfo
+from segray.train.config import TrainConfig
+
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "weights.npz"
+OPTIMIZER_FILE = "optimizer.npz"
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
+    """What a predictor needs besides the weights: normalisation, size, classes."""
+    return {
+        "model": cfg.model,
+        "size": list(cfg.size) if cfg.size else None,
+        "fit": "resize",
+        "mean": info.mean,
+        "std": info.std,
+        "num_classes": info.num_classes,
+        "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in info.classes],
+        "ignore_index": info.ignore_index,
+    }
+
+
+def epoch_metrics(prefix: str, loss_sum: float, weight_sum: float, cm: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    """Loss, pixel accuracy, mIoU, mean Dice and per-class IoU from summed quantities."""
+    from segray.metrics import iou, summary
+
+    s = summary(cm)
+    out = {
+        f"{prefix}_loss": float(loss_sum / weight_sum) if weight_sum else float("nan"),
+        f"{prefix}_pixel_accuracy": float(s["pixel_accuracy"]),
+        f"{prefix}_miou": float(s["miou"]),
+        f"{prefix}_mean_dice": float(s["mean_dice"]),
+    }
+    if prefix == "val":
+        for name, value in zip(class_names, iou(cm)):
+            out[f"val_iou_{name}"] = float(value)
+    return out
+
+
+def save_state(directory: str, model, optimizer, state: dict[str, Any]) -> None:
+    np.savez(os.path.join(directory, WEIGHTS_FILE), *[np.asarray(w) for w in model.get_weights()])
+    np.savez(os.path.join(directory, OPTIMIZER_FILE), *[np.asarray(v.numpy()) for v in optimizer.variables])
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump(state, f)
+
+
+def load_state(directory: str, model, optimizer) -> dict[str, Any]:
+    with np.load(os.path.join(directory, WEIGHTS_FILE)) as w:
+        model.set_weights([w[f"arr_{i}"] for i in range(len(w.files))])
+    optimizer.build(model.trainable_variables)
+    with np.load(os.path.join(directory, OPTIMIZER_FILE)) as o:
+        values = [o[f"arr_{i}"] for i in range(len(o.files))]
+    if len(values) != len(optimizer.variables):
+        raise RuntimeError(f"checkpoint holds {len(values)} optimizer variables, the optimizer has {len(optimizer.variables)}")
+    for var, value in zip(optimizer.variables, values):
+        var.assign(value)
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        return json.load(f)
+
+
+class RunArtifacts:
+    """What rank 0 leaves in STORAGE/RUN besides Ray's checkpoints."""
+
+    def __init__(self, run_uri: str):
+        self.run_uri = run_uri
+        self.tb_dir = tempfile.mkdtemp(prefix="segray-tb-")
+        self._writer = None
+
+    def write_epoch(self, history: list[dict[str, Any]]) -> None:
+        import pandas as pd
+        import pyarrow as pa
+        import tensorflow as tf
+
+        from segray.train.plots import plot_curves
+
+        frame = pd.DataFrame(history)
+        storage.write_parquet(pa.Table.from_pandas(frame, preserve_index=False), storage.join(self.run_uri, "history.parquet"))
+        storage.write_bytes(storage.join(self.run_uri, "curves.png"), plot_curves(frame))
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.tb_dir)
+        last = history[-1]
+        with self._writer.as_default():
+            for key, value in last.items():
+                if key != "epoch" and isinstance(value, (int, float)) and np.isfinite(value):
+                    tf.summary.scalar(key, value, step=int(last["epoch"]))
+        self._writer.flush()
+        for root, _, files in os.walk(self.tb_dir):
+            for name in files:
+                path = os.path.join(root, name)
+                rel = os.path.relpath(path, self.tb_dir)
+                with open(path, "rb") as f:
+                    storage.write_bytes(storage.join(self.run_uri, "tensorboard", rel), f.read())
+
+    def write_best_model(
+        self, export_model, weights: list[np.ndarray], epoch: int, metrics: dict[str, Any], preprocessing: dict[str, Any]
+    ) -> None:
+        export_model.set_weights(weights)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.keras")
+            export_model.save(path)
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(self.run_uri, "model", "model.keras"), f.read())
+        info = {"epoch": epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        storage.write_text(storage.join(self.run_uri, "model", "best.json"), json.dumps(info, indent=2))
+        storage.write_text(storage.join(self.run_uri, "model", PREPROCESSING_FILE), json.dumps(preprocessing, indent=2))
+
+
+class WorkerLoop:
+    """One worker's side of a data-parallel run: model, optimizer, steps, epochs."""
+
+    def __init__(self, cfg: TrainConfig, info: DatasetInfo, world_size: int):
+        import keras
+        import tensorflow as tf
+
+        from segray import models
+        from segray.train.losses import class_weights_from_frequency
+
+        self.cfg, self.info = cfg, info
+        if not cfg.gpu:
+            tf.config.threading.set_intra_op_parallelism_threads(cfg.cpus_per_worker)
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, cfg.cpus_per_worker))
+        keras.utils.set_random_seed(cfg.seed)
+        if cfg.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        self.num_classes = info.num_classes
+        self.steps_per_epoch = max(1, (info.splits["train"] // world_size) // cfg.batch_size)
+        self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        with self.strategy.scope():
+            self.model = models.build(cfg.model, self.num_classes, input_shape=(None, None, 3), **cfg.model_options)
+            if cfg.schedule == "cosine":
+                lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=cfg.epochs * self.steps_per_epoch, alpha=0.01)
+            else:
+                lr = cfg.lr
+            optimizer = keras.optimizers.Adam(learning_rate=lr)
+            if cfg.mixed_precision:
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(self.model.trainable_variables)
+            self.optimizer = optimizer
+        if cfg.class_weights == "auto":
+            weights = class_weights_from_frequency([info.pixel_frequency[n] for n in info.class_names])
+        elif cfg.class_weights == "none":
+            weights = None
+        else:
+            weights = np.asarray(cfg.class_weights, np.float32)
+        self.class_weights = None if weights is None else tf.constant(weights, tf.float32)
+        self._train_step = tf.function(self._distributed(self._replica_train), jit_compile=cfg.xla, reduce_retracing=True)
+        self._eval_step = tf.function(self._distributed(self._replica_eval), reduce_retracing=True)
+        self._all_sum = tf.function(
+            lambda v: self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(tf.identity, args=(v,)), axis=None)
+        )
+
+    def _distributed(self, replica_fn):
+        return lambda images, masks: self.strategy.run(replica_fn, args=(images, masks))
+
+    def _replica_train(self, images, masks):
+        import tensorflow as tf
+
+        from segray.metrics import tf_confusion_matrix
+        from segray.train.losses import masked_cross_entropy, soft_dice_sums
+
+        cfg, replica_ctx = self.cfg, tf.distribute.get_replica_context()
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            loss_sum, weight_sum = masked_cross_entropy(masks, logits, self.class_weights, IGNORE_INDEX)
+            # Divide by the weight of the *global* batch: Keras sums gradients over replicas.
+            global_weight = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, weight_sum)
+            loss = loss_sum / tf.maximum(global_weight, 1.0)
+            if cfg.loss == "ce+dice":
+                inter, denom = soft_dice_sums(masks, logits, self.num_classes, IGNORE_INDEX)
+                inter = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, inter)
+                denom = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, denom)
+                dice_loss = 1.0 - tf.reduce_mean((2.0 * inter + 1.0) / (denom + 1.0))
+                loss = loss + cfg.dice_weight * dice_loss / self.strategy.num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(loss) if cfg.mixed_precision else loss
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        self.optimizer.apply(grads, self.model.trainable_variables)
+        predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        return loss_sum, weight_sum, tf_confusion_matrix(masks, predicted, self.num_classes, IGNORE_INDEX)
+
+    def _replica_eval(self, images, masks):
+        import tensorflow as tf
+
+        from segray.metrics import tf_confusion_matrix
+        from segray.train.losses import masked_cross_entropy
+
+        logits = self.model(images, training=False)
+        loss_sum, weight_sum = masked_cross_entropy(masks, logits, self.class_weights, IGNORE_INDEX)
+        predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        return loss_sum, weight_sum, tf_confusion_matrix(masks, predicted, self.num_classes, IGNORE_INDEX)
+
+    def global_sum(self, values: np.ndarray) -> np.ndarray:
+        """Sums a float64 vector over all workers (a collective: every worker must call it)."""
+        import tensorflow as tf
+
+        # float64 holds integer counts exactly up to 2**53.
+        return self._all_sum(tf.constant(np.asarray(values, np.float64))).numpy()
+
+    def run_epoch(self, shard, train: bool) -> tuple[float, float, np.ndarray, int, float]:
+        """One pass over this worker's shard; returns global (loss_sum, weight_sum, cm, images, seconds).
+
+        Training batches drop the remainder so that every worker runs the same
+        number of collective steps (the shards are split equally).
+        """
+        import tensorflow as tf
+
+        C = self.num_classes
+        step = self._train_step if train else self._eval_step
+        loss_sum, weight_sum, cm, images = 0.0, 0.0, np.zeros((C, C), np.int64), 0
+        t0 = time.time()
+        for batch in shard.iter_batches(batch_size=self.cfg.batch_size, drop_last=train, batch_format="numpy", prefetch_batches=2):
+            ls, ws, c = step(tf.constant(batch["image"]), tf.constant(batch["mask"]))
+            loss_sum += float(ls)
+            weight_sum += float(ws)
+            cm += c.numpy()
+            images += len(batch["image"])
+        seconds = time.time() - t0
+        total = self.global_sum(np.concatenate([[loss_sum, weight_sum, images], cm.ravel()]))
+        return float(total[0]), float(total[1]), np.rint(total[3:]).astype(np.int64).reshape(C, C), int(total[2]), seconds
+
+    def learning_rate(self) -> float:
+        lr = self.optimizer.learning_rate
+        return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``loop_config``: {"config": TrainConfig dict, "dataset_info": json, "run_uri"}."""
+    import ray.train
+
+    from segray import models
+
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    info = DatasetInfo.from_json(loop_config["dataset_info"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    worker = WorkerLoop(cfg, info, ctx.get_world_size())
+
+    start_epoch, history, best, stale = 0, [], -1.0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_state(directory, worker.model, worker.optimizer)
+        start_epoch, history, best, stale = state["epoch"] + 1, state["history"], state["best"], state["stale"]
+        if cfg.schedule == "plateau":
+            worker.optimizer.learning_rate = state["lr"]
+
+    artifacts = RunArtifacts(loop_config["run_uri"]) if rank == 0 else None
+    export_model = None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        loss_sum, weight_sum, cm, images, train_seconds = worker.run_epoch(train_shard, train=True)
+        metrics = epoch_metrics("train", loss_sum, weight_sum, cm, info.class_names)
+        metrics.update(epoch_metrics("val", *worker.run_epoch(val_shard, train=False)[:3], info.class_names))
+        metrics.update(epoch=epoch, lr=worker.learning_rate(), seconds=time.time() - t0, train_images_per_s=images / max(train_seconds, 1e-9))
+        history.append(metrics)
+        val_miou = metrics["val_miou"] if np.isfinite(metrics["val_miou"]) else 0.0
+        improved = val_miou > best
+        if improved:
+            best, stale = val_miou, 0
+        else:
+            stale += 1
+            if cfg.schedule == "plateau" and stale % 2 == 0:
+                worker.optimizer.learning_rate = worker.learning_rate() * 0.5
+
+        state = {"epoch": epoch, "history": history, "best": best, "stale": stale, "lr": metrics["lr"]}
+        if rank == 0:
+            artifacts.write_epoch(history)
+            if improved:
+                if export_model is None:
+                    export_model = models.build(cfg.model, info.num_classes, input_shape=(None, None, 3), **cfg.model_options)
+                artifacts.write_best_model(export_model, worker.model.get_weights(), epoch, metrics, preprocessing_of(cfg, info))
+            with tempfile.TemporaryDirectory() as tmp:
+                save_state(tmp, worker.model, worker.optimizer, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        if cfg.patience and stale >= cfg.patience:
+            break

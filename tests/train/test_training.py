@@ -1,0 +1,213 @@
+"""Ray Train: learning on 2 CPU workers, S3 storage, resume, a killed worker, summed metrics, bad flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from segray import storage
+from segray.cli import main as cli_main
+from segray.config import ConfigError
+from segray.data import ingest, read_split, synthesize
+from segray.train import TrainConfig, resolve, train
+
+TINY_UNET = {"depth": 2, "width": 8}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("shapes")
+    synthesize(str(root / "raw"), n=160, size=(32, 32), num_classes=4, seed=0, show_progress=False)
+    return ingest(str(root / "raw"), str(root / "ds"), val_fraction=0.25)
+
+
+def config(data: str, storage_uri: str, name: str, **overrides) -> TrainConfig:
+    base = dict(
+        data=data,
+        storage=storage_uri,
+        name=name,
+        model="unet",
+        epochs=6,
+        batch_size=8,
+        workers=2,
+        lr=0.01,
+        schedule="constant",
+        model_options=TINY_UNET,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def check_run_artifacts(run_uri: str, epochs: int) -> None:
+    import keras
+
+    import segray.models  # noqa: F401  (registers the custom layers)
+
+    history = storage.read_parquet(storage.join(run_uri, "history.parquet")).to_pandas()
+    assert list(history["epoch"]) == list(range(epochs))
+    for column in ("train_loss", "val_loss", "val_pixel_accuracy", "val_miou", "val_mean_dice", "val_iou_circle", "lr"):
+        assert column in history
+    assert storage.read_bytes(storage.join(run_uri, "curves.png")).startswith(b"\x89PNG")
+    saved = json.loads(storage.read_text(storage.join(run_uri, "config.json")))
+    assert saved["model"] == "unet" and saved["size"] == [32, 32] and saved["dataset"]["num_classes"] == 4
+    assert any("tfevents" in f.uri for f in storage.list_files(storage.join(run_uri, "tensorboard")))
+    best = json.loads(storage.read_text(storage.join(run_uri, "model", "best.json")))
+    assert best["val_miou"] == pytest.approx(history["val_miou"].max())
+    local = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"model-{os.getpid()}.keras")
+    with open(local, "wb") as f:
+        f.write(storage.read_bytes(storage.join(run_uri, "model", "model.keras")))
+    model = keras.saving.load_model(local, safe_mode=True)
+    assert model(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 32, 32, 4)
+    checkpoints = {f.uri.split("/checkpoint_")[1].split("/")[0] for f in storage.list_files(run_uri) if "/checkpoint_" in f.uri}
+    assert 1 <= len(checkpoints) <= 3  # best 2 by val mIoU, plus the latest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_workers_learn(shapes, tmp_path, s3, where):
+    if where == "local":
+        data, runs = shapes.dst, str(tmp_path / "runs")
+    else:
+        bucket = s3.bucket()
+        data, runs = f"{bucket}/datasets/shapes", f"{bucket}/runs"
+        ingest(shapes.info.source, data, val_fraction=0.25)
+    result = train(config(data, runs, "learn"))
+    history = result.history
+    # Learning, not only running: the loss falls and val mIoU clears a bar that
+    # a constant background prediction (mIoU ~0.2) cannot reach.
+    assert history["train_loss"].iloc[-1] < 0.6 * history["train_loss"].iloc[0]
+    assert result.best["val_miou"] > 0.45, history[["epoch", "train_loss", "val_loss", "val_miou"]]
+    check_run_artifacts(result.run_uri, epochs=6)
+
+
+@pytest.mark.slow
+def test_resume_continues_a_stopped_run(shapes, tmp_path):
+    runs = str(tmp_path / "runs")
+    first = train(config(shapes.dst, runs, "r", epochs=2))
+    with pytest.raises(FileExistsError, match="--resume"):
+        resolve(config(shapes.dst, runs, "r", epochs=3))
+    resumed = train(config(shapes.dst, runs, "r", epochs=3, resume=True))
+    h = resumed.history
+    assert list(h["epoch"]) == [0, 1, 2]
+    # The first two epochs are the stopped run's, carried in the checkpoint, not re-trained.
+    np.testing.assert_allclose(h["train_loss"].iloc[:2], first.history["train_loss"])
+    assert h["lr"].iloc[2] == pytest.approx(0.01)
+
+
+@pytest.mark.slow
+def test_killed_worker_recovers_from_checkpoint(shapes, tmp_path):
+    from ray.util.state import list_actors
+
+    runs = str(tmp_path / "runs")
+    killed: list[int] = []
+
+    def kill_a_worker_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if any("/checkpoint_" in f.uri for f in storage.list_files(runs)):
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                if workers:
+                    pid = max(w.pid for w in workers)
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = train(config(shapes.dst, runs, "k", epochs=4, max_failures=2))
+    killer.join(timeout=5)
+    assert killed, "no worker was killed: the test did not exercise recovery"
+    assert list(result.history["epoch"]) == [0, 1, 2, 3]
+    alive = list_actors(filters=[("class_name", "=", "RayTrainWorker")])
+    assert all(a.pid != killed[0] or a.state == "DEAD" for a in alive)
+
+
+def _validation_matrix(loop_config):
+    import ray.train
+
+    from segray.data.info import DatasetInfo
+    from segray.train.loop import WorkerLoop
+
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    info = DatasetInfo.from_json(loop_config["dataset_info"])
+    worker = WorkerLoop(cfg, info, ray.train.get_context().get_world_size())
+    loss_sum, weight_sum, cm, images, _ = worker.run_epoch(ray.train.get_dataset_shard("val"), train=False)
+    ray.train.report({"cm": cm.tolist(), "images": images, "loss_sum": loss_sum, "weight_sum": weight_sum})
+
+
+@pytest.mark.slow
+def test_worker_matrices_sum_to_single_worker_matrix(shapes, tmp_path):
+    import keras
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from segray import models
+    from segray.metrics import confusion_matrix
+
+    cfg = config(shapes.dst, str(tmp_path), "cm", size=[32, 32])
+    val = read_split(shapes.dst, "val")
+    matrices = {}
+    for workers in (1, 2):
+        trainer = TensorflowTrainer(
+            _validation_matrix,
+            train_loop_config={"config": cfg.to_dict(), "dataset_info": shapes.info.to_json()},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers),
+            run_config=ray.train.RunConfig(name=f"cm{workers}", storage_path=str(tmp_path)),
+            datasets={"val": val},
+        )
+        metrics = trainer.fit().metrics
+        assert metrics["images"] == shapes.info.splits["val"]
+        matrices[workers] = np.asarray(metrics["cm"], np.int64)
+    np.testing.assert_array_equal(matrices[1], matrices[2])
+    # And both equal one pass on the driver with the same seeded model.
+    keras.utils.set_random_seed(cfg.seed)
+    model = models.build("unet", 4, input_shape=(None, None, 3), **TINY_UNET)
+    rows = val.take_all()
+    logits = model(np.stack([r["image"] for r in rows]), training=False)
+    expected = confusion_matrix(np.stack([r["mask"] for r in rows]), np.argmax(logits, -1), 4)
+    np.testing.assert_array_equal(matrices[1], expected)
+    assert expected.sum() == shapes.info.splits["val"] * 32 * 32
+
+
+def test_config_round_trip_and_strictness():
+    cfg = config("d", "s", "n", class_weights=[1.0, 2.0, 3.0, 4.0], crop=[16, 16])
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="unknown config key.*epoch_count"):
+        TrainConfig.from_dict({**cfg.to_dict(), "epoch_count": 3})
+    with pytest.raises(ConfigError, match="epochs: expected an integer"):
+        TrainConfig.from_dict({**cfg.to_dict(), "epochs": "3"})
+    with pytest.raises(ConfigError, match="loss: expected one of"):
+        TrainConfig.from_dict({**cfg.to_dict(), "loss": "dice"})
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "vit"], "--model 'vit' is unknown"),
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--batch-size", "100"], "larger than the train split"),
+        (["--class-weights", "1,2"], "gives 2 weights, the dataset has 4 classes"),
+        (["--size", "30"], "--size 30x30 with --model unet"),
+    ],
+)
+def test_bad_flags_fail_before_any_work(shapes, tmp_path, capsys, flags, message):
+    argv = ["train", "--data", shapes.dst, "--storage", str(tmp_path), "--name", "bad", "--model-option", "depth=2", *flags]
+    assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad"), "nothing may be written for a refused run"
+
+
+def test_not_a_dataset_and_existing_run_are_refused(shapes, tmp_path, capsys):
+    assert cli_main(["train", "--data", str(tmp_path), "--storage", str(tmp_path), "--name", "x"]) == 2
+    assert "is not an ingested dataset" in capsys.readouterr().err
+    storage.write_text(str(tmp_path / "runs" / "taken" / "config.json"), "{}")
+    assert cli_main(["train", "--data", shapes.dst, "--storage", str(tmp_path / "runs"), "--name", "taken"]) == 2
+    assert "already exists; pass --resume" in capsys.readouterr().err
+    assert cli_main(["train", "--data", shapes.dst, "--storage", str(tmp_path / "runs"), "--name", "new", "--resume"]) == 2
+    assert "there is no run" in capsys.readouterr().err
