@@ -144,6 +144,44 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"run: {result.run_uri} (model/model.keras, history.parquet, curves.png, config.json, tensorboard/)")
 
 
+def _print_prediction(result) -> None:
+    from segray.inference import format_per_class
+
+    s = result.summary
+    print(format_per_class(result.per_class))
+    if s.get("miou") is not None:
+        print(f"mIoU {s['miou']:.4f}  mean Dice {s['mean_dice']:.4f}  pixel accuracy {s['pixel_accuracy']:.4f}  ({s['images']} images)")
+    print(f"results: {result.output} (masks/, per_image.parquet, per_class.parquet, confusion.parquet, summary.json)")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from segray.inference import PredictConfig, predict
+    from segray.runtime import init_ray
+
+    cfg = PredictConfig(
+        model=args.model,
+        input=args.input,
+        output=args.output,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        tile=list(args.tile) if args.tile else None,
+        overlap=args.overlap,
+        overlays=args.overlays,
+        split=args.split,
+    )
+    init_ray()
+    _print_prediction(predict(cfg))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from segray.inference import evaluate
+    from segray.runtime import init_ray
+
+    init_ray()
+    _print_prediction(evaluate(args.pred, args.truth, args.output, classes=args.classes))
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from segray import models
 
@@ -211,6 +249,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="run name: results go to STORAGE/NAME")
     p.add_argument("--resume", action="store_true", help="continue the run NAME from its last checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment images with a trained model; evaluate where masks exist")
+    p.add_argument("--model", required=True, help="a training run (STORAGE/RUN) or a .keras file")
+    p.add_argument("--input", required=True, help="raw layout (images/ [+ masks/]) or an ingested split, local or s3://")
+    p.add_argument("--output", required=True, help="where masks and tables go")
+    p.add_argument("--split", default=None, help="with an ingested dataset as --input: the split (e.g. val)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1, help="predictor actors")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--tile", type=_size, default=None, help="sliding window H or HxW for large images")
+    p.add_argument("--overlap", type=float, default=0.25, help="with --tile: fraction shared by neighbouring windows")
+    p.add_argument("--overlays", type=int, default=8, help="colour overlays for the first K images")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="IoU/Dice tables from existing predicted and true masks")
+    p.add_argument("--pred", required=True, help="folder of predicted <id>.png class-id masks")
+    p.add_argument("--truth", required=True, help="folder of true <id>.png class-id masks")
+    p.add_argument("--classes", default=None, help="classes.json (default: class_0..)")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("models", help="list models, or show one's parameters and FLOPs")
     p.add_argument("name", nargs="?", default=None)

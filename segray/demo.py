@@ -9,13 +9,14 @@ from segray import storage
 
 
 def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs: int = 4, overwrite: bool = True) -> dict[str, str]:
-    """Synthesises shapes, ingests, trains a U-Net on 2 workers and prints what each step left where.
+    """Synthesises shapes, ingests, trains a U-Net on 2 workers, predicts the val split; prints where each step wrote.
 
     Returns:
         The URIs of what the demo wrote, by step.
     """
     from segray.cli import _print_dataset
     from segray.data import ingest, synthesize
+    from segray.inference import PredictConfig, format_per_class, predict
     from segray.runtime import init_ray
     from segray.train import TrainConfig, train
 
@@ -23,7 +24,7 @@ def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs
     if overwrite:
         storage.delete_dir(workdir)
     raw, data, runs = (storage.join(workdir, x) for x in ("raw", "dataset", "runs"))
-    steps = 3
+    steps = 4
     t0 = time.time()
     print(f"[1/{steps}] synthesising {n} pairs of {size[0]}x{size[1]} shapes into {raw}")
     synthesize(raw, n=n, size=size, num_classes=4, seed=0)
@@ -41,5 +42,13 @@ def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs
     cols = ["epoch", "train_loss", "val_loss", "val_miou", "seconds"]
     print(trained.history[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"  best val mIoU {trained.best['val_miou']:.3f}; model, history.parquet and curves.png in {trained.run_uri}")
+
+    predictions = storage.join(workdir, "predictions")
+    print(f"[4/{steps}] predicting the val split with the best model -> {predictions}")
+    predicted = predict(PredictConfig(model=trained.run_uri, input=data, split="val", output=predictions, overlays=8))
+    print(format_per_class(predicted.per_class))
+    s = predicted.summary
+    print(f"  mIoU {s['miou']:.3f}, mean Dice {s['mean_dice']:.3f}, pixel accuracy {s['pixel_accuracy']:.3f} over {s['images']} images")
+    print(f"  masks/, overlays/ and the Parquet tables are in {predictions}")
     print(f"demo done in {time.time() - t0:.0f} s; everything is under {workdir}")
-    return {"raw": raw, "dataset": data, "run": trained.run_uri}
+    return {"raw": raw, "dataset": data, "run": trained.run_uri, "predictions": predictions}

@@ -72,6 +72,16 @@ class DecodeBatch:
         return {"image_id": batch["image_id"], "image": np.stack(images), "mask": np.stack(masks)}
 
 
+class InPart:
+    """Row filter: keeps the image ids whose stable hash falls in part ``index`` of ``count``."""
+
+    def __init__(self, index: int, count: int):
+        self.index, self.count = index, count
+
+    def __call__(self, row: dict[str, Any]) -> bool:
+        return stable_hash(str(row["image_id"])) % self.count == self.index
+
+
 def split_uri(dataset: str, split: str) -> str:
     return storage.join(dataset, split)
 
@@ -86,6 +96,7 @@ def read_split(
     fit_mode: FitMode = "resize",
     info: DatasetInfo | None = None,
     batch_size: int = 16,
+    part: tuple[int, int] | None = None,
 ) -> Any:
     """A Ray Dataset of decoded pairs of one split of an ingested dataset.
 
@@ -95,6 +106,9 @@ def read_split(
         size: (H, W) every pair is fitted to; default the dataset's own size
             when all images share it, else (256, 256).
         crop: (H, W) random crops taken after fitting (training).
+        part: (index, count): only the ids whose stable hash modulo ``count``
+            is ``index``, filtered before decoding. The parts cover the split
+            exactly once, unlike an equal split, which drops the remainder.
 
     Returns:
         ``ray.data.Dataset`` with ``image_id``, ``image`` float32 (H, W, 3) and
@@ -114,5 +128,7 @@ def read_split(
     fs, _ = storage.filesystem(uri)
     paths = [storage.filesystem(f)[1] for f in files]
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "image", "mask"])
+    if part is not None:
+        ds = ds.filter(InPart(*part))
     config = PipelineConfig(size=size, crop=crop, augment=augment, seed=seed, fit=fit_mode)
     return ds.map_batches(DecodeBatch(config, info.mean, info.std), batch_size=batch_size, batch_format="numpy")

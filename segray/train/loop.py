@@ -29,6 +29,11 @@ OPTIMIZER_FILE = "optimizer.npz"
 PREPROCESSING_FILE = "preprocessing.json"
 
 
+def val_dataset_name(rank: int) -> str:
+    """The Ray Train dataset that holds worker ``rank``'s part of the val split."""
+    return f"val_{rank}"
+
+
 def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
     """What a predictor needs besides the weights: normalisation, size, classes."""
     return {
@@ -269,7 +274,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     artifacts = RunArtifacts(loop_config["run_uri"]) if rank == 0 else None
     export_model = None
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    val_shard = ray.train.get_dataset_shard(val_dataset_name(rank))
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()

@@ -74,17 +74,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     from ray.train.tensorflow import TensorflowTrainer
 
     from segray.data import read_split
-    from segray.train.loop import train_loop_per_worker
+    from segray.train.loop import train_loop_per_worker, val_dataset_name
 
     cfg, info, run_uri = resolve(cfg)
     config_json = json.dumps({**cfg.to_dict(), "dataset": json.loads(info.to_json())}, indent=2)
     storage.write_text(storage.join(run_uri, "config.json"), config_json)
 
     size = tuple(cfg.size)
-    datasets = {
-        "train": read_split(cfg.data, "train", size=size, crop=tuple(cfg.crop) if cfg.crop else None, augment=cfg.augment, seed=cfg.seed, info=info),
-        "val": read_split(cfg.data, "val", size=size, info=info),
-    }
+    crop = tuple(cfg.crop) if cfg.crop else None
+    datasets = {"train": read_split(cfg.data, "train", size=size, crop=crop, augment=cfg.augment, seed=cfg.seed, info=info)}
+    # Ray Train splits datasets equally, dropping the remainder: right for training
+    # steps that must stay in lockstep, wrong for validation, which must see every
+    # image once. Each worker gets its own hash part of the val split instead.
+    for rank in range(cfg.workers):
+        datasets[val_dataset_name(rank)] = read_split(cfg.data, "val", size=size, info=info, part=(rank, cfg.workers))
     fs, path = storage.filesystem(cfg.storage)
     trainer = TensorflowTrainer(
         train_loop_per_worker,
@@ -104,6 +107,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             ),
         ),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     if result.error:

@@ -81,3 +81,10 @@ def test_fit_pad_marks_padding_as_ignore():
     assert (msk[10:] == IGNORE_INDEX).all() and (msk[:, 12:] == IGNORE_INDEX).all()
     crop_img, crop_msk = random_crop(image, mask, (20, 20), np.random.default_rng(0))
     assert crop_img.shape == (20, 20, 3) and (crop_msk == IGNORE_INDEX).any()
+
+
+def test_parts_cover_the_split_exactly_once(dataset):
+    whole = sorted(r["image_id"] for r in read_split(dataset.dst, "val").take_all())
+    parts = [sorted(r["image_id"] for r in read_split(dataset.dst, "val", part=(k, 3)).take_all()) for k in range(3)]
+    assert sorted(i for p in parts for i in p) == whole
+    assert all(not set(a) & set(b) for a in parts for b in parts if a is not b)
