@@ -1,0 +1,209 @@
+"""Bringing images of any size to what a model takes, and its logits back.
+
+Three ways to predict an image (``Geometry.mode``):
+
+- ``fit``: the model was trained at one size; the image is fitted to it
+  (``transforms.fit``: resize, or pad/scale down) and the logits are cropped
+  to the content and resized back to the image's own size.
+- ``whole``: the model takes any size divisible by its ``multiple``; the image
+  is padded at the bottom and right and the logits cropped back.
+- ``tile``: a sliding window of ``tile`` pixels at the image's own
+  resolution, neighbours sharing ``overlap`` pixels, for images too large to
+  predict whole. Window logits are blended with weights that are zero within a
+  quarter of the overlap of an inner window edge and ramp linearly across the
+  middle half, so a model whose receptive field reaches no further than that
+  quarter gives the whole-image logits.
+
+Only numpy and OpenCV here: the decode tasks use it without TensorFlow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from segray.data.transforms import FitMode, fit
+
+Mode = Literal["fit", "whole", "tile"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How images reach the model; resolved once on the driver.
+
+    Attributes:
+        mode: ``fit``, ``whole`` or ``tile`` (see the module docstring).
+        size: ``(H, W)`` of ``fit``.
+        fit: ``resize`` or ``pad`` (``fit`` only).
+        multiple: what the model needs height and width divisible by.
+        tile: ``(H, W)`` window (``tile`` only).
+        overlap: ``(H, W)`` pixels shared by neighbouring windows.
+    """
+
+    mode: Mode
+    size: tuple[int, int] | None = None
+    fit: FitMode = "resize"
+    multiple: int = 1
+    tile: tuple[int, int] | None = None
+    overlap: tuple[int, int] = (0, 0)
+
+
+def fitted_content(height: int, width: int, size: tuple[int, int], mode: FitMode) -> tuple[int, int]:
+    """The ``(h, w)`` region of a fitted image that holds the picture (the rest is padding)."""
+    if mode == "resize" or (height, width) == tuple(size):
+        return tuple(size)
+    scale = min(size[0] / height, size[1] / width, 1.0)
+    if scale < 1.0:
+        # The same rounding as transforms.fit.
+        return max(1, round(height * scale)), max(1, round(width * scale))
+    return height, width
+
+
+def fit_image(image: np.ndarray, size: tuple[int, int], mode: FitMode) -> np.ndarray:
+    """``image`` (H, W, 3) fitted to ``size`` as training did."""
+    fitted, _ = fit(image, None, size, mode)
+    return fitted
+
+
+def pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pads (H, W, C) at the bottom and right with zeros (the mean, after normalisation)."""
+    pad_h, pad_w = height - image.shape[0], width - image.shape[1]
+    if pad_h <= 0 and pad_w <= 0:
+        return image
+    return np.pad(image, ((0, max(pad_h, 0)), (0, max(pad_w, 0)), (0, 0)))
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def restore(logits: np.ndarray, content: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """Logits (h, w, C) of a fitted or padded input -> (height, width, C) of the image.
+
+    Crops to ``content`` (the part that held the picture) and resizes
+    linearly when that differs from the image's own size.
+    """
+    logits = logits[: content[0], : content[1]]
+    if logits.shape[:2] == (height, width):
+        return logits
+    channels = logits.shape[2]
+    # cv2.resize takes at most 512 channels (class ids fit in uint8, so C <= 255).
+    out = cv2.resize(np.ascontiguousarray(logits, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    return out.reshape(height, width, channels)
+
+
+def window_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Starts of the windows along one axis; the last one ends at ``length``.
+
+    ``length`` is at least ``tile`` (smaller images are padded first).
+    """
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def window_weights(starts: list[int], tile: int) -> list[np.ndarray]:
+    """One (tile,) weight profile per window start along one axis.
+
+    On an edge shared with a neighbour the weight is 0 for the outer quarter
+    of the shared pixels and ramps linearly to 1 across the middle half; on
+    an image edge it stays 1. Where two windows share pixels their weights sum
+    to 1.
+    """
+    centers = np.arange(tile, dtype=np.float64) + 0.5
+    profiles = []
+    for k, start in enumerate(starts):
+        w = np.ones(tile, np.float64)
+        if k > 0:
+            shared = starts[k - 1] + tile - start
+            if shared > 0:
+                w = np.minimum(w, np.clip((centers - shared / 4) / (shared / 2), 0.0, 1.0))
+        if k + 1 < len(starts):
+            shared = start + tile - starts[k + 1]
+            if shared > 0:
+                w = np.minimum(w, np.clip((tile - centers - shared / 4) / (shared / 2), 0.0, 1.0))
+        profiles.append(w.astype(np.float32))
+    return profiles
+
+
+def tiled_logits(
+    predict: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    tile: tuple[int, int],
+    overlap: tuple[int, int],
+    batch_size: int,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Blended sliding-window logits of one normalised image, strip by strip.
+
+    Windows go to ``predict`` in raster order, ``batch_size`` at a time. Rows
+    that no later window touches are final; they are yielded and dropped, so
+    memory holds about two window rows of logits, not the whole image's.
+
+    Args:
+        predict: ``(N, th, tw, 3) float32 -> (N, th, tw, C)`` logits.
+        image: normalised ``(H, W, 3)`` float32.
+        tile: ``(th, tw)`` window.
+        overlap: ``(oh, ow)`` pixels shared by neighbouring windows.
+        batch_size: windows per ``predict`` call.
+
+    Yields:
+        ``(row, logits)``: blended logits ``(h, W, C)`` of rows ``row .. row + h``.
+    """
+    height, width = image.shape[:2]
+    th, tw = tile
+    padded = pad_to(image, max(height, th), max(width, tw))
+    ys = window_starts(padded.shape[0], th, overlap[0])
+    xs = window_starts(padded.shape[1], tw, overlap[1])
+    wy, wx = window_weights(ys, th), window_weights(xs, tw)
+    windows = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
+
+    acc: np.ndarray | None = None  # weighted logit sums of rows [top, top + len(acc))
+    wsum: np.ndarray | None = None
+    top = 0
+    for first in range(0, len(windows), batch_size):
+        chunk = windows[first : first + batch_size]
+        batch = np.stack([padded[ys[i] : ys[i] + th, xs[j] : xs[j] + tw] for i, j in chunk])
+        logits = np.asarray(predict(batch), np.float32)
+        if acc is None:
+            acc = np.zeros((0, padded.shape[1], logits.shape[-1]), np.float32)
+            wsum = np.zeros((0, padded.shape[1]), np.float32)
+        for (i, j), out in zip(chunk, logits):
+            bottom = ys[i] + th - top
+            if bottom > acc.shape[0]:
+                grow = bottom - acc.shape[0]
+                acc = np.concatenate([acc, np.zeros((grow,) + acc.shape[1:], np.float32)])
+                wsum = np.concatenate([wsum, np.zeros((grow, wsum.shape[1]), np.float32)])
+            weight = wy[i][:, None] * wx[j][None, :]
+            rows = slice(ys[i] - top, bottom)
+            cols = slice(xs[j], xs[j] + tw)
+            acc[rows, cols] += out * weight[..., None]
+            wsum[rows, cols] += weight
+        # Windows left start at or below this row: everything above is final.
+        done = ys[windows[first + len(chunk)][0]] if first + len(chunk) < len(windows) else padded.shape[0]
+        if done > top:
+            n = done - top
+            final = acc[:n] / np.maximum(wsum[:n], 1e-12)[..., None]
+            if top < height:
+                yield top, final[: min(n, height - top), :width]
+            acc, wsum, top = acc[n:], wsum[n:], done
+
+
+def tiled_argmax(
+    predict: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    tile: tuple[int, int],
+    overlap: tuple[int, int],
+    batch_size: int,
+) -> np.ndarray:
+    """The (H, W) uint8 class map of ``tiled_logits``."""
+    out = np.empty(image.shape[:2], np.uint8)
+    for row, logits in tiled_logits(predict, image, tile, overlap, batch_size):
+        out[row : row + logits.shape[0]] = logits.argmax(axis=-1)
+    return out

@@ -1,0 +1,258 @@
+"""``segray predict``: a Ray Data streaming pipeline from storage to masks and tables.
+
+    list (driver, names only) -> read + decode + fit + normalise (CPU tasks)
+      -> predict + map back to each image's size (actor pool, GPUs if any)
+      -> overlays, masks, one record part per batch (CPU tasks)
+    then, on the driver: merge the parts into the tables and summary.json.
+
+Ray Data streams blocks through the stages with bounded buffers, so memory
+stays flat however many images there are; the driver keeps only names and
+the small per-image records. Re-running the same command after a crash skips
+the images whose mask and record are in place and merges again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import time
+from typing import Any
+
+import pyarrow.compute as pc
+
+from segray import storage
+from segray.inference.config import PredictConfig, PredictResult
+from segray.inference.geometry import Geometry
+from segray.inference.model import ModelSpec, resolve_model
+from segray.inference.output import claim, completed, merged_records, remove_temporaries
+from segray.inference.sources import SHARDS, Source, list_source
+from segray.inference.tables import ERROR, empty_per_class, write_errors, write_score_tables
+
+FORMAT = "segray-predict/1"
+
+# Bytes of decoded images Ray Data may hold in the object store at once, per
+# actor: a few batches queued ahead of each model, never the dataset.
+BATCHES_IN_FLIGHT = 8
+MIN_IN_FLIGHT_BYTES = 64 * 2**20
+UNKNOWN_IMAGE_BYTES = 1024 * 1024 * 13  # an image of unknown size: 1024x1024 float32 RGB + mask
+
+# Read/decode and write tasks ask for half a CPU: they are light next to the
+# model, and a resource request different from the predictor's keeps Ray Data
+# from fusing the decoding into the actor (which would serialise it with the
+# model instead of overlapping the two).
+LIGHT_TASK_CPUS = 0.5
+
+
+def canonical(uri: str) -> str:
+    """The form of a URI that identifies it: absolute local paths, no trailing '/'."""
+    return uri.rstrip("/") if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
+def resolve_geometry(cfg: PredictConfig, spec: ModelSpec) -> Geometry:
+    """How images reach the model, from the flags and the model.
+
+    Raises:
+        ValueError: ``--tile`` does not suit the model, naming the valid sizes.
+    """
+    if cfg.tile:
+        th, tw = cfg.tile
+        if spec.static_size and (th, tw) != spec.static_size:
+            raise ValueError(f"--tile {th}x{tw}: the model {spec.uri} only takes {spec.static_size[0]}x{spec.static_size[1]} inputs; use --tile {spec.static_size[0]}x{spec.static_size[1]}")
+        m = spec.multiple
+        if th % m or tw % m:
+            near = lambda n: " or ".join(str(v) for v in sorted({max(m, n // m * m), -(-n // m) * m}))  # noqa: E731
+            raise ValueError(f"--tile {th}x{tw}: the model ({spec.name}) needs sides divisible by {m}; nearest valid height {near(th)}, width {near(tw)}")
+        overlap = (min(th - 1, round(th * cfg.overlap)), min(tw - 1, round(tw * cfg.overlap)))
+        return Geometry("tile", multiple=m, tile=(th, tw), overlap=overlap)
+    if spec.size:
+        return Geometry("fit", size=tuple(spec.size), fit=spec.fit, multiple=spec.multiple)
+    return Geometry("whole", multiple=spec.multiple)
+
+
+def _identity(spec: ModelSpec, source: Source, geometry: Geometry) -> dict[str, Any]:
+    """What the results depend on; written to OUT/_run.json before anything else."""
+    return {
+        "format": FORMAT,
+        "model_id": spec.model_id,
+        "source": canonical(source.uri),
+        "geometry": json.loads(json.dumps(dataclasses.asdict(geometry))),
+        "classes": [c.name for c in spec.classes],
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "ignore_index": spec.ignore_index,
+    }
+
+
+def _check_classes(source: Source, spec: ModelSpec) -> None:
+    if source.classes is not None and len(source.classes) != spec.num_classes:
+        raise ValueError(
+            f"--input {source.uri} declares {len(source.classes)} classes ({', '.join(c.name for c in source.classes)}); "
+            f"the model {spec.uri} predicts {spec.num_classes} ({', '.join(c.name for c in spec.classes)})"
+        )
+
+
+def _check_gpus(cfg: PredictConfig) -> None:
+    import ray
+
+    if cfg.gpus_per_worker > 0 and ray.cluster_resources().get("GPU", 0) == 0:
+        import warnings
+
+        # Not an error: an autoscaling cluster adds GPU nodes on demand.
+        warnings.warn(f"--gpus-per-worker {cfg.gpus_per_worker:g}: the cluster has no GPU now; predict waits until one joins", UserWarning, stacklevel=3)
+
+
+def in_flight_bytes(cfg: PredictConfig, geometry: Geometry) -> int:
+    """The object-store budget of the pipeline: it bounds memory whatever the number of images."""
+    if geometry.mode == "fit":
+        h, w = geometry.size
+        per_image = h * w * 13  # float32 RGB input + uint8 truth, at about the model's size
+    else:
+        per_image = UNKNOWN_IMAGE_BYTES
+    return max(MIN_IN_FLIGHT_BYTES, BATCHES_IN_FLIGHT * cfg.batch_size * cfg.workers * per_image)
+
+
+def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry: Geometry, finished: set[str], run: int) -> tuple[int, float | None]:
+    """Streams the images not yet ``finished`` through the stages.
+
+    Returns:
+        (images processed, steady-state images/s: see ``steady_rate``).
+    """
+    import ray
+
+    from segray.inference.predictor import Predictor
+    from segray.inference.sources import ReadDecode, dataset_of
+    from segray.inference.writer import WriteResults
+    from segray.runtime import init_ray
+
+    init_ray()
+    _check_gpus(cfg)
+    overlay_ids = frozenset(source.ids[: cfg.overlays])
+    skip = frozenset(finished) if source.kind == SHARDS else frozenset()
+    reader = ReadDecode(source.kind, geometry, spec.mean, spec.std, spec.num_classes, skip, overlay_ids, storage.is_s3(source.uri))
+    writer = WriteResults(cfg.output, spec.ignore_index, [tuple(c.color) for c in spec.classes], run)
+    predictor_args: dict[str, Any] = {"num_cpus": 1}
+    if cfg.gpus_per_worker > 0:
+        predictor_args["num_gpus"] = cfg.gpus_per_worker
+    ds = dataset_of(source, finished, cfg.batch_size)
+    ds = ds.map_batches(reader, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS)
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_uri": spec.uri, "geometry": geometry, "batch_size": cfg.batch_size},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+        **predictor_args,
+    )
+    ds = ds.map_batches(writer, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS)
+    # Without a budget Ray Data lets decoded images pile up ahead of a slower
+    # model up to half the object store, so memory would grow with the input.
+    options = copy.deepcopy(ds.context.execution_options)
+    options.resource_limits = options.resource_limits.copy(object_store_memory=in_flight_bytes(cfg, geometry))
+    ds.context.execution_options = options
+    done = 0
+    marks: list[tuple[float, int]] = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if len(batch["image_id"]):
+            done += len(batch["image_id"])
+            marks.append((time.perf_counter(), done))
+    return done, steady_rate(marks, done)
+
+
+def steady_rate(marks: list[tuple[float, int]], total: int) -> float | None:
+    """Images/s between 10% and 90% of the images done (start-up and tail left out).
+
+    Args:
+        marks: (time, images done so far) at each finished batch.
+        total: images done in all.
+
+    Returns:
+        The rate, or None with fewer than 4 batches (too few to tell).
+    """
+    if len(marks) < 4:
+        return None
+    lo = next(m for m in marks if m[1] >= 0.1 * total)
+    hi = next(m for m in marks if m[1] >= 0.9 * total)
+    if hi[0] <= lo[0]:
+        return None
+    return (hi[1] - lo[1]) / (hi[0] - lo[0])
+
+
+def predict(cfg: PredictConfig) -> PredictResult:
+    """Segments every image of ``cfg.input`` and, where truth masks come with them, scores them.
+
+    Leaves in ``cfg.output``: ``masks/<id>.png``, ``overlays/<id>.png`` (first
+    ``cfg.overlays`` ids), ``per_image.parquet``, ``per_class.parquet``,
+    ``confusion.parquet`` (with truth), ``summary.json``, ``_errors.parquet``,
+    ``classes.json`` and ``_run.json``. Re-running after a crash processes only
+    what is missing.
+
+    Raises:
+        FileNotFoundError: no model or no input where the flags point.
+        FileExistsError: OUT holds results of another model, source or settings.
+        ValueError: a flag or file that cannot work, named in the message.
+    """
+    started, run = time.time(), time.time_ns()
+    spec = resolve_model(cfg.model)
+    geometry = resolve_geometry(cfg, spec)
+    source = list_source(cfg.input, cfg.split)
+    _check_classes(source, spec)
+    if not source.ids and not source.errors:
+        raise FileNotFoundError(f"--input {cfg.input}: no images found")
+    claim(cfg.output, _identity(spec, source, geometry))
+    classes_json = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in spec.classes]
+    storage.write_text(storage.join(cfg.output, "classes.json"), json.dumps(classes_json, indent=2))
+
+    finished = completed(cfg.output)
+    todo = any(i not in finished for i in source.ids)
+    processed, steady = _run_pipeline(cfg, spec, source, geometry, finished, run) if todo else (0, None)
+
+    remove_temporaries(cfg.output)
+    records = merged_records(cfg.output, source.ids)
+    errors = list(source.errors)
+    seen = set(records["image_id"].to_pylist())
+    failed = records.filter(pc.equal(records["status"], ERROR)).select(["uri", "reason"])
+    errors += [(r["uri"], r["reason"]) for r in failed.to_pylist()]
+    for image_id in sorted(set(source.ids) - seen):
+        errors.append((image_id, f"{image_id}: no result was written (the pipeline lost the image; re-run to retry it)"))
+    write_errors(cfg.output, errors)
+    names = [c.name for c in spec.classes]
+    if source.has_truth:
+        scores, per_class = write_score_tables(cfg.output, records, names)
+    else:
+        scores, per_class = {}, empty_per_class()
+    wall = time.time() - started
+    segmented = records.num_rows - failed.num_rows
+    summary = {
+        "images": segmented,
+        **scores,
+        "errors": len(errors),
+        "model_id": spec.model_id,
+        "model": spec.uri,
+        "source": source.uri,
+        "source_kind": source.kind,
+        "has_truth": source.has_truth,
+        "config": {**cfg.to_dict(), "resolved": {"geometry": dataclasses.asdict(geometry), "model": spec.describe()}},
+        "images_this_run": processed,
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(processed / wall, 3) if processed else None,
+        "steady_images_per_s": round(steady, 3) if steady else None,
+        "warnings": list(spec.warnings),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    summary = json.loads(json.dumps(summary, default=_plain))
+    storage.write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2))
+    return PredictResult(cfg.output, summary, per_class, errors)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {value!r}")

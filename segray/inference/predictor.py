@@ -1,0 +1,106 @@
+"""The predictor actor: normalised images in, class-id masks at each image's own size out.
+
+One instance per actor of ``ActorPoolStrategy``: it loads the model once and
+keeps it, so the cost of loading TensorFlow and the weights is paid per actor,
+not per batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from segray.inference.geometry import Geometry, fitted_content, pad_to, restore, round_up, tiled_argmax
+from segray.inference.sources import columns_of, empty_array
+
+OUT_COLUMNS = ("image_id", "uri", "error", "height", "width", "pred", "truth", "original")
+
+
+class Predictor:
+    """``map_batches`` callable class run by the actor pool.
+
+    Args:
+        model_uri: the ``.keras`` file.
+        geometry: how images reach the model.
+        batch_size: images (or windows) per model call.
+    """
+
+    def __init__(self, model_uri: str, geometry: Geometry, batch_size: int):
+        from segray.inference.model import load_keras, share_gpus
+
+        share_gpus()
+        self.model = load_keras(model_uri)
+        self.geometry = geometry
+        self.batch_size = batch_size
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) float32 -> (N, H, W, C) float32 logits, ``batch_size`` at a time.
+
+        In ``fit`` and ``tile`` modes every input has one shape, and a short
+        last chunk is padded to ``batch_size``: the model then always sees one
+        input shape, so it is traced once and an image's logits do not depend
+        on how many others share its batch (a resumed run gives the same masks).
+        """
+        fixed = self.geometry.mode != "whole"
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i : i + self.batch_size]
+            n = len(chunk)
+            if fixed and n < self.batch_size:
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+            out.append(np.asarray(self.model.predict_on_batch(chunk), np.float32)[:n])
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _predict_groups(self, batch: dict[str, Any], todo: list[int], preds: list, errors: list) -> None:
+        g = self.geometry
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        inputs: dict[int, np.ndarray] = {}
+        for i in todo:
+            image = batch["image"][i]
+            if g.mode == "whole" and g.multiple > 1:
+                image = pad_to(image, round_up(image.shape[0], g.multiple), round_up(image.shape[1], g.multiple))
+            inputs[i] = image
+            groups[image.shape].append(i)
+        for indices in groups.values():
+            try:
+                logits = self.logits(np.stack([inputs[i] for i in indices]))
+            except Exception as e:  # noqa: BLE001 - the images of this call fail, the rest go on
+                for i in indices:
+                    errors[i] = f"{batch['uri'][i]}: model failed on a {inputs[i].shape[1]}x{inputs[i].shape[0]} input: {type(e).__name__}: {e}"
+                continue
+            for i, out in zip(indices, logits):
+                height, width = int(batch["height"][i]), int(batch["width"][i])
+                content = fitted_content(height, width, g.size, g.fit) if g.mode == "fit" else (height, width)
+                preds[i] = restore(out, content, height, width).argmax(axis=-1).astype(np.uint8)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        n = len(batch["image_id"])
+        errors = [str(e) for e in batch["error"]]
+        preds: list[np.ndarray] = [empty_array(np.uint8, None)] * n
+        todo = [i for i in range(n) if not errors[i]]
+        if self.geometry.mode == "tile":
+            for i in todo:
+                try:
+                    preds[i] = tiled_argmax(self.logits, batch["image"][i], self.geometry.tile, self.geometry.overlap, self.batch_size)
+                except Exception as e:  # noqa: BLE001
+                    errors[i] = f"{batch['uri'][i]}: tiled prediction failed: {type(e).__name__}: {e}"
+        else:
+            self._predict_groups(batch, todo, preds, errors)
+        rows = []
+        for i in range(n):
+            failed = bool(errors[i])
+            rows.append(
+                {
+                    "image_id": batch["image_id"][i],
+                    "uri": batch["uri"][i],
+                    "error": errors[i],
+                    "height": batch["height"][i],
+                    "width": batch["width"][i],
+                    "pred": empty_array(np.uint8, None) if failed else preds[i],
+                    "truth": empty_array(np.uint8, None) if failed else batch["truth"][i],
+                    "original": empty_array(np.uint8) if failed else batch["original"][i],
+                }
+            )
+        return columns_of(rows, OUT_COLUMNS)

@@ -1,0 +1,261 @@
+"""What predict reads: a raw layout or Parquet shards, listed on the driver, read in Ray tasks.
+
+- Raw ``ids`` layout: ``ROOT/images/<id>.<ext>``, with or without
+  ``ROOT/masks/<id>.png`` (class ids); pairing by id follows
+  ``segray.data.layouts``. When ``masks/`` exists, an image without a mask (or
+  a mask without an image) is a rejected input, as in ingest.
+- Parquet shards of an ingested split (``DATA/val``), or ``DATA`` with a
+  split: rows ``image_id``, ``image`` and (when present) ``mask`` bytes.
+
+Listing reads names only; the pixels are read by ``ReadDecode`` in Ray tasks,
+one batch at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from segray import storage
+from segray.data.imageio import BadInput, decode_image
+from segray.data.info import IGNORE_INDEX, ClassInfo, load_classes
+from segray.data.layouts import _index_folder, _pair, build_mask
+from segray.inference.geometry import Geometry, fit_image
+
+RAW = "raw"
+SHARDS = "shards"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A listed input.
+
+    Attributes:
+        uri: what the user passed (with the split folder when one was named).
+        kind: ``raw`` or ``shards``.
+        ids: every image id, sorted.
+        has_truth: masks come with the images.
+        items: raw: ``{"image_id", "image_uri", "mask_uri"}`` per id, sorted.
+        shards: the Parquet files (shards only).
+        errors: ``(uri, reason)`` of inputs rejected by the listing.
+        classes: classes declared beside the data (classes.json or
+            dataset.json), or None.
+    """
+
+    uri: str
+    kind: str
+    ids: list[str]
+    has_truth: bool
+    items: list[dict[str, str]]
+    shards: list[str]
+    errors: list[tuple[str, str]]
+    classes: list[ClassInfo] | None
+
+
+def _shard_files(uri: str) -> list[str]:
+    return [f.uri for f in storage.list_files(uri) if f.uri.endswith(".parquet") and not storage.basename(f.uri).startswith((".", "_"))]
+
+
+def list_source(src: str, split: str | None = None) -> Source:
+    """Lists SRC (names only).
+
+    Raises:
+        FileNotFoundError: SRC holds neither ``images/`` nor Parquet shards, or
+            the split is missing.
+        ValueError: ``split`` given for a raw layout, or missing for a dataset.
+    """
+    import pyarrow.parquet as pq
+
+    from segray.data.info import load_dataset_info
+
+    if storage.exists(storage.join(src, "dataset.json")):
+        info = load_dataset_info(src)
+        if split is None:
+            raise ValueError(f"--input {src} is an ingested dataset; name the split to predict with --split ({', '.join(info.splits)})")
+        folder = storage.join(src, split)
+        shards = _shard_files(folder)
+        if not shards:
+            raise FileNotFoundError(f"--split {split}: no Parquet shards under {folder} (splits: {', '.join(info.splits)})")
+        classes = [c for c in info.classes if c.id != info.ignore_index]
+        return _shard_source(folder, shards, classes, pq)
+    if split is not None:
+        folder = storage.join(src, split)
+        shards = _shard_files(folder)
+        if shards:
+            return _shard_source(folder, shards, None, pq)
+        raise FileNotFoundError(f"--split {split}: {src} is not an ingested dataset (no dataset.json) and {folder} holds no Parquet shards")
+    if storage.is_dir(storage.join(src, "images")):
+        return _raw_source(src)
+    shards = _shard_files(src)
+    if shards:
+        return _shard_source(src, shards, None, pq)
+    raise FileNotFoundError(
+        f"--input {src}: expected a raw layout (images/ with or without masks/), a folder of Parquet shards "
+        f"(an ingested split such as DATA/val) or an ingested dataset with --split; found none of them"
+    )
+
+
+def _raw_source(src: str) -> Source:
+    errors: list[tuple[str, str]] = []
+    images = _index_folder(storage.join(src, "images"), "images", errors)
+    has_truth = storage.is_dir(storage.join(src, "masks"))
+    if has_truth:
+        masks = _index_folder(storage.join(src, "masks"), "masks", errors)
+        pairs = _pair(images, {k: [v] for k, v in masks.items()}, errors)
+        items = [{"image_id": p.image_id, "image_uri": p.image_uri, "mask_uri": p.mask_uris[0]} for p in pairs]
+    else:
+        items = [{"image_id": k, "image_uri": v.uri, "mask_uri": ""} for k, v in sorted(images.items())]
+    classes_file = storage.join(src, "classes.json")
+    classes = None
+    if storage.exists(classes_file):
+        classes = [c for c in load_classes(classes_file) if c.id != IGNORE_INDEX]
+    if not items and not errors:
+        raise FileNotFoundError(f"--input {src}: {storage.join(src, 'images')} holds no images")
+    return Source(src, RAW, [i["image_id"] for i in items], has_truth, items, [], errors, classes)
+
+
+def _shard_source(folder: str, shards: list[str], classes: list[ClassInfo] | None, pq) -> Source:
+    fs, _ = storage.filesystem(folder)
+    ids: list[str] = []
+    has_truth = True
+    for shard in shards:
+        path = storage.filesystem(shard)[1]
+        schema = pq.read_schema(path, filesystem=fs)
+        for column in ("image_id", "image"):
+            if column not in schema.names:
+                raise ValueError(f"{shard}: not an image shard (no {column!r} column; columns: {', '.join(schema.names)})")
+        has_truth = has_truth and "mask" in schema.names
+        ids.extend(pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist())
+    return Source(folder, SHARDS, sorted(ids), has_truth, [], shards, [], classes)
+
+
+def dataset_of(source: Source, finished: set[str], batch_size: int):
+    """The Ray Dataset of encoded rows: raw, the items not ``finished`` (URIs); shards, every row (bytes)."""
+    import ray
+
+    if source.kind == RAW:
+        rows = [i for i in source.items if i["image_id"] not in finished]
+        # Several batches per read task: fewer, larger tasks for the same streaming.
+        per_block = max(batch_size * 4, 16)
+        return ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / per_block)))
+    fs, _ = storage.filesystem(source.uri)
+    paths = [storage.filesystem(s)[1] for s in source.shards]
+    columns = ["image_id", "image"] + (["mask"] if source.has_truth else [])
+    return ray.data.read_parquet(paths, filesystem=fs, columns=columns, include_paths=True)
+
+
+def empty_array(dtype=np.float32, channels: int | None = 3) -> np.ndarray:
+    return np.zeros((0, 0) if channels is None else (0, 0, channels), dtype)
+
+
+def display_uint8(image: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) image as uint8 for overlays (16-bit and float images scaled by their maximum)."""
+    if image.dtype == np.uint8:
+        return image
+    top = float(image.max(initial=0)) or 1.0
+    return np.clip(image.astype(np.float32) * (255.0 / top), 0, 255).astype(np.uint8)
+
+
+class ReadDecode:
+    """``map_batches`` body (Ray tasks): encoded rows -> decoded, checked, model-ready rows.
+
+    Output columns: ``image_id``, ``uri`` (what a message names), ``error`` (""
+    when fine), ``height`` and ``width`` (the image's own size), ``image``
+    (normalised float32 (H, W, 3); in ``fit`` mode at the model's size),
+    ``truth`` (uint8 (H, W), or empty) and ``original`` (uint8 RGB for the
+    overlay ids, else empty).
+    """
+
+    def __init__(self, kind: str, geometry: Geometry, mean, std, num_classes: int, skip: frozenset[str], overlay_ids: frozenset[str], s3: bool):
+        self.kind = kind
+        self.geometry = geometry
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.classes = [ClassInfo(k, str(k)) for k in range(num_classes)]
+        # Ids already done (Parquet sources on a re-run; a raw listing leaves them out itself).
+        self.skip = skip
+        self.overlay_ids = overlay_ids
+        self.s3 = s3
+
+    def _encoded(self, batch: dict[str, np.ndarray], i: int) -> tuple[str, str, str, Any, Any]:
+        """(image_id, image uri, mask uri, image bytes or a reader, mask bytes or a reader)."""
+        image_id = str(batch["image_id"][i])
+        if self.kind == RAW:
+            image_uri, mask_uri = str(batch["image_uri"][i]), str(batch["mask_uri"][i])
+            return image_id, image_uri, mask_uri, lambda: storage.read_bytes(image_uri), (lambda: storage.read_bytes(mask_uri)) if mask_uri else None
+        shard = str(batch["path"][i])
+        shard = f"s3://{shard}" if self.s3 and not shard.startswith("s3://") else shard
+        where = f"{shard}#{image_id}"
+        image_bytes = batch["image"][i]
+        mask_bytes = batch["mask"][i] if "mask" in batch else None
+        return image_id, where, where, lambda: image_bytes, (lambda: mask_bytes) if mask_bytes is not None else None
+
+    def _row(self, image_id: str, image_uri: str, mask_uri: str, read_image, read_mask) -> dict[str, Any]:
+        try:
+            image = decode_image(read_image())
+        except BadInput as e:
+            return _error_row(image_id, image_uri, f"{image_uri}: {e}")
+        truth = empty_array(np.uint8, None)
+        if read_mask is not None:
+            try:
+                truth = build_mask("ids", [(mask_uri, read_mask())], self.classes)
+            except BadInput as e:
+                return _error_row(image_id, mask_uri, f"mask {mask_uri}: {e}")
+            if truth.shape != image.shape[:2]:
+                what = mask_uri if mask_uri != image_uri else f"{mask_uri} (mask)"
+                return _error_row(
+                    image_id, mask_uri,
+                    f"mask {what} is {truth.shape[1]}x{truth.shape[0]}, image {image_uri} is {image.shape[1]}x{image.shape[0]}",
+                )
+        height, width = image.shape[:2]
+        original = display_uint8(image) if image_id in self.overlay_ids else empty_array(np.uint8)
+        # Fitted in float32 as the training pipeline does, and normalised here on
+        # the CPU workers; float32 throughout also keeps the column's dtype fixed.
+        model_input = image.astype(np.float32)
+        if self.geometry.mode == "fit":
+            model_input = fit_image(model_input, self.geometry.size, self.geometry.fit)
+        model_input = (model_input - self.mean) / self.std
+        return {
+            "image_id": image_id, "uri": image_uri, "error": "", "height": height, "width": width,
+            "image": model_input, "truth": truth, "original": original,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        rows = []
+        for i in range(len(batch["image_id"])):
+            if str(batch["image_id"][i]) in self.skip:
+                continue
+            image_id, image_uri, mask_uri, read_image, read_mask = self._encoded(batch, i)
+            try:
+                rows.append(self._row(image_id, image_uri, mask_uri, read_image, read_mask))
+            except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the others
+                rows.append(_error_row(image_id, image_uri, f"{image_uri}: {type(e).__name__}: {e}"))
+        return columns_of(rows, ROW_COLUMNS)
+
+
+ROW_COLUMNS = ("image_id", "uri", "error", "height", "width", "image", "truth", "original")
+ARRAY_COLUMNS = frozenset({"image", "truth", "original", "pred"})
+
+
+def _error_row(image_id: str, uri: str, reason: str) -> dict[str, Any]:
+    return {
+        "image_id": image_id, "uri": uri, "error": reason, "height": 0, "width": 0,
+        "image": empty_array(), "truth": empty_array(np.uint8, None), "original": empty_array(np.uint8),
+    }
+
+
+def columns_of(rows: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, Any]:
+    """Rows -> a numpy batch; array columns become lists (Ray stores ragged tensors)."""
+    out: dict[str, Any] = {}
+    for name in names:
+        values = [r[name] for r in rows]
+        if name in ARRAY_COLUMNS:
+            out[name] = values
+        elif name in ("height", "width"):
+            out[name] = np.asarray(values, np.int64)
+        else:
+            out[name] = np.asarray(values, dtype=object)
+    return out

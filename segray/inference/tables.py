@@ -1,0 +1,341 @@
+"""Per-image records and the tables made from them.
+
+Each processed image leaves one record: its id, a status, and its confusion
+matrix in sparse form (the non-zero cells ``truth * 256 + prediction`` and
+their pixel counts; ignored truth pixels are not counted). Sparse cells keep
+a record small whatever the number of classes, and every table is an exact
+function of the records:
+
+- ``per_image.parquet``: one row per image and class, ``tp``/``fp``/``fn``/
+  ``support`` and ``iou``/``dice`` (NaN where the class is in neither truth
+  nor prediction);
+- ``per_class.parquet``: scores of the summed confusion matrix;
+- ``confusion.parquet``: the summed C x C int64 matrix, rows truth, columns
+  prediction (``pred_<id>``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from segray import storage
+from segray.metrics import (
+    dice,
+    dice_from_counts,
+    iou,
+    iou_from_counts,
+    mean_of_images,
+    precision,
+    recall,
+    summary,
+)
+
+CELL_BASE = 256  # class ids are uint8: a cell is truth * 256 + prediction
+OK, ERROR = "ok", "error"
+
+RECORD_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("has_truth", pa.bool_()),
+        ("cm_cells", pa.list_(pa.int32())),
+        ("cm_counts", pa.list_(pa.int64())),
+        ("run", pa.int64()),
+    ]
+)
+ERRORS_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string())])
+PER_IMAGE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        ("tp", pa.int64()),
+        ("fp", pa.int64()),
+        ("fn", pa.int64()),
+        ("support", pa.int64()),
+        ("iou", pa.float64()),
+        ("dice", pa.float64()),
+    ]
+)
+PER_CLASS_SCHEMA = pa.schema(
+    [
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        ("iou", pa.float64()),
+        ("dice", pa.float64()),
+        ("precision", pa.float64()),
+        ("recall", pa.float64()),
+        ("support", pa.int64()),
+    ]
+)
+
+
+def sparse_confusion(truth: np.ndarray, pred: np.ndarray, ignore_index: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero cells of one image's confusion matrix.
+
+    Args:
+        truth: (H, W) uint8 class ids (``ignore_index`` pixels are not counted).
+        pred: (H, W) uint8 class ids.
+
+    Returns:
+        ``(cells, counts)``: int32 ``truth * 256 + pred`` and int64 pixel counts, cells ascending.
+    """
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth is {truth.shape[1]}x{truth.shape[0]}, prediction is {pred.shape[1]}x{pred.shape[0]}")
+    t, p = np.ravel(truth), np.ravel(pred)
+    if ignore_index is not None:
+        keep = t != ignore_index
+        if not keep.all():
+            t, p = t[keep], p[keep]
+    if t.size == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    # Count over the k x k ids actually present (k small), then re-index to base 256.
+    k = int(max(t.max(), p.max())) + 1
+    counts = np.bincount(t.astype(np.int32) * k + p, minlength=k * k)
+    nonzero = np.flatnonzero(counts)
+    cells = (nonzero // k) * CELL_BASE + nonzero % k
+    return cells.astype(np.int32), counts[nonzero].astype(np.int64)
+
+
+def ok_record(image_id: str, uri: str, height: int, width: int, truth: np.ndarray | None, pred: np.ndarray, ignore_index: int | None, run: int) -> dict[str, Any]:
+    """The record of an image that was processed (``truth`` None: segmented only)."""
+    if truth is None or truth.size == 0:
+        cells, counts = np.zeros(0, np.int32), np.zeros(0, np.int64)
+        has_truth = False
+    else:
+        cells, counts = sparse_confusion(truth, pred, ignore_index)
+        has_truth = True
+    return {
+        "image_id": image_id, "uri": uri, "status": OK, "reason": "", "height": int(height), "width": int(width),
+        "has_truth": has_truth, "cm_cells": cells.tolist(), "cm_counts": counts.tolist(), "run": run,
+    }
+
+
+def error_record(image_id: str, uri: str, reason: str, run: int) -> dict[str, Any]:
+    return {
+        "image_id": image_id, "uri": uri, "status": ERROR, "reason": reason, "height": 0, "width": 0,
+        "has_truth": False, "cm_cells": [], "cm_counts": [], "run": run,
+    }
+
+
+def records_table(records: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+
+def latest_records(table: pa.Table) -> pa.Table:
+    """One record per image: the latest run's ``ok`` record, else its latest error.
+
+    Records repeat when an image was processed again (an error retried on a
+    re-run, or a task retried by Ray); keeping one per id is what makes a
+    resumed run's tables equal an uninterrupted run's.
+    """
+    if table.num_rows == 0:
+        return table
+    import pyarrow.compute as pc
+
+    ok = pc.equal(table["status"], OK)
+    order = pc.sort_indices(
+        table.append_column("_ok", ok).append_column("_row", pa.array(np.arange(table.num_rows))),
+        sort_keys=[("image_id", "ascending"), ("_ok", "descending"), ("run", "descending"), ("_row", "descending")],
+    )
+    ordered = table.take(order)
+    ids = ordered["image_id"].to_numpy(zero_copy_only=False)
+    first = np.ones(len(ids), bool)
+    first[1:] = ids[1:] != ids[:-1]
+    return ordered.filter(pa.array(first))
+
+
+def dense_counts(records: pa.Table, num_classes: int) -> dict[str, np.ndarray]:
+    """Per-image counts and the summed matrix from ``ok`` records with truth, in table order.
+
+    Returns:
+        ``tp``, ``fp``, ``fn``, ``support`` int64 ``(N, C)`` and ``confusion`` int64 ``(C, C)``.
+
+    Raises:
+        ValueError: a record holds a class id outside ``0 .. C-1``; names the image.
+    """
+    import pyarrow.compute as pc
+
+    n, c = records.num_rows, num_classes
+    cells_col, counts_col = records["cm_cells"].combine_chunks(), records["cm_counts"].combine_chunks()
+    cells = pc.list_flatten(cells_col).to_numpy().astype(np.int64)
+    counts = pc.list_flatten(counts_col).to_numpy().astype(np.int64)
+    owner = pc.list_parent_indices(cells_col).to_numpy().astype(np.int64)
+    truth, pred = cells // CELL_BASE, cells % CELL_BASE
+    bad = (truth >= c) | (pred >= c)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        image_id = records["image_id"][int(owner[k])].as_py()
+        raise ValueError(f"image {image_id!r}: class id {max(int(truth[k]), int(pred[k]))} outside 0..{c - 1} (truth {int(truth[k])}, prediction {int(pred[k])})")
+    confusion = np.zeros((c, c), np.int64)
+    np.add.at(confusion, (truth, pred), counts)
+    support = np.zeros((n, c), np.int64)
+    predicted = np.zeros((n, c), np.int64)
+    tp = np.zeros((n, c), np.int64)
+    np.add.at(support, (owner, truth), counts)
+    np.add.at(predicted, (owner, pred), counts)
+    hit = truth == pred
+    np.add.at(tp, (owner[hit], truth[hit]), counts[hit])
+    return {"tp": tp, "fp": predicted - tp, "fn": support - tp, "support": support, "confusion": confusion}
+
+
+def per_image_frame(image_ids: list[str], counts: dict[str, np.ndarray], class_names: list[str]):
+    """``per_image.parquet`` as a DataFrame: image x class rows, images in the given order."""
+    import pandas as pd
+
+    n, c = counts["tp"].shape
+    frame = pd.DataFrame(
+        {
+            "image_id": np.repeat(np.asarray(image_ids, dtype=object), c),
+            "class_id": np.tile(np.arange(c, dtype=np.int32), n),
+            "class_name": np.tile(np.asarray(class_names, dtype=object), n),
+            "tp": counts["tp"].reshape(-1),
+            "fp": counts["fp"].reshape(-1),
+            "fn": counts["fn"].reshape(-1),
+            "support": counts["support"].reshape(-1),
+            "iou": iou_from_counts(counts["tp"], counts["fp"], counts["fn"]).reshape(-1),
+            "dice": dice_from_counts(counts["tp"], counts["fp"], counts["fn"]).reshape(-1),
+        }
+    )
+    return frame
+
+
+def per_class_frame(confusion: np.ndarray, class_names: list[str]):
+    """``per_class.parquet`` as a DataFrame: dataset-level scores of the summed matrix."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "class_id": np.arange(len(class_names), dtype=np.int32),
+            "class_name": list(class_names),
+            "iou": iou(confusion),
+            "dice": dice(confusion),
+            "precision": precision(confusion),
+            "recall": recall(confusion),
+            "support": confusion.sum(axis=1).astype(np.int64),
+        }
+    )
+
+
+def confusion_frame(confusion: np.ndarray, class_names: list[str]):
+    """``confusion.parquet`` as a DataFrame: ``truth``, ``truth_name``, then ``pred_<id>`` columns."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"truth": np.arange(len(class_names), dtype=np.int32), "truth_name": list(class_names)})
+    for k in range(len(class_names)):
+        frame[f"pred_{k}"] = confusion[:, k].astype(np.int64)
+    return frame
+
+
+def read_confusion(uri: str) -> np.ndarray:
+    """The (C, C) int64 matrix of a ``confusion.parquet`` (rows truth, columns prediction)."""
+    table = storage.read_parquet(uri)
+    names = sorted((n for n in table.column_names if n.startswith("pred_")), key=lambda n: int(n[5:]))
+    return np.stack([table[n].to_numpy() for n in names], axis=1).astype(np.int64)
+
+
+def scores(counts: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The dataset-level numbers of ``summary.json`` (NaN -> None, for JSON)."""
+    s = summary(counts["confusion"])
+    images = int(counts["tp"].shape[0])
+    out = {
+        "images_scored": images,
+        "pixels": int(s["pixels"]),
+        "pixel_accuracy": s["pixel_accuracy"],
+        "miou": s["miou"],
+        "mean_dice": s["mean_dice"],
+        "valid_classes": s["valid_classes"],
+        "miou_mean_of_images": mean_of_images(counts["tp"], counts["fp"], counts["fn"]) if images else float("nan"),
+    }
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+
+def write_frame(frame, schema: pa.Schema, uri: str) -> None:
+    """Writes a DataFrame with a fixed schema to a temporary name, then into place."""
+    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+    write_table(table, uri)
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    """Writes Parquet so that ``uri`` never holds a partial file (bytes via storage.write_bytes)."""
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def confusion_schema(num_classes: int) -> pa.Schema:
+    fields = [("truth", pa.int32()), ("truth_name", pa.string())]
+    fields += [(f"pred_{k}", pa.int64()) for k in range(num_classes)]
+    return pa.schema(fields)
+
+
+def write_score_tables(out: str, records: pa.Table, class_names: list[str]) -> tuple[dict[str, Any], Any]:
+    """Writes per_image, per_class and confusion from the ``ok`` records with truth.
+
+    Returns:
+        (the scores for summary.json, the per-class DataFrame).
+    """
+    import pyarrow.compute as pc
+
+    scored = records.filter(pc.and_(pc.equal(records["status"], OK), records["has_truth"]))
+    counts = dense_counts(scored, len(class_names))
+    ids = scored["image_id"].to_pylist()
+    per_class = per_class_frame(counts["confusion"], class_names)
+    write_frame(per_image_frame(ids, counts, class_names), PER_IMAGE_SCHEMA, storage.join(out, "per_image.parquet"))
+    write_frame(per_class, PER_CLASS_SCHEMA, storage.join(out, "per_class.parquet"))
+    write_frame(confusion_frame(counts["confusion"], class_names), confusion_schema(len(class_names)), storage.join(out, "confusion.parquet"))
+    return scores(counts), per_class
+
+
+def write_errors(out: str, errors: list[tuple[str, str]]) -> None:
+    rows = [{"uri": u, "reason": r} for u, r in sorted(set(errors))]
+    write_table(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA), storage.join(out, "_errors.parquet"))
+
+
+def empty_per_class():
+    return PER_CLASS_SCHEMA.empty_table().to_pandas()
+
+
+def format_per_class(df) -> str:
+    """The per-class table as aligned text, with the mean over valid classes.
+
+    Args:
+        df: a ``per_class.parquet`` DataFrame (class_id, class_name, iou, dice,
+            precision, recall, support).
+
+    Returns:
+        Lines like ``  1  circle      0.812  0.896      0.901  0.891    12,345``;
+        NaN (a class in neither truth nor prediction) shows as ``-``.
+    """
+
+    def num(v: float) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+    names = [str(n) for n in df["class_name"]]
+    valid = df["iou"].notna()
+    label = f"mean of {int(valid.sum())} valid"
+    width = max([len("class"), len(label)] + [len(n) for n in names])
+    header = f"{'id':>3}  {'class':<{width}}  {'IoU':>6}  {'Dice':>6}  {'precision':>9}  {'recall':>6}  {'support':>12}"
+    lines = [header, "-" * len(header)]
+    for row, name in zip(df.itertuples(index=False), names):
+        lines.append(
+            f"{int(row.class_id):>3}  {name:<{width}}  {num(row.iou):>6}  {num(row.dice):>6}  "
+            f"{num(row.precision):>9}  {num(row.recall):>6}  {int(row.support):>12,}"
+        )
+    if valid.any():
+        lines.append("-" * len(header))
+        lines.append(
+            f"{'':>3}  {label:<{width}}  {num(float(df['iou'][valid].mean())):>6}  {num(float(df['dice'][valid].mean())):>6}  "
+            f"{num(float(df['precision'][valid].mean())):>9}  {num(float(df['recall'][valid].mean())):>6}  {int(df['support'].sum()):>12,}"
+        )
+    return "\n".join(lines)
