@@ -66,6 +66,8 @@ def plain_loop(images, masks, cfg: TrainConfig, epochs: int, threads: int) -> fl
 
 
 def _ray_loop(loop_config):
+    import tempfile
+
     import ray.train
 
     from segray.train.loop import WorkerLoop
@@ -79,7 +81,10 @@ def _ray_loop(loop_config):
         _, _, _, images, seconds = worker.run_epoch(shard, train=True)
         # run_epoch times this worker's loop; images are summed over all workers.
         rates.append(images / seconds)
-        ray.train.report({"epoch": epoch, "rates": rates})
+        # Ray Train V2 keeps metrics only of reports that carry a checkpoint.
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if ray.train.get_context().get_world_rank() == 0 else None
+            ray.train.report({"epoch": epoch, "rates": rates}, checkpoint=checkpoint)
 
 
 def ray_train(images, masks, cfg: TrainConfig, epochs: int, workers: int, cpus_per_worker: int) -> float:

@@ -22,7 +22,13 @@ from segray.data.transforms import FitMode, augment, fit, normalize, random_crop
 
 
 def stable_hash(text: str) -> int:
+    """The same 64-bit hash of an id in every process (Python's ``hash`` is salted)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def in_part(image_ids, index: int, count: int) -> np.ndarray:
+    """Boolean mask of the ids whose stable hash modulo ``count`` is ``index``."""
+    return np.fromiter((stable_hash(str(i)) % count == index for i in image_ids), bool, len(image_ids))
 
 
 @dataclass(frozen=True)
@@ -72,16 +78,6 @@ class DecodeBatch:
         return {"image_id": batch["image_id"], "image": np.stack(images), "mask": np.stack(masks)}
 
 
-class InPart:
-    """Row filter: keeps the image ids whose stable hash falls in part ``index`` of ``count``."""
-
-    def __init__(self, index: int, count: int):
-        self.index, self.count = index, count
-
-    def __call__(self, row: dict[str, Any]) -> bool:
-        return stable_hash(str(row["image_id"])) % self.count == self.index
-
-
 def split_uri(dataset: str, split: str) -> str:
     return storage.join(dataset, split)
 
@@ -117,18 +113,14 @@ def read_split(
     Raises:
         FileNotFoundError: not an ingested dataset, or the split is empty.
     """
-    import ray
+    from segray.data.shards import read_shards
 
     info = info or load_dataset_info(dataset)
     size = tuple(size or info.size or (256, 256))
     uri = split_uri(dataset, split)
-    files = [f.uri for f in storage.list_files(uri) if f.uri.endswith(".parquet")]
-    if not files:
+    shards = [f for f in storage.list_files(uri) if f.uri.endswith(".parquet")]
+    if not shards:
         raise FileNotFoundError(f"{dataset}: split {split!r} has no shards under {uri}")
-    fs, _ = storage.filesystem(uri)
-    paths = [storage.filesystem(f)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "image", "mask"])
-    if part is not None:
-        ds = ds.filter(InPart(*part))
+    ds = read_shards(shards, ["image_id", "image", "mask"], part=part)
     config = PipelineConfig(size=size, crop=crop, augment=augment, seed=seed, fit=fit_mode)
     return ds.map_batches(DecodeBatch(config, info.mean, info.std), batch_size=batch_size, batch_format="numpy")

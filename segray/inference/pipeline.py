@@ -132,7 +132,7 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
     _check_gpus(cfg)
     overlay_ids = frozenset(source.ids[: cfg.overlays])
     skip = frozenset(finished) if source.kind == SHARDS else frozenset()
-    reader = ReadDecode(source.kind, geometry, spec.mean, spec.std, spec.num_classes, skip, overlay_ids, storage.is_s3(source.uri))
+    reader = ReadDecode(source.kind, geometry, spec.mean, spec.std, spec.num_classes, skip, overlay_ids)
     writer = WriteResults(cfg.output, spec.ignore_index, [tuple(c.color) for c in spec.classes], run)
     predictor_args: dict[str, Any] = {"num_cpus": 1}
     if cfg.gpus_per_worker > 0:

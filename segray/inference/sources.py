@@ -50,13 +50,13 @@ class Source:
     ids: list[str]
     has_truth: bool
     items: list[dict[str, str]]
-    shards: list[str]
+    shards: list[storage.FileEntry]
     errors: list[tuple[str, str]]
     classes: list[ClassInfo] | None
 
 
-def _shard_files(uri: str) -> list[str]:
-    return [f.uri for f in storage.list_files(uri) if f.uri.endswith(".parquet") and not storage.basename(f.uri).startswith((".", "_"))]
+def _shard_files(uri: str) -> list[storage.FileEntry]:
+    return [f for f in storage.list_files(uri) if f.uri.endswith(".parquet") and not storage.basename(f.uri).startswith((".", "_"))]
 
 
 def list_source(src: str, split: str | None = None) -> Source:
@@ -117,16 +117,16 @@ def _raw_source(src: str) -> Source:
     return Source(src, RAW, [i["image_id"] for i in items], has_truth, items, [], errors, classes)
 
 
-def _shard_source(folder: str, shards: list[str], classes: list[ClassInfo] | None, pq) -> Source:
+def _shard_source(folder: str, shards: list[storage.FileEntry], classes: list[ClassInfo] | None, pq) -> Source:
     fs, _ = storage.filesystem(folder)
     ids: list[str] = []
     has_truth = True
     for shard in shards:
-        path = storage.filesystem(shard)[1]
+        path = storage.filesystem(shard.uri)[1]
         schema = pq.read_schema(path, filesystem=fs)
         for column in ("image_id", "image"):
             if column not in schema.names:
-                raise ValueError(f"{shard}: not an image shard (no {column!r} column; columns: {', '.join(schema.names)})")
+                raise ValueError(f"{shard.uri}: not an image shard (no {column!r} column; columns: {', '.join(schema.names)})")
         has_truth = has_truth and "mask" in schema.names
         ids.extend(pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist())
     return Source(folder, SHARDS, sorted(ids), has_truth, [], shards, [], classes)
@@ -141,10 +141,10 @@ def dataset_of(source: Source, finished: set[str], batch_size: int):
         # Several batches per read task: fewer, larger tasks for the same streaming.
         per_block = max(batch_size * 4, 16)
         return ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / per_block)))
-    fs, _ = storage.filesystem(source.uri)
-    paths = [storage.filesystem(s)[1] for s in source.shards]
+    from segray.data.shards import read_shards
+
     columns = ["image_id", "image"] + (["mask"] if source.has_truth else [])
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns, include_paths=True)
+    return read_shards(source.shards, columns, include_path=True)
 
 
 def empty_array(dtype=np.float32, channels: int | None = 3) -> np.ndarray:
@@ -169,7 +169,7 @@ class ReadDecode:
     overlay ids, else empty).
     """
 
-    def __init__(self, kind: str, geometry: Geometry, mean, std, num_classes: int, skip: frozenset[str], overlay_ids: frozenset[str], s3: bool):
+    def __init__(self, kind: str, geometry: Geometry, mean, std, num_classes: int, skip: frozenset[str], overlay_ids: frozenset[str]):
         self.kind = kind
         self.geometry = geometry
         self.mean = np.asarray(mean, np.float32)
@@ -178,7 +178,6 @@ class ReadDecode:
         # Ids already done (Parquet sources on a re-run; a raw listing leaves them out itself).
         self.skip = skip
         self.overlay_ids = overlay_ids
-        self.s3 = s3
 
     def _encoded(self, batch: dict[str, np.ndarray], i: int) -> tuple[str, str, str, Any, Any]:
         """(image_id, image uri, mask uri, image bytes or a reader, mask bytes or a reader)."""
@@ -186,8 +185,7 @@ class ReadDecode:
         if self.kind == RAW:
             image_uri, mask_uri = str(batch["image_uri"][i]), str(batch["mask_uri"][i])
             return image_id, image_uri, mask_uri, lambda: storage.read_bytes(image_uri), (lambda: storage.read_bytes(mask_uri)) if mask_uri else None
-        shard = str(batch["path"][i])
-        shard = f"s3://{shard}" if self.s3 and not shard.startswith("s3://") else shard
+        shard = str(batch["path"][i])  # the shard's URI
         where = f"{shard}#{image_id}"
         image_bytes = batch["image"][i]
         mask_bytes = batch["mask"][i] if "mask" in batch else None

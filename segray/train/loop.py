@@ -65,6 +65,16 @@ def epoch_metrics(prefix: str, loss_sum: float, weight_sum: float, cm: np.ndarra
     return out
 
 
+def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """One line per epoch for the job's log: where the run is and how it is doing."""
+    m = metrics
+    return (
+        f"epoch {m['epoch'] + 1}/{epochs}: train loss {m['train_loss']:.4f} mIoU {m['train_miou']:.3f} | "
+        f"val loss {m['val_loss']:.4f} mIoU {m['val_miou']:.3f} Dice {m['val_mean_dice']:.3f} | "
+        f"{m['seconds']:.1f} s, {m['train_images_per_s']:.1f} images/s"
+    )
+
+
 def save_state(directory: str, model, optimizer, state: dict[str, Any]) -> None:
     np.savez(os.path.join(directory, WEIGHTS_FILE), *[np.asarray(w) for w in model.get_weights()])
     np.savez(os.path.join(directory, OPTIMIZER_FILE), *[np.asarray(v.numpy()) for v in optimizer.variables])
@@ -292,6 +302,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if cfg.schedule == "plateau" and stale % 2 == 0:
                 worker.optimizer.learning_rate = worker.learning_rate() * 0.5
 
+        if rank == 0:
+            print(epoch_line(metrics, cfg.epochs), flush=True)
         state = {"epoch": epoch, "history": history, "best": best, "stale": stale, "lr": metrics["lr"]}
         if rank == 0:
             artifacts.write_epoch(history)

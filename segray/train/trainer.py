@@ -88,6 +88,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     # image once. Each worker gets its own hash part of the val split instead.
     for rank in range(cfg.workers):
         datasets[val_dataset_name(rank)] = read_split(cfg.data, "val", size=size, info=info, part=(rank, cfg.workers))
+    for ds in datasets.values():
+        # Ray Data's bars, redrawn by every worker for every epoch's pass, would
+        # bury the epoch lines that rank 0 prints (see train_loop_per_worker).
+        ds.context.enable_progress_bars = False
     fs, path = storage.filesystem(cfg.storage)
     trainer = TensorflowTrainer(
         train_loop_per_worker,
