@@ -14,36 +14,26 @@ process (which may have run a local Ray already) cannot switch to this
 cluster's token; a subprocess also keeps this cluster apart from the Ray of
 other test modules.
 
-Teardown ends only the processes this module started: those in the process
-group of its `ray start`, and those whose command line names its private
-temp dir (Ray puts workers in process groups of their own). `ray stop` would
-also end every other Ray on the machine.
+Teardown ends only the processes this module started (see
+`cluster_helpers`); `ray stop` would also end every other Ray on the machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.cluster.cluster_helpers import RAY_CLI, REPO, RUNTIME_ENV, HeadNode, free_port, running_head, start_head
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "cluster" / "local-autoscaler.yaml"
-RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
-RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
 
 START_TIMEOUT_S = 180
 UP_TIMEOUT_S = 150
@@ -116,140 +106,33 @@ print("SEGRAY-PROBE " + json.dumps({"driver": probe(), "task": ray.get(remote_pr
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class FakeCluster:
-    gcs_address: str
-    dashboard_url: str
-    env: dict[str, str]
-    temp_dir: Path
-    log: Path
-
-    def diagnostics(self) -> str:
-        """`ray status` and the autoscaler's log tail, for failure messages."""
-        status = subprocess.run(
-            [*RAY_CLI, "status", "--address", self.gcs_address],
-            env=self.env, capture_output=True, text=True, timeout=60,
-        )
-        monitor_logs = sorted(self.temp_dir.glob("session_*/logs/monitor.log"))
-        tail = monitor_logs[-1].read_text()[-3000:] if monitor_logs else "(no monitor.log)"
-        return f"ray status:\n{status.stdout}{status.stderr}\nmonitor.log tail:\n{tail}"
-
-
-def _our_pids(pgid: int, marker: str) -> list[int]:
-    """Live processes in `pgid` or whose command line contains `marker`."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        # Fields after the ")" that ends the command name: state, ppid, pgrp.
-        state, _, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-        if state == "Z":
-            continue
-        if int(pgrp) == pgid or marker in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
-def _stop(pgid: int, marker: str, grace_s: float = 10.0) -> None:
-    """SIGTERM this cluster's processes, then SIGKILL what is left after grace_s."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _our_pids(pgid, marker):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _our_pids(pgid, marker):
-            time.sleep(0.5)
-
-
-def _start_head(temp_dir: Path) -> tuple[int, FakeCluster | None, str]:
-    """`ray start --head` with the config on free ports; (pgid, cluster or None, log)."""
-    token = temp_dir / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-
-    port = _free_port()
+def _start_head(temp_dir: Path) -> tuple[int, HeadNode | None, str]:
+    """`ray start --head` with the config on free ports; (pgid, head or None, failure)."""
+    port = free_port()
     config = yaml.safe_load(CONFIG.read_text())
     config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
     config_path = temp_dir / "local-autoscaler.yaml"
     config_path.write_text(yaml.safe_dump(config))
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
-        RAY_FAKE_CLUSTER="1",
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token),
-        RAY_USAGE_STATS_ENABLED="0",
-        # The autoscaler's loop period (default 5 s): quicker scaling.
-        AUTOSCALER_UPDATE_INTERVAL_S="1",
+    return start_head(
+        temp_dir,
+        port=port,
+        args=[
+            f"--autoscaling-config={config_path}",
+            "--num-cpus=0",
+            "--object-store-memory=200000000",
+        ],
+        env={
+            "RAY_FAKE_CLUSTER": "1",
+            # The autoscaler's loop period (default 5 s): quicker scaling.
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        },
+        timeout_s=START_TIMEOUT_S,
     )
-    dashboard_port = _free_port()
-    log = temp_dir / "ray-start.log"
-    cmd = [
-        *RAY_CLI, "start", "--head",
-        f"--autoscaling-config={config_path}",
-        f"--port={port}",
-        "--num-cpus=0",
-        "--object-store-memory=200000000",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard_port}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    with log.open("w") as out:
-        start = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        rc = start.wait(timeout=START_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        rc = f"nothing (still running after {START_TIMEOUT_S} s)"
-    if rc != 0:
-        return start.pid, None, f"ray start exited {rc}:\n{log.read_text()[-4000:]}"
-    cluster = FakeCluster(
-        gcs_address=f"127.0.0.1:{port}",
-        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
-        env=env,
-        temp_dir=temp_dir,
-        log=log,
-    )
-    return start.pid, cluster, ""
 
 
 @pytest.fixture(scope="module")
 def fake_cluster():
-    # A second try with fresh ports: on a loaded two-core machine `ray start`
-    # can miss its own internal deadlines, or lose a free port to another
-    # process. Both failures are reported if the second try fails too.
-    failures = []
-    for _ in range(2):
-        # Short, private temp dir: Ray's unix sockets live under it (path
-        # limit 107 bytes), and its name marks this cluster's processes.
-        temp_dir = Path(tempfile.mkdtemp(prefix="sgr-", dir="/tmp"))
-        pgid, cluster, failure = _start_head(temp_dir)
-        try:
-            if cluster is not None:
-                yield cluster
-                return
-            failures.append(failure)
-        finally:
-            _stop(pgid, marker=str(temp_dir))
-            leftover = _our_pids(pgid, str(temp_dir))
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            assert not leftover, f"processes of the fake cluster still alive: {leftover}"
-    pytest.fail("\n\n".join(failures))
+    yield from running_head(_start_head)
 
 
 def _phases(stdout: str) -> dict[str, dict]:
@@ -261,7 +144,7 @@ def _phases(stdout: str) -> dict[str, dict]:
     return phases
 
 
-def test_demand_adds_workers_and_idle_workers_go_away(fake_cluster: FakeCluster) -> None:
+def test_demand_adds_workers_and_idle_workers_go_away(fake_cluster: HeadNode) -> None:
     config = yaml.safe_load(CONFIG.read_text())
     worker_cpus = config["available_node_types"]["cpu.small"]["resources"]["CPU"]
     idle_timeout_s = config["idle_timeout_minutes"] * 60
@@ -295,7 +178,7 @@ def test_demand_adds_workers_and_idle_workers_go_away(fake_cluster: FakeCluster)
     assert driver.returncode == 0, context
 
 
-def test_job_submit_needs_the_token_and_applies_runtime_env(fake_cluster: FakeCluster) -> None:
+def test_job_submit_needs_the_token_and_applies_runtime_env(fake_cluster: HeadNode) -> None:
     submit = subprocess.run(
         [
             *RAY_CLI, "job", "submit",
