@@ -8,7 +8,7 @@ import time
 from segray import storage
 
 
-def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs: int = 4, overwrite: bool = True) -> dict[str, str]:
+def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs: int = 8, overwrite: bool = True) -> dict[str, str]:
     """Synthesises shapes, ingests, trains a U-Net on 2 workers, predicts the val split; prints where each step wrote.
 
     Returns:
@@ -35,7 +35,7 @@ def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs
 
     print(f"[3/{steps}] training a U-Net for {epochs} epochs on 2 Ray Train workers -> {runs}/unet")
     cfg = TrainConfig(
-        data=data, storage=runs, name="unet", model="unet", epochs=epochs, batch_size=8, workers=2, lr=0.01,
+        data=data, storage=runs, name="unet", model="unet", epochs=epochs, batch_size=4, workers=2, lr=0.01,
         schedule="constant", model_options={"depth": 3, "width": 8},
     )
     trained = train(cfg)

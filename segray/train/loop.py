@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -303,7 +304,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 worker.optimizer.learning_rate = worker.learning_rate() * 0.5
 
         if rank == 0:
-            print(epoch_line(metrics, cfg.epochs), flush=True)
+            # To the process's own stdout: Ray Train V2 patches print() to log
+            # the line and also tee it to the wrapped stdout, which showed it twice.
+            print(epoch_line(metrics, cfg.epochs), file=sys.__stdout__, flush=True)
         state = {"epoch": epoch, "history": history, "best": best, "stale": stale, "lr": metrics["lr"]}
         if rank == 0:
             artifacts.write_epoch(history)
