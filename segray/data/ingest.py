@@ -10,7 +10,6 @@ last: a DST without it is not a dataset, whatever else it holds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -24,6 +23,7 @@ import pyarrow as pa
 from segray import storage
 from segray.config import ConfigError
 from segray.data.imageio import BadInput, decode_image, encode_png
+from segray.data.pipeline import stable_hash
 from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color
 from segray.data.layouts import LAYOUTS, Plan, build_mask, plan_ids, plan_palette, plan_per_class
 
@@ -53,8 +53,7 @@ def split_of(image_id: str, val_fraction: float) -> str:
     The id's hash, read as a number in [0, 1), is compared with the fraction,
     so growing the dataset or re-running never moves an earlier id.
     """
-    digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
+    return "val" if stable_hash(image_id) / 2.0**64 < val_fraction else "train"
 
 
 @dataclass(frozen=True)

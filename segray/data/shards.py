@@ -32,7 +32,6 @@ from segray.data.pipeline import in_part
 ROWS_PER_BLOCK = 64
 
 
-
 def _read_shards(uris: list[str], columns: list[str], part: tuple[int, int] | None, include_path: bool) -> Iterator[pa.Table]:
     import pyarrow.parquet as pq
 
@@ -86,9 +85,13 @@ class ShardDatasource(Datasource):
     def get_name(self) -> str:
         return "SegrayShards"
 
-    def estimate_inmemory_data_size(self) -> int:
-        size = sum(s.size for s in self._shards)
+    def _bytes(self, shards: Sequence[storage.FileEntry]) -> int:
+        """Bytes the rows of ``shards`` hold after the part filter (roughly)."""
+        size = sum(s.size for s in shards)
         return size // self._part[1] if self._part else size
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self._bytes(self._shards)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
         groups = [g for g in np.array_split(np.arange(len(self._shards)), max(1, min(parallelism, len(self._shards)))) if len(g)]
@@ -96,10 +99,9 @@ class ShardDatasource(Datasource):
         for group in groups:
             shards = [self._shards[i] for i in group]
             uris = [s.uri for s in shards]
-            size = sum(s.size for s in shards)
             metadata = BlockMetadata(
                 num_rows=None,
-                size_bytes=size // self._part[1] if self._part else size,
+                size_bytes=self._bytes(shards),
                 exec_stats=None,
                 input_files=tuple(uris),
             )
