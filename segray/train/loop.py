@@ -156,14 +156,21 @@ class WorkerLoop:
 
         self.cfg, self.info = cfg, info
         if not cfg.gpu:
-            tf.config.threading.set_intra_op_parallelism_threads(cfg.cpus_per_worker)
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, cfg.cpus_per_worker))
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(cfg.cpus_per_worker)
+                tf.config.threading.set_inter_op_parallelism_threads(max(1, cfg.cpus_per_worker))
+            except RuntimeError:
+                # TensorFlow already started in this process (a notebook, a test):
+                # its thread pools are fixed and the loop runs with them.
+                pass
         keras.utils.set_random_seed(cfg.seed)
         if cfg.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
         self.num_classes = info.num_classes
         self.steps_per_epoch = max(1, (info.splits["train"] // world_size) // cfg.batch_size)
-        self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        # One worker has nobody to all-reduce with: the default strategy runs the
+        # same step without MWMS's collective ops on every gradient.
+        self.strategy = tf.distribute.MultiWorkerMirroredStrategy() if world_size > 1 else tf.distribute.get_strategy()
         with self.strategy.scope():
             self.model = models.build(cfg.model, self.num_classes, input_shape=(None, None, 3), **cfg.model_options)
             if cfg.schedule == "cosine":

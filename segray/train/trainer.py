@@ -31,6 +31,8 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, DatasetInfo, str]:
 
     if cfg.model not in models.available():
         raise ConfigError(f"--model {cfg.model!r} is unknown; choose from {', '.join(models.available())}")
+    if cfg.xla and cfg.model in models.NO_XLA:
+        raise ConfigError(f"--xla with --model {cfg.model}: {models.NO_XLA[cfg.model]}; drop --xla")
     for flag, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--workers", cfg.workers), ("--cpus-per-worker", cfg.cpus_per_worker)):
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
@@ -66,6 +68,17 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, DatasetInfo, str]:
     if cfg.resume and not exists:
         raise FileNotFoundError(f"--resume: there is no run at {run_uri} to continue")
     return replace(cfg, size=list(size)), info, run_uri
+
+
+def data_config(workers: int):
+    """Which datasets Ray Train splits across workers: train, and only when there is more than one.
+
+    One worker reads the whole train split itself: a split of one would route
+    every batch through a SplitCoordinator actor for nothing.
+    """
+    import ray.train
+
+    return ray.train.DataConfig(datasets_to_split=["train"] if workers > 1 else [])
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -111,7 +124,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             ),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=data_config(cfg.workers),
     )
     result = trainer.fit()
     if result.error:
