@@ -15,10 +15,10 @@ import tensorflow as tf
 
 __all__ = ["ConfusionMatrixMetric", "tf_confusion_matrix"]
 
-# One call counts into int32 bins: TF's GPU DenseBincount kernel exists only
-# for int32 and float32 outputs, and float32 would lose counts past 2**24. A
-# single call cannot reach 2**31 pixels in a bin without 2**31 input pixels,
-# which is checked; counts become int64 before anything sums them.
+# One call counts into int32 bins (int32 segment sums have kernels on CPU, GPU
+# and XLA; float32 would lose counts past 2**24). A single call cannot reach
+# 2**31 pixels in a bin without 2**31 input pixels, which is checked; counts
+# become int64 before anything sums them.
 _MAX_PIXELS_PER_CALL = 2**31 - 1
 
 
@@ -72,7 +72,9 @@ def tf_confusion_matrix(
 
         def first_bad_pair() -> tf.Tensor:
             first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int32)
-            return tf.stack([true[first], pred[first]])
+            # gather, not true[first]: a strided slice wants its begin as a
+            # compile-time constant, so XLA would recompile for every batch.
+            return tf.stack([tf.gather(true, first), tf.gather(pred, first)])
 
         # The offending pair is computed only when the check fails.
         pair = tf.cond(ok, lambda: tf.zeros([2], tf.int32), first_bad_pair)
@@ -97,7 +99,9 @@ def tf_confusion_matrix(
             # Ignored and invalid pixels go to one spare bin past the matrix,
             # which keeps shapes static (XLA-friendly) unlike a boolean_mask.
             index = tf.where(counted & in_range, true * num_classes + pred, cells)
-            counts = tf.math.bincount(index, minlength=cells + 1, maxlength=cells + 1, dtype=tf.int32)
+            # A segment sum with a Python-int segment count: bincount's output
+            # size is a tensor, which XLA refuses inside a larger step.
+            counts = tf.math.unsorted_segment_sum(tf.ones_like(index), index, num_segments=cells + 1)
         return tf.reshape(tf.cast(counts[:cells], tf.int64), [num_classes, num_classes])
 
 

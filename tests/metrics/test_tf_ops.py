@@ -51,6 +51,12 @@ def test_compiles_with_xla():
     y_pred = np.array([[0, 1, 1], [2, 0, 0]], np.int32)
     jit = tf.function(lambda t, p: tf_confusion_matrix(t, p, 3), jit_compile=True)
     np.testing.assert_array_equal(jit(y_true, y_pred), confusion_matrix(y_true, y_pred, 3))
+    # Both label tensors stay run-time parameters of the compiled program. Were
+    # one needed as a compile-time constant (a slice at a computed index), XLA
+    # would fold its values in and compile again for every new batch.
+    hlo = jit.experimental_get_compiler_ir(tf.constant(y_true), tf.constant(y_pred))(stage="hlo")
+    entry = next(line for line in hlo.splitlines() if line.startswith("ENTRY"))
+    assert entry.count("[2,3]") == 2, entry
 
 
 @settings(max_examples=30, deadline=None)
