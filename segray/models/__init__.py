@@ -10,7 +10,7 @@ float32 logits (no softmax), saves as ``.keras`` and loads with
     >>> model = models.build("unet", num_classes=3, depth=3, width=16)
 """
 
-from segray.models.registry import available, build
+from segray.models.registry import NO_XLA, available, build
 from segray.models.summary import count_params, describe, flops_per_image
 
-__all__ = ["available", "build", "count_params", "describe", "flops_per_image"]
+__all__ = ["NO_XLA", "available", "build", "count_params", "describe", "flops_per_image"]

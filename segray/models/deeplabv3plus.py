@@ -79,8 +79,9 @@ def aspp(x: Any, filters: int, dropout: float) -> Any:
         branches.append(blocks.conv_bn_relu(x, filters, f"aspp_rate{rate}", dilation_rate=rate))
     pooled = keras.layers.GlobalAveragePooling2D(keepdims=True, name="aspp_pool")(x)
     pooled = blocks.conv_bn_relu(pooled, filters, "aspp_pool_proj", kernel_size=1)
-    # A 1x1 map resized to any size is a broadcast, so nearest is exact.
-    branches.append(ResizeLike("nearest", name="aspp_pool_resize")([pooled, x]))
+    # A 1x1 map resized to any size is a broadcast, exact with either method;
+    # bilinear because XLA has no kernel for the gradient of nearest.
+    branches.append(ResizeLike("bilinear", name="aspp_pool_resize")([pooled, x]))
     y = keras.layers.Concatenate(name="aspp_concat")(branches)
     y = blocks.conv_bn_relu(y, filters, "aspp_proj", kernel_size=1)
     if dropout > 0:

@@ -22,6 +22,12 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
     "unet": build_unet,
 }
 
+# Models whose train step XLA cannot compile, and why: `segray train --xla`
+# refuses them before any work starts.
+NO_XLA: dict[str, str] = {
+    "segnet": "its MaxPoolWithArgmax (the pooling indices it unpools with) has no XLA kernel",
+}
+
 # Options for a tiny variant of each model (a few thousand to ~100k parameters,
 # a few ms per 32x32 image on a CPU): for tests and smoke runs of the pipeline.
 TINY_OPTIONS: dict[str, dict[str, Any]] = {
