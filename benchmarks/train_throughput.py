@@ -3,10 +3,11 @@
 Same model, same step (masked cross-entropy, Adam), same data already in
 memory: the plain loop iterates numpy arrays; Ray Train reads a materialised
 Ray Dataset through ``get_dataset_shard`` and runs segray's ``WorkerLoop``
-(MultiWorkerMirroredStrategy, custom step). The first epoch of each is a
-warm-up (tracing) and is not timed.
+(custom step; MultiWorkerMirroredStrategy with 2 workers, the default strategy
+with 1). The first epoch of each is a warm-up (tracing, XLA compilation) and is
+not timed. ``--xla`` compiles both steps with XLA.
 
-    python benchmarks/train_throughput.py [--size 128] [--n 96] [--batch 8] [--epochs 3]
+    python benchmarks/train_throughput.py [--size 128] [--n 96] [--batch 8] [--epochs 3] [--xla]
 
 Target: 1 worker at 0.9 of the plain loop or better.
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from segray.data.info import ClassInfo, DatasetInfo  # noqa: E402
 from segray.data.synthetic import make_pair  # noqa: E402
 from segray.train import TrainConfig  # noqa: E402
+from segray.train.trainer import data_config  # noqa: E402
 
 
 def make_data(n: int, size: int, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +48,7 @@ def plain_loop(images, masks, cfg: TrainConfig, epochs: int, threads: int) -> fl
     model = models.build(cfg.model, 4, input_shape=(None, None, 3), **cfg.model_options)
     optimizer = keras.optimizers.Adam(cfg.lr)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, jit_compile=cfg.xla)
     def step(x, y):
         with tf.GradientTape() as tape:
             loss_sum, weight_sum = masked_cross_entropy(y, model(x, training=True))
@@ -114,6 +116,7 @@ def ray_train(images, masks, cfg: TrainConfig, epochs: int, workers: int, cpus_p
             scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
             run_config=ray.train.RunConfig(name="bench", storage_path=tmp),
             datasets={"train": ds},
+            dataset_config=data_config(workers),
         ).fit()
     return float(np.mean(result.metrics["rates"][1:]))
 
@@ -126,6 +129,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--xla", action="store_true", help="compile the train step with XLA (both loops)")
     args = parser.parse_args()
 
     import ray
@@ -136,9 +140,9 @@ def main() -> None:
     images, masks = make_data(args.n, args.size)
     cfg = TrainConfig(
         data="memory", storage="none", name="bench", epochs=args.epochs, batch_size=args.batch, lr=1e-3,
-        schedule="constant", model_options={"width": args.width, "depth": args.depth},
+        schedule="constant", xla=args.xla, model_options={"width": args.width, "depth": args.depth},
     )
-    print(f"U-Net width {args.width} depth {args.depth}, {args.n} images {args.size}x{args.size}, batch {args.batch}, {cpus} CPUs")
+    print(f"U-Net width {args.width} depth {args.depth}, {args.n} images {args.size}x{args.size}, batch {args.batch}, {cpus} CPUs, XLA {'on' if args.xla else 'off'}")
     plain = plain_loop(images, masks, cfg, args.epochs, threads=cpus)
     print(f"plain Keras loop (1 process, {cpus} threads):   {plain:7.2f} images/s")
     one = ray_train(images, masks, cfg, args.epochs, workers=1, cpus_per_worker=cpus)
