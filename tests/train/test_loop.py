@@ -1,6 +1,10 @@
-"""The per-worker step outside Ray: the XLA-compiled step computes what the plain one does."""
+"""The per-worker loop outside Ray: the XLA-compiled step computes what the plain one does; worker priority."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -60,3 +64,34 @@ def test_xla_step_matches_the_plain_step_and_learns(name: str) -> None:
     hlo = xla._train_step.experimental_get_compiler_ir(x, y)(stage="hlo")
     entry = next(line for line in hlo.splitlines() if line.startswith("ENTRY"))
     assert "f32[4,32,32,3]" in entry and "s32[4,32,32]" in entry, entry
+
+
+def test_normal_priority_moves_every_thread_of_a_niced_worker() -> None:
+    # A fresh process at Ray's worker niceness, with a second thread already running.
+    code = textwrap.dedent(
+        """
+        import os, threading
+        os.nice(15)
+        stop = threading.Event()
+        other = threading.Thread(target=stop.wait)
+        other.start()
+        from segray.train.loop import normal_priority
+        moved = normal_priority()
+        nices = sorted(os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task"))
+        stop.set()
+        other.join()
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+            allowed = True
+        except PermissionError:
+            allowed = False
+        print(allowed, moved, *nices)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    allowed, moved, nices = out[0] == "True", int(out[1]), [int(n) for n in out[2:]]
+    assert len(nices) >= 2  # the main thread, ours, and any numpy started
+    if allowed:
+        assert moved == len(nices) and set(nices) == {0}
+    else:  # no CAP_SYS_NICE: Ray's niceness stays, and nothing raises
+        assert moved == 0 and set(nices) == {15}
