@@ -33,6 +33,12 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, DatasetInfo, str]:
         raise ConfigError(f"--model {cfg.model!r} is unknown; choose from {', '.join(models.available())}")
     if cfg.xla and cfg.model in models.NO_XLA:
         raise ConfigError(f"--xla with --model {cfg.model}: {models.NO_XLA[cfg.model]}; drop --xla")
+    if cfg.xla and cfg.workers > 1 and not cfg.gpu:
+        # The gradient all-reduce sits inside the compiled step (tensorflow b/194942685).
+        raise ConfigError(
+            f"--xla with --workers {cfg.workers} on CPU: TensorFlow does not compile collectives for CPU devices; "
+            "use --workers 1, add --gpu, or drop --xla"
+        )
     for flag, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--workers", cfg.workers), ("--cpus-per-worker", cfg.cpus_per_worker)):
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")

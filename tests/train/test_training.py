@@ -221,6 +221,7 @@ def test_config_round_trip_and_strictness():
         (["--class-weights", "1,2"], "gives 2 weights, the dataset has 4 classes"),
         (["--size", "30"], "--size 30x30 with --model unet"),
         (["--model", "segnet", "--xla"], "--xla with --model segnet: its MaxPoolWithArgmax"),
+        (["--xla", "--workers", "2"], "--xla with --workers 2 on CPU: TensorFlow does not compile collectives"),
     ],
 )
 def test_bad_flags_fail_before_any_work(shapes, tmp_path, capsys, flags, message):
