@@ -1,7 +1,7 @@
-"""`ray job submit ... -- python jobs/predict.py FLAGS`: the same flags as `segray predict`.
+"""`ray job submit ... -- python jobs/predict.py ARGS`: the same arguments as `segray predict`.
 
 Runs on the cluster the job was submitted to (Ray sets RAY_ADDRESS) and
-exits non-zero with a one-line reason when a flag or input is wrong.
+exits non-zero with a one-line reason when an argument or input is wrong.
 """
 
 import os
@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from segray.cli import main  # noqa: E402
+from segray.cli import job  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["predict", *sys.argv[1:]]))
+    job("predict")

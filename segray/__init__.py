@@ -1,8 +1,48 @@
 """segray: distributed semantic segmentation on Ray.
 
-Submodules: ``segray.data`` (ingest and input pipeline), ``segray.models``,
-``segray.metrics``, ``segray.train``, ``segray.inference``, ``segray.storage``.
-They are imported on use, so ``import segray`` stays cheap (no TensorFlow).
+The Python API, for notebooks and scripts::
+
+    import segray
+
+    segray.ingest(segray.IngestConfig(source="raw/shapes", destination="data/shapes"))
+    trained = segray.train(segray.TrainConfig(data="data/shapes", storage="runs", name="unet", epochs=5))
+    result = segray.predict(segray.PredictConfig(model=trained.run_uri, input="data/shapes", split="val", output="preds"))
+    result.per_class          # a pandas DataFrame
+    model = segray.load_model(trained.run_uri)
+
+The config and result classes are imported on first use and the functions
+import their machinery when called, so ``import segray`` stays cheap (no
+TensorFlow, no Ray). The submodules (``segray.data``, ``segray.models``,
+``segray.metrics``, ``segray.training``, ``segray.inference``,
+``segray.storage``) hold the machinery.
 """
 
+import importlib as _importlib
+
 __version__ = "0.1.0"
+
+from segray.api import evaluate, ingest, load_model, predict, train
+
+_PUBLIC = {
+    "IngestConfig": "segray.config",
+    "TrainConfig": "segray.config",
+    "PredictConfig": "segray.config",
+    "EvaluateConfig": "segray.config",
+    "ConfigError": "segray.config",
+    "IngestResult": "segray.data.ingest",
+    "TrainResult": "segray.training.trainer",
+    "PredictResult": "segray.inference.output",
+}
+
+__all__ = sorted([*_PUBLIC, "evaluate", "ingest", "load_model", "predict", "train"])
+
+
+def __getattr__(name: str) -> object:
+    # PEP 562: the API's modules load on first use of one of its names.
+    if name in _PUBLIC:
+        return getattr(_importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'segray' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,27 +1,30 @@
 """The ``segray`` command: one entry point, one subcommand per job.
 
-Each subcommand parses its flags, calls one segray function and prints where
-the results went. Errors that the user can fix end with a one-line message
-and exit code 2, without a traceback.
+Each subcommand turns its flags (over the values of ``--config FILE.yaml``)
+into one config, calls one function of the Python API (``segray.api``) and
+prints where the results went. Config fields are the long flags with dashes
+as underscores, so a YAML file uses the same names. Errors the user can fix
+end with a one-line message naming the flag, and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from segray.config import ConfigError, parse_size
+from segray.config import ConfigError, EvaluateConfig, IngestConfig, PredictConfig, TrainConfig, load_file, parse_size
+from segray.runtime import quiet_logging
+
+Handler = Callable[[dict[str, Any]], None]
 
 
-class UsageError(Exception):
-    """A problem with the command line or its inputs that the user can fix."""
-
-
-def _size(text: str) -> tuple[int, int]:
+def _size(text: str) -> list[int]:
     try:
-        return parse_size(text)
+        return list(parse_size(text))
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -30,272 +33,239 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _print_dataset(info, dst: str) -> None:
-    print(f"dataset: {dst}")
-    print(f"  layout {info.layout}, {info.num_classes} classes, size {'x'.join(map(str, info.size)) if info.size else 'varies'}")
-    print(f"  splits: " + ", ".join(f"{k} {v}" for k, v in info.splits.items()) + f"; rejected inputs: {info.errors}")
-    print(f"  mean {[round(x, 2) for x in info.mean]}  std {[round(x, 2) for x in info.std]}")
-    print("  pixel frequency (train):")
-    width = max(len(n) for n in info.pixel_frequency)
-    for name, freq in info.pixel_frequency.items():
-        bar = "#" * int(round(freq * 40))
-        print(f"    {name:<{width}}  {freq:7.2%}  {bar}")
-    if info.priority:
-        print(f"  overlap priority (first wins): {', '.join(info.priority)}")
-
-
-# --- subcommands -------------------------------------------------------------
-
-
-def cmd_synth(args: argparse.Namespace) -> None:
-    from segray.data import synthesize
-
-    synthesize(args.dst, n=args.n, size=args.size, num_classes=args.classes, seed=args.seed)
-    print(f"wrote {args.n} image/mask pairs ({args.size[0]}x{args.size[1]}, {args.classes} classes) to {args.dst}")
-
-
-def cmd_ingest(args: argparse.Namespace) -> None:
-    from segray import storage
-    from segray.data import ingest
-    from segray.runtime import init_ray
-
-    init_ray()
-    result = ingest(
-        args.src,
-        args.dst,
-        layout=args.layout,
-        val_fraction=args.val_fraction,
-        shard_mb=args.shard_mb,
-        classes_file=args.classes,
-        num_classes=args.num_classes,
-        class_order=args.class_order,
-        priority=args.priority,
-        images_dir=args.images_dir,
-        overwrite=args.overwrite,
-        command="segray " + shlex.join(sys.argv[1:]),
-    )
-    _print_dataset(result.info, args.dst)
-    if result.errors:
-        print(f"{len(result.errors)} input(s) rejected, reasons in {storage.join(args.dst, '_errors.parquet')}; first ones:")
-        for _, reason in result.errors[:5]:
-            print(f"  {reason}")
-
-
 def _class_weights(text: str) -> str | list[float]:
     if text in ("auto", "none"):
         return text
     try:
         return [float(w) for w in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--class-weights {text!r}: expected auto, none or w0,w1,...") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, none or w0,w1,...") from None
 
 
 def _model_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--model-option {text!r}: expected KEY=VALUE, e.g. depth=3")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. depth=3")
     import yaml
 
     return key, yaml.safe_load(value)
 
 
-def train_config(args: argparse.Namespace):
-    from segray.train import TrainConfig
-
-    return TrainConfig(
-        data=args.data,
-        storage=args.storage,
-        name=args.name,
-        model=args.model,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        workers=args.workers,
-        gpu=args.gpu,
-        cpus_per_worker=args.cpus_per_worker,
-        mixed_precision=args.mixed_precision,
-        xla=args.xla,
-        loss=args.loss,
-        class_weights=args.class_weights,
-        size=list(args.size) if args.size else None,
-        crop=list(args.crop) if args.crop else None,
-        augment=not args.no_augment,
-        schedule=args.schedule,
-        patience=args.patience,
-        keep_checkpoints=args.keep,
-        max_failures=args.max_failures,
-        seed=args.seed,
-        resume=args.resume,
-        model_options=dict(args.model_option or []),
-    )
+# --- subcommands: flags -> config -> one API call -> what was written -----------------
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from segray.runtime import init_ray
-    from segray.train import resolve, train
+def cmd_synth(values: dict[str, Any]) -> None:
+    from segray.data import synthesize
 
-    cfg = train_config(args)
-    resolve(cfg)  # every flag is checked before Ray starts
-    init_ray()
-    result = train(cfg)
-    h = result.history
-    print(f"trained {cfg.model} for {len(h)} epoch(s); best val mIoU {result.best['val_miou']:.4f} at epoch {int(result.best['epoch']) + 1}")
+    dst, n, size, classes = values["dst"], values.get("n", 100), values.get("size", [128, 128]), values.get("classes", 4)
+    synthesize(dst, n=n, size=tuple(size), num_classes=classes, seed=values.get("seed", 0))
+    print(f"wrote {n} image/mask pairs ({size[0]}x{size[1]}, {classes} classes) to {dst}")
+
+
+def cmd_ingest(values: dict[str, Any]) -> None:
+    import segray
+
+    cfg = IngestConfig.from_dict(values)
+    result = segray.ingest(cfg, command="segray " + shlex.join(sys.argv[1:]))
+    print(result.info.describe(cfg.destination))
+    if result.errors:
+        from segray.data.quarantine import errors_uri
+
+        print(f"{len(result.errors)} input(s) rejected, reasons in {errors_uri(cfg.destination)}; first ones:")
+        for _, reason in result.errors[:5]:
+            print(f"  {reason}")
+
+
+def cmd_train(values: dict[str, Any]) -> None:
+    import segray
+
+    cfg = TrainConfig.from_dict(values)
+    result = segray.train(cfg)
+    h, best = result.history, result.best
+    print(f"trained {cfg.model} for {len(h)} epoch(s); best val mIoU {best['val_miou']:.4f} at epoch {result.best_epoch + 1}")
     print(h[["epoch", "train_loss", "val_loss", "val_pixel_accuracy", "val_miou", "val_mean_dice", "seconds"]].to_string(index=False))
     print(f"run: {result.run_uri} (model/model.keras, history.parquet, curves.png, config.json, tensorboard/)")
 
 
-def _print_prediction(result) -> None:
-    from segray.inference import format_per_class
+def cmd_predict(values: dict[str, Any]) -> None:
+    import segray
 
-    s = result.summary
-    print(format_per_class(result.per_class))
-    if s.get("miou") is not None:
-        print(f"mIoU {s['miou']:.4f}  mean Dice {s['mean_dice']:.4f}  pixel accuracy {s['pixel_accuracy']:.4f}  ({s['images']} images)")
-    print(f"results: {result.output} (masks/, per_image.parquet, per_class.parquet, confusion.parquet, summary.json)")
+    print(segray.predict(PredictConfig.from_dict(values)).describe())
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
-    from segray.inference import PredictConfig, predict
-    from segray.runtime import init_ray
+def cmd_evaluate(values: dict[str, Any]) -> None:
+    import segray
 
-    cfg = PredictConfig(
-        model=args.model,
-        input=args.input,
-        output=args.output,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker,
-        tile=list(args.tile) if args.tile else None,
-        overlap=args.overlap,
-        overlays=args.overlays,
-        split=args.split,
-    )
-    init_ray()
-    _print_prediction(predict(cfg))
+    print(segray.evaluate(EvaluateConfig.from_dict(values)).describe())
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from segray.inference import evaluate
-    from segray.runtime import init_ray
-
-    init_ray()
-    _print_prediction(evaluate(args.pred, args.truth, args.output, classes=args.classes))
-
-
-def cmd_models(args: argparse.Namespace) -> None:
+def cmd_models(values: dict[str, Any]) -> None:
     from segray import models
 
-    print(models.describe(args.name, size=args.size, num_classes=args.num_classes))
+    print(models.describe(values.get("name"), size=tuple(values.get("size", (256, 256))), num_classes=values.get("num_classes", 2)))
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(values: dict[str, Any]) -> None:
     from segray.demo import run_demo
 
-    run_demo(args.dir, n=args.n, size=args.size, overwrite=True)
+    run_demo(values.get("dir", "segray-demo"), n=values.get("n", 96), size=tuple(values.get("size", (64, 64))), epochs=values.get("epochs", 8))
 
 
-# --- parser ------------------------------------------------------------------
+# --- parser ------------------------------------------------------------------------
+
+
+def _defaults(cls) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def _subparser(sub, name: str, handler: Handler, help_text: str, config_cls=None) -> argparse.ArgumentParser:
+    # SUPPRESS: a flag the user did not give is absent, so --config values and
+    # the config's own defaults (shown in --help) fill it, not argparse's.
+    p = sub.add_parser(name, help=help_text, argument_default=argparse.SUPPRESS)
+    if config_cls is not None:
+        p.epilog = "Defaults: " + ", ".join(f"{k}={v}" for k, v in _defaults(config_cls).items())
+    p.add_argument("--config", help="YAML file of config fields (flags override its values)")
+    p.add_argument("--verbose", action="store_true", help="show every log line of Ray and TensorFlow")
+    p.set_defaults(handler=handler)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segray", description="Distributed semantic segmentation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", help="write a synthetic dataset of shapes in the ids layout")
+    p = _subparser(sub, "synth", cmd_synth, "write a synthetic dataset of shapes in the ids layout")
     p.add_argument("dst", help="local folder or s3://bucket/prefix")
-    p.add_argument("--n", type=int, default=100, help="number of image/mask pairs (default 100)")
-    p.add_argument("--size", type=_size, default=(128, 128), help="H or HxW (default 128)")
-    p.add_argument("--classes", type=int, default=4, help="classes including background (default 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_synth)
+    p.add_argument("--n", type=int, help="number of image/mask pairs (default 100)")
+    p.add_argument("--size", type=_size, help="H or HxW (default 128)")
+    p.add_argument("--classes", type=int, help="classes including background (default 4)")
+    p.add_argument("--seed", type=int, help="default 0")
 
-    p = sub.add_parser("ingest", help="check a raw dataset and write Parquet shards + dataset.json")
-    p.add_argument("src", help="raw dataset: local folder or s3://bucket/prefix")
-    p.add_argument("dst", help="where the ingested dataset goes")
-    p.add_argument("--layout", choices=["ids", "palette", "per-class"], default="ids")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MB of source bytes")
-    p.add_argument("--classes", default=None, help="classes.json (default SRC/classes.json)")
-    p.add_argument("--num-classes", type=int, default=None, help="ids layout without classes.json: declare C classes")
-    p.add_argument("--class-order", type=_names, default=None, help="per-class: class folders in id order (ids 1..K)")
-    p.add_argument("--priority", type=_names, default=None, help="per-class: overlap priority, first wins")
-    p.add_argument("--images-dir", default="images", help="per-class: folder of images (default images)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST whole if it holds files")
-    p.set_defaults(func=cmd_ingest)
+    p = _subparser(sub, "ingest", cmd_ingest, "check a raw dataset and write Parquet shards + dataset.json", IngestConfig)
+    p.add_argument("source", nargs="?", help="raw dataset: local folder or s3://bucket/prefix")
+    p.add_argument("destination", nargs="?", help="where the ingested dataset goes")
+    p.add_argument("--layout", choices=["ids", "palette", "per-class"])
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--shard-mb", type=float, help="target shard size in MB of source bytes")
+    p.add_argument("--classes", help="classes.json (default SOURCE/classes.json)")
+    p.add_argument("--num-classes", type=int, help="ids layout without classes.json: declare C classes")
+    p.add_argument("--class-order", type=_names, help="per-class: class folders in id order (ids 1..K)")
+    p.add_argument("--priority", type=_names, help="per-class: overlap priority, first wins")
+    p.add_argument("--images-dir", help="per-class: folder of images (default images)")
+    p.add_argument("--overwrite", action="store_true", help="replace DESTINATION whole if it holds files")
 
-    p = sub.add_parser("train", help="train a model on an ingested dataset with Ray Train")
-    p.add_argument("--data", required=True, help="ingested dataset (local or s3://)")
-    p.add_argument("--model", default="unet", help="model name (see `segray models`)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=8, help="per worker")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--cpus-per-worker", type=int, default=1)
+    p = _subparser(sub, "train", cmd_train, "train a model on an ingested dataset with Ray Train", TrainConfig)
+    p.add_argument("--data", help="ingested dataset (local or s3://); required")
+    p.add_argument("--storage", help="where runs live (local or s3://); required")
+    p.add_argument("--name", help="run name: results go to STORAGE/NAME; required")
+    p.add_argument("--model", help="model name (see `segray models`)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per worker")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--cpus-per-worker", type=int)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--mixed-precision", action="store_true", help="mixed_float16 with loss scaling (GPUs)")
     p.add_argument("--xla", action="store_true", help="compile the train step with XLA")
-    p.add_argument("--loss", choices=["ce", "ce+dice"], default="ce")
-    p.add_argument("--class-weights", type=_class_weights, default="none", help="auto, none or w0,w1,...")
-    p.add_argument("--size", type=_size, default=None, help="resize to H or HxW (default: the dataset's size, else 256)")
-    p.add_argument("--crop", type=_size, default=None, help="train on random crops of H or HxW")
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--schedule", choices=["cosine", "plateau", "constant"], default="cosine")
-    p.add_argument("--patience", type=int, default=0, help="early stopping on val mIoU after N epochs without gain (0: off)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept, best by val mIoU")
-    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model-option", type=_model_option, action="append", help="KEY=VALUE passed to the model builder")
-    p.add_argument("--storage", required=True, help="where runs live (local or s3://)")
-    p.add_argument("--name", required=True, help="run name: results go to STORAGE/NAME")
+    p.add_argument("--loss", choices=["ce", "ce+dice"])
+    p.add_argument("--dice-weight", type=float, help="weight of the Dice term with --loss ce+dice")
+    p.add_argument("--class-weights", type=_class_weights, help="auto, none or w0,w1,...")
+    p.add_argument("--size", type=_size, help="resize to H or HxW (default: the dataset's size, else 256)")
+    p.add_argument("--crop", type=_size, help="train on random crops of H or HxW")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, help="flips, rotations, scale, brightness (default on)")
+    p.add_argument("--schedule", choices=["cosine", "plateau", "constant"])
+    p.add_argument("--patience", type=int, help="early stopping on val mIoU after N epochs without gain (0: off)")
+    p.add_argument("--keep-checkpoints", "--keep", type=int, help="checkpoints kept, best by val mIoU")
+    p.add_argument("--max-failures", type=int, help="worker failures to recover from")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--model-options", "--model-option", type=_model_option, action="append", help="KEY=VALUE for the model builder (repeat)")
     p.add_argument("--resume", action="store_true", help="continue the run NAME from its last checkpoint")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="segment images with a trained model; evaluate where masks exist")
-    p.add_argument("--model", required=True, help="a training run (STORAGE/RUN) or a .keras file")
-    p.add_argument("--input", required=True, help="raw layout (images/ [+ masks/]) or an ingested split, local or s3://")
-    p.add_argument("--output", required=True, help="where masks and tables go")
-    p.add_argument("--split", default=None, help="with an ingested dataset as --input: the split (e.g. val)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=1, help="predictor actors")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--tile", type=_size, default=None, help="sliding window H or HxW for large images")
-    p.add_argument("--overlap", type=float, default=0.25, help="with --tile: fraction shared by neighbouring windows")
-    p.add_argument("--overlays", type=int, default=8, help="colour overlays for the first K images")
-    p.set_defaults(func=cmd_predict)
+    p = _subparser(sub, "predict", cmd_predict, "segment images with a trained model; evaluate where masks exist", PredictConfig)
+    p.add_argument("--model", help="a training run (STORAGE/RUN) or a .keras file; required")
+    p.add_argument("--input", help="raw layout (images/ [+ masks/]) or an ingested split, local or s3://; required")
+    p.add_argument("--output", help="where masks and tables go; required")
+    p.add_argument("--split", help="with an ingested dataset as --input: the split (e.g. val)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int, help="predictor actors")
+    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--tile", type=_size, help="sliding window H or HxW for large images")
+    p.add_argument("--overlap", type=float, help="with --tile: fraction shared by neighbouring windows")
+    p.add_argument("--overlays", type=int, help="colour overlays for the first K images")
 
-    p = sub.add_parser("evaluate", help="IoU/Dice tables from existing predicted and true masks")
-    p.add_argument("--pred", required=True, help="folder of predicted <id>.png class-id masks")
-    p.add_argument("--truth", required=True, help="folder of true <id>.png class-id masks")
-    p.add_argument("--classes", default=None, help="classes.json (default: class_0..)")
-    p.add_argument("--output", required=True)
-    p.set_defaults(func=cmd_evaluate)
+    p = _subparser(sub, "evaluate", cmd_evaluate, "IoU/Dice tables from existing predicted and true masks", EvaluateConfig)
+    p.add_argument("--pred", help="folder of predicted <id>.png class-id masks; required")
+    p.add_argument("--truth", help="folder of true <id>.png class-id masks; required")
+    p.add_argument("--output", help="where the tables go; required")
+    p.add_argument("--classes", help="classes.json (default: class_0..)")
 
-    p = sub.add_parser("models", help="list models, or show one's parameters and FLOPs")
-    p.add_argument("name", nargs="?", default=None)
-    p.add_argument("--size", type=_size, default=(256, 256), help="H or HxW for FLOPs (default 256)")
-    p.add_argument("--num-classes", type=int, default=2)
-    p.set_defaults(func=cmd_models)
+    p = _subparser(sub, "models", cmd_models, "list models, or show one's parameters and FLOPs")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--size", type=_size, help="H or HxW for FLOPs (default 256)")
+    p.add_argument("--num-classes", type=int, help="default 2")
 
-    p = sub.add_parser("demo", help="run the whole pipeline on a local synthetic dataset")
-    p.add_argument("--dir", default="segray-demo", help="working folder (default ./segray-demo, replaced)")
-    p.add_argument("--n", type=int, default=96, help="synthetic pairs (default 96)")
-    p.add_argument("--size", type=_size, default=(64, 64), help="image size (default 64)")
-    p.set_defaults(func=cmd_demo)
+    p = _subparser(sub, "demo", cmd_demo, "run the whole pipeline on a local synthetic dataset")
+    p.add_argument("--dir", help="working folder (default ./segray-demo, replaced)")
+    p.add_argument("--n", type=int, help="synthetic pairs (default 96)")
+    p.add_argument("--size", type=_size, help="image size (default 64)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 8)")
     return parser
+
+
+def flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """Config field -> how the user names it on this subcommand's command line."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]  # noqa: SLF001
+    names = {}
+    for action in sub._actions:  # noqa: SLF001
+        if action.option_strings:
+            names[action.dest] = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+        else:
+            names[action.dest] = action.dest.upper()
+    return names
+
+
+def render(error: BaseException, flags: dict[str, str]) -> str:
+    """The message with config field names replaced by the flags a user types.
+
+    A message starts with the field it is about (``error.field``) and names
+    other fields in backticks (`` `resume` ``); both become flags here.
+    """
+    message = str(error)
+    field = getattr(error, "field", None)
+    if field in flags and message.startswith(field):
+        message = flags[field] + message[len(field):]
+    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+def values_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields: the ``--config`` file's values, overridden by the flags given."""
+    given = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "config", "verbose") and v is not None}
+    if "model_options" in given:
+        given["model_options"] = dict(given["model_options"])
+    values = load_file(args.config) if getattr(args, "config", None) else {}
+    values.update(given)
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    quiet_logging(verbose=getattr(args, "verbose", False))
     from segray.data import IngestError
 
     try:
-        func(args)
-    except (UsageError, ConfigError, IngestError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"segray {args.command}: error: {e}", file=sys.stderr)
+        args.handler(values_of(args))
+    except (ConfigError, IngestError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"segray {args.command}: error: {render(e, flag_names(parser, args.command))}", file=sys.stderr)
         return 2
     return 0
+
+
+def job(command: str) -> None:
+    """The body of every ``jobs/*.py``: ``segray COMMAND`` with the job's own arguments; exits with its code."""
+    sys.exit(main([command, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

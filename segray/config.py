@@ -1,8 +1,12 @@
-"""Frozen config dataclasses with a strict ``from_dict``.
+"""Configuration: frozen dataclasses with strict checks, one per job.
 
-Configuration flows one way: flags or YAML -> frozen dataclass (unknown keys
-and wrong types raise, naming the key) -> ``asdict`` into Ray's
-``train_loop_config`` -> rebuilt on each worker with ``from_dict``.
+Configuration flows one way: YAML and flags -> one of ``IngestConfig``,
+``TrainConfig``, ``PredictConfig``, ``EvaluateConfig`` (unknown keys, wrong
+types and bad values raise ``ConfigError`` naming the field) -> ``to_dict``
+into Ray's ``train_loop_config`` or an output's record -> rebuilt with
+``from_dict`` where it is needed. Field names are the long CLI flags with
+dashes as underscores (``batch_size`` is ``--batch-size``); the library never
+speaks in flags, the CLI maps a field to its flag when it prints an error.
 """
 
 from __future__ import annotations
@@ -10,13 +14,32 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config value is missing, unknown or of the wrong type."""
+    """A config value is missing, unknown, of the wrong type or out of range.
+
+    Attributes:
+        field: the config field the message starts with, or None.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def about(field_name: str, error: BaseException) -> BaseException:
+    """Marks ``error`` (whose message starts with ``field_name``) as being about that field.
+
+    The CLI prints such a message with the field's flag in its place, so
+    errors raised deep in the library read like the command line that caused them.
+    """
+    error.field = field_name  # type: ignore[attr-defined]
+    return error
 
 
 def _check(name: str, value: Any, hint: Any) -> Any:
@@ -83,11 +106,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
-    for name, field in fields.items():
+    for name, f in fields.items():
         if name in data:
             kwargs[name] = _check(prefix + name, data[name], hints[name])
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing config key {prefix + name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix + name} is required", field=None if prefix else name)
     return cls(**kwargs)
 
 
@@ -116,3 +139,258 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(sizes) != 2 or min(sizes) <= 0:
         raise ConfigError(f"size {text!r}: expected H or HxW with positive integers")
     return sizes[0], sizes[1]
+
+
+def load_file(uri: str) -> dict[str, Any]:
+    """The mapping in a YAML (or JSON) config file, local or on S3.
+
+    Raises:
+        ConfigError: the file is not YAML or does not hold a mapping.
+    """
+    import yaml
+
+    from segray import storage
+
+    try:
+        data = yaml.safe_load(storage.read_text(uri))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{uri}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{uri}: expected a mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+class Config:
+    """Base of the job configs: type checks on construction, ``validate``, dict round trip.
+
+    Every construction (keyword arguments in a notebook, ``from_dict`` of a
+    YAML file or of flags) runs the same checks: the strict type check of
+    each field, then the class's ``validate``.
+    """
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            try:
+                value = _check(f.name, getattr(self, f.name), hints[f.name])
+            except ConfigError as e:
+                raise ConfigError(str(e), field=f.name) from None
+            object.__setattr__(self, f.name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks values beyond their types; raises ConfigError naming the field."""
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        """Strict: unknown keys and wrong types raise ConfigError naming the key."""
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict that ``from_dict`` turns back into an equal config."""
+        return to_dict(self)
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value!r}", field=name)
+
+
+def _uri(cfg: Any, *names: str) -> None:
+    """Checks URI fields; a local path becomes absolute, so Ray workers (whatever their folder) find it."""
+    import os
+
+    for name in names:
+        value = getattr(cfg, name)
+        if not value:
+            raise ConfigError(f"{name}: expected a path or s3:// URI, got {value!r}", field=name)
+        if "://" not in value:
+            object.__setattr__(cfg, name, os.path.abspath(os.path.expanduser(value)))
+
+
+def _hw(cfg: Any, name: str) -> None:
+    value = getattr(cfg, name)
+    if value is not None and (len(value) != 2 or min(value) <= 0):
+        raise ConfigError(f"{name}: expected [H, W] with positive integers, got {value!r}", field=name)
+
+
+@dataclass(frozen=True)
+class IngestConfig(Config):
+    """What ``segray ingest`` checks and writes.
+
+    Attributes:
+        source: the raw dataset, a local folder or ``s3://bucket/prefix``.
+        destination: where the Parquet shards and ``dataset.json`` go.
+        layout: ``ids``, ``palette`` or ``per-class`` (see the README).
+        val_fraction: share of ids (by stable hash) in the val split.
+        shard_mb: target shard size in MB of source bytes.
+        classes: a classes.json (default ``SOURCE/classes.json`` when present).
+        num_classes: ``ids`` layout without classes.json: declare C classes.
+        class_order: ``per-class``: class folders in id order (ids 1..K).
+        priority: ``per-class``: overlap priority, the first listed wins.
+        images_dir: ``per-class``: the folder of images.
+        overwrite: replace DESTINATION whole if it holds files.
+    """
+
+    source: str
+    destination: str
+    layout: Literal["ids", "palette", "per-class"] = "ids"
+    val_fraction: float = 0.1
+    shard_mb: float = 128.0
+    classes: str | None = None
+    num_classes: int | None = None
+    class_order: list[str] | None = None
+    priority: list[str] | None = None
+    images_dir: str = "images"
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        _uri(self, "source", "destination")
+        if self.classes:
+            _uri(self, "classes")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}", field="val_fraction")
+        _positive(self, "shard_mb", "num_classes")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """What ``segray train`` runs; ``to_dict`` of it travels to every worker.
+
+    Attributes:
+        data: an ingested dataset (holds dataset.json).
+        storage: where runs live; the run goes to ``STORAGE/NAME``.
+        name: the run's name, without '/'.
+        model: a registered model name (``segray models``).
+        batch_size: images per step per worker.
+        workers: Ray Train workers; ``cpus_per_worker`` CPUs each, one GPU each with ``gpu``.
+        loss: ``ce`` or ``ce+dice`` (``dice_weight`` times soft Dice).
+        class_weights: ``auto`` (inverse square root of frequency), ``none``
+            or one weight per class.
+        size: ``[H, W]`` images are resized to; None: the dataset's own size, else 256x256.
+        crop: ``[H, W]`` random training crops after resizing.
+        patience: early stopping after this many epochs without a better val mIoU (0: off).
+        keep_checkpoints: checkpoints kept, best by val mIoU (plus the latest).
+        max_failures: worker failures the run recovers from.
+        resume: continue the run NAME from its last checkpoint.
+        model_options: keyword options of the model builder (``depth``, ``width`` ...).
+    """
+
+    data: str
+    storage: str
+    name: str
+    model: str = "unet"
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    workers: int = 2
+    gpu: bool = False
+    cpus_per_worker: int = 1
+    mixed_precision: bool = False
+    xla: bool = False
+    loss: Literal["ce", "ce+dice"] = "ce"
+    dice_weight: float = 1.0
+    class_weights: str | list[float] = "none"
+    size: list[int] | None = None
+    crop: list[int] | None = None
+    augment: bool = True
+    schedule: Literal["cosine", "plateau", "constant"] = "cosine"
+    patience: int = 0
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    seed: int = 0
+    resume: bool = False
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _uri(self, "data", "storage")
+        _positive(self, "epochs", "batch_size", "workers", "cpus_per_worker", "lr", "keep_checkpoints")
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name {self.name!r}: expected a plain run name without '/'", field="name")
+        if isinstance(self.class_weights, str) and self.class_weights not in ("auto", "none"):
+            raise ConfigError(f"class_weights {self.class_weights!r}: expected auto, none or w0,w1,...", field="class_weights")
+        for name in ("size", "crop"):
+            _hw(self, name)
+        for name in ("patience", "max_failures", "dice_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}", field=name)
+        if self.xla and self.workers > 1 and not self.gpu:
+            # The gradient all-reduce sits inside the compiled step (tensorflow b/194942685).
+            raise ConfigError(
+                f"xla with `workers` {self.workers} on CPU: TensorFlow does not compile collectives for CPU devices; "
+                "use `workers` 1, add `gpu`, or drop `xla`",
+                field="xla",
+            )
+
+
+@dataclass(frozen=True)
+class PredictConfig(Config):
+    """What ``segray predict`` was asked to do.
+
+    Attributes:
+        model: a training run (``STORAGE/RUN``, holding ``model/model.keras``
+            and ``model/preprocessing.json``), its ``model/`` folder, or a
+            ``.keras`` file (``preprocessing.json`` beside it is used when present).
+        input: a raw layout (``images/`` with or without ``masks/``), a folder
+            of Parquet shards (``DATA/val``), or an ingested dataset with ``split``.
+        output: where masks, overlays and tables go (local or s3://).
+        batch_size: images per model call; windows per call with ``tile``.
+        workers: predictor actors (``ActorPoolStrategy(size=workers)``).
+        gpus_per_worker: GPUs per actor; 0 predicts on CPUs.
+        tile: ``[H, W]`` sliding window at each image's own resolution, for
+            images too large to predict whole; None predicts whole images.
+        overlap: with ``tile``, the fraction of the window shared by
+            neighbouring windows (0 <= overlap <= 0.9), per axis.
+        overlays: colour overlays for the first K images by id (0: none).
+        split: the split of an ingested dataset (``val``, ``train``).
+    """
+
+    model: str
+    input: str
+    output: str
+    split: str | None = None
+    batch_size: int = 8
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    tile: list[int] | None = None
+    overlap: float = 0.25
+    overlays: int = 8
+
+    def validate(self) -> None:
+        _uri(self, "model", "input", "output")
+        _positive(self, "batch_size", "workers")
+        for name in ("overlays", "gpus_per_worker"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}", field=name)
+        if not 0.0 <= self.overlap <= 0.9:
+            raise ConfigError(f"overlap must be a fraction of the tile in [0, 0.9], got {self.overlap!r}", field="overlap")
+        _hw(self, "tile")
+        if self.split is not None and (not self.split or "/" in self.split):
+            raise ConfigError(f"split: expected a split name such as val, got {self.split!r}", field="split")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(Config):
+    """What ``segray evaluate`` scores.
+
+    Attributes:
+        pred: a folder of ``<id>.png`` predicted class-id masks (e.g. predict's OUT/masks).
+        truth: a folder of ``<id>.png`` truth class-id masks (255: ignored).
+        output: where the tables go.
+        classes: a classes.json naming the classes; default ``class_0 .. class_{C-1}``
+            with C = 1 + the largest id found.
+    """
+
+    pred: str
+    truth: str
+    output: str
+    classes: str | None = None
+
+    def validate(self) -> None:
+        _uri(self, "pred", "truth", "output")
+        if self.classes:
+            _uri(self, "classes")

@@ -1,4 +1,4 @@
-"""``segray demo``: the whole pipeline on a local Ray with a local folder as storage."""
+"""``segray demo``: the whole pipeline on a local Ray with a local folder as storage, through the Python API."""
 
 from __future__ import annotations
 
@@ -14,11 +14,9 @@ def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs
     Returns:
         The URIs of what the demo wrote, by step.
     """
-    from segray.cli import _print_dataset
-    from segray.data import ingest, synthesize
-    from segray.inference import PredictConfig, format_per_class, predict
+    import segray
+    from segray.data import synthesize
     from segray.runtime import init_ray
-    from segray.train import TrainConfig, train
 
     workdir = os.path.abspath(workdir)
     if overwrite:
@@ -28,27 +26,25 @@ def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs
     t0 = time.time()
     print(f"[1/{steps}] synthesising {n} pairs of {size[0]}x{size[1]} shapes into {raw}")
     synthesize(raw, n=n, size=size, num_classes=4, seed=0)
+    # Logical CPUs above a 2-core machine's count: 2 train workers plus the data pipeline.
     init_ray(num_cpus=max(4, os.cpu_count() or 1))
     print(f"[2/{steps}] ingesting {raw} -> {data}")
-    result = ingest(raw, data, val_fraction=0.2, command=f"segray demo --dir {workdir}")
-    _print_dataset(result.info, data)
+    ingested = segray.ingest(segray.IngestConfig(source=raw, destination=data, val_fraction=0.2), command=f"segray demo --dir {workdir}")
+    print(ingested.info.describe(data))
 
     print(f"[3/{steps}] training a U-Net for {epochs} epochs on 2 Ray Train workers -> {runs}/unet")
-    cfg = TrainConfig(
+    cfg = segray.TrainConfig(
         data=data, storage=runs, name="unet", model="unet", epochs=epochs, batch_size=4, workers=2, lr=0.01,
         schedule="constant", model_options={"depth": 3, "width": 8},
     )
-    trained = train(cfg)
+    trained = segray.train(cfg)
     cols = ["epoch", "train_loss", "val_loss", "val_miou", "seconds"]
     print(trained.history[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"  best val mIoU {trained.best['val_miou']:.3f}; model, history.parquet and curves.png in {trained.run_uri}")
 
     predictions = storage.join(workdir, "predictions")
     print(f"[4/{steps}] predicting the val split with the best model -> {predictions}")
-    predicted = predict(PredictConfig(model=trained.run_uri, input=data, split="val", output=predictions, overlays=8))
-    print(format_per_class(predicted.per_class))
-    s = predicted.summary
-    print(f"  mIoU {s['miou']:.3f}, mean Dice {s['mean_dice']:.3f}, pixel accuracy {s['pixel_accuracy']:.3f} over {s['images']} images")
-    print(f"  masks/, overlays/ and the Parquet tables are in {predictions}")
+    predicted = segray.predict(segray.PredictConfig(model=trained.run_uri, input=data, split="val", output=predictions, overlays=8))
+    print(predicted.describe())
     print(f"demo done in {time.time() - t0:.0f} s; everything is under {workdir}")
     return {"raw": raw, "dataset": data, "run": trained.run_uri, "predictions": predictions}

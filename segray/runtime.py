@@ -1,8 +1,140 @@
-"""Connecting to Ray: the cluster a job was submitted to, or a local one."""
+"""The process around the jobs: connecting to Ray, quiet logs, CPU priority.
+
+Quiet by default: a user sees segray's own lines, progress bars, one line per
+epoch, the result tables and real warnings. TensorFlow's start-up notices
+(oneDNN, "Could not find cuda drivers", ``failed call to cuInit``) and Ray's
+INFO chatter (execution plans, Train's worker-group lines) are silenced in the
+driver and, through the runtime environment Ray is started or joined with, in
+every Ray worker of the job, on a cluster too. ``quiet_logging(verbose=True)``
+(``--verbose``) leaves everything as Ray and TensorFlow print it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.util
+import json
+import logging
 import os
+import re
+import sys
+import tempfile
+import warnings
+
+# Set in every Ray worker of the job. A value exported in the driver's environment is passed on
+# instead (TF_CPP_MIN_LOG_LEVEL=0 segray ... shows everything); one the submitted job's
+# runtime_env sets is left to the job, since ray.init raises on an env var set by both.
+QUIET_WORKER_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",  # TF C++ logs once absl is up: cpu_feature_guard (I), 'failed call to cuInit' (E)
+    "RAY_DATA_LOG_LEVEL": "WARNING",  # ray.data INFO in workers: 'Dataset ... execution finished', per split and epoch
+}
+# What TensorFlow's shared libraries print while `import tensorflow` runs, before absl logging is
+# initialised; no environment variable reaches these (TF_CPP_MIN_LOG_LEVEL, GLOG_* do not).
+_TF_IMPORT_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|port\.cc:\d+\] oneDNN custom operations are on"
+    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers"
+)
+
+
+@contextlib.contextmanager
+def _without_tf_import_noise():
+    """Sends fd 2 to a temporary file meanwhile, then writes back every line that is not known noise."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
+                if not _TF_IMPORT_NOISE.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+class _QuietTensorflowImport(importlib.abc.MetaPathFinder):
+    """Runs the first `import tensorflow` of the process inside _without_tf_import_noise."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        real = spec.loader
+
+        class _Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return real.create_module(spec)
+
+            def exec_module(self, module):
+                with _without_tf_import_noise():
+                    real.exec_module(module)
+
+        spec.loader = _Loader()
+        return spec
+
+
+def quiet_process() -> None:
+    """Quiets TensorFlow and Ray's INFO chatter in this process: the driver, and every Ray worker
+    of the job (ray.init's worker_process_setup_hook). Warnings and errors still show."""
+    import ray
+    from ray.util.debug import log_once
+
+    # 'INFO:tensorflow:Using MirroredStrategy ...', twice each: TF's own handler and the root
+    # logger Ray Train sets to INFO in its workers.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    # 'Reporting training result N: TrainingReport(...)' at INFO, on a logger Ray names by file path
+    # (ray/train/v2/_internal/execution/context.py), out of reach of RunConfig's LoggingConfig.
+    train_context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(train_context).setLevel(logging.WARNING)
+    # 'Progress bars disabled ...': segray turns Ray Data's bars off in Train workers on purpose.
+    log_once("ray_data_progress_manager_disabled")
+    # Ray Train's own DataConfig passes the deprecated argument; nothing for us to change.
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
+    quiet_tensorflow_import()
+
+
+def quiet_tensorflow_import() -> None:
+    """Filters TensorFlow's import-time lines out of this process's stderr, unless TF_CPP_MIN_LOG_LEVEL is 0."""
+    if (
+        "tensorflow" not in sys.modules
+        and os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0")
+        and not any(isinstance(f, _QuietTensorflowImport) for f in sys.meta_path)
+    ):
+        sys.meta_path.insert(0, _QuietTensorflowImport())
+
+
+def _job_runtime_env() -> dict:
+    """The runtime_env `ray job submit` gave this driver; ray.init merges its own into it."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return (json.loads(raw).get("runtime_env") or {}) if raw else {}
+
+
+_VERBOSE = False
+
+
+def quiet_logging(verbose: bool = False) -> None:
+    """Chooses, before Ray or TensorFlow start, between quiet output (the default) and everything."""
+    global _VERBOSE
+    _VERBOSE = verbose
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_WORKER_ENV["TF_CPP_MIN_LOG_LEVEL"])
+        quiet_tensorflow_import()
+
+
+def is_verbose() -> bool:
+    return _VERBOSE
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -11,10 +143,63 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    kwargs = {"log_to_driver": True}
+    if _VERBOSE:
+        ray.init(log_to_driver=True, **({"num_cpus": num_cpus} if num_cpus and not os.environ.get("RAY_ADDRESS") else {}))
+        ray.data.DataContext.get_current().enable_progress_bars = True
+        return
+    job = _job_runtime_env()
+    job_env_vars = job.get("env_vars") or {}
+    env_vars = {k: os.environ.get(k, v) for k, v in QUIET_WORKER_ENV.items() if k not in job_env_vars}
+    # The driver imports TensorFlow too (ray.train.tensorflow); before that import.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", env_vars.get("TF_CPP_MIN_LOG_LEVEL", "3"))
+    runtime_env: dict = {"env_vars": env_vars} if env_vars else {}
+    if "worker_process_setup_hook" not in job and "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR" not in job_env_vars:
+        runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_process"
+    quiet_process()
+    kwargs = {
+        "log_to_driver": True,
+        "logging_level": logging.WARNING,  # 'Started a local Ray instance. View the dashboard at ...'
+        "runtime_env": runtime_env or None,
+    }
     if not os.environ.get("RAY_ADDRESS") and num_cpus:
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False  # 'Starting execution of Dataset ...' / 'Execution plan of Dataset ...'
+    if sys.stdout.isatty():
+        # A terminal has the bars; the driver's ray.data INFO lines would only repeat them ('Dataset ...
+        # execution finished') or advertise the rich UI. Not on a pipe or in a job's log: there Ray
+        # Data's progress is those INFO lines. ray-data.log in the session folder keeps everything.
+        for handler in logging.getLogger("ray.data").handlers:
+            if handler.get_name() == "console":
+                handler.setLevel(logging.WARNING)
+
+
+def normal_priority() -> int:
+    """Brings every thread of this process back to niceness 0; returns how many moved.
+
+    Ray starts its worker processes at niceness 15 (``RAY_worker_niceness``), so
+    that the raylet and GCS stay responsive. A CPU training worker at 15 loses
+    its cores to every nice-0 process that wakes up; on a 2-core machine that
+    cost a one-worker run a quarter of the plain loop's speed. Lowering
+    niceness needs ``CAP_SYS_NICE`` (or an ``RLIMIT_NICE`` that allows it);
+    without it the worker keeps Ray's niceness and nothing else changes.
+    Linux keeps niceness per thread, hence the walk over ``/proc/self/task``;
+    threads started later (TensorFlow's pools, data prefetch) inherit it.
+    """
+    if not hasattr(os, "setpriority"):
+        return 0
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]  # not Linux: the calling process
+    moved = 0
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) > 0:
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+                moved += 1
+        except (PermissionError, ProcessLookupError):
+            pass
+    return moved

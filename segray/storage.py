@@ -172,13 +172,13 @@ def delete_file(uri: str) -> None:
 
 
 def write_parquet(table, uri: str, **kwargs) -> None:
-    """Writes a pyarrow Table to ``uri``, creating local parent folders."""
+    """Writes a pyarrow Table to ``uri`` as Parquet; no reader ever sees a partial file (``write_bytes``)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs, path = filesystem(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(posixpath.dirname(path), recursive=True)
-    pq.write_table(table, path, filesystem=fs, **kwargs)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **kwargs)
+    write_bytes(uri, sink.getvalue().to_pybytes())
 
 
 def read_parquet(uri: str, **kwargs):

@@ -92,6 +92,7 @@ class DatasetInfo:
     val_fraction: float = 0.1
     format: str = DATASET_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved IngestConfig
 
     @property
     def num_classes(self) -> int:
@@ -101,10 +102,30 @@ class DatasetInfo:
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes if c.id != IGNORE_INDEX]
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict[str, Any]:
         data = to_dict(self)
         data["num_classes"] = self.num_classes
-        return json.dumps(data, indent=2)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def describe(self, uri: str) -> str:
+        """A few lines for a person: layout, classes, splits, statistics, a bar per class frequency."""
+        size = "x".join(map(str, self.size)) if self.size else "varies"
+        lines = [
+            f"dataset: {uri}",
+            f"  layout {self.layout}, {self.num_classes} classes, size {size}",
+            "  splits: " + ", ".join(f"{k} {v}" for k, v in self.splits.items()) + f"; rejected inputs: {self.errors}",
+            f"  mean {[round(x, 2) for x in self.mean]}  std {[round(x, 2) for x in self.std]}",
+            "  pixel frequency (train):",
+        ]
+        width = max(len(n) for n in self.pixel_frequency)
+        for name, freq in self.pixel_frequency.items():
+            lines.append(f"    {name:<{width}}  {freq:7.2%}  {'#' * int(round(freq * 40))}")
+        if self.priority:
+            lines.append(f"  overlap priority (first wins): {', '.join(self.priority)}")
+        return "\n".join(lines)
 
     @classmethod
     def from_json(cls, text: str, source: str = "dataset.json") -> "DatasetInfo":

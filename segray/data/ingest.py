@@ -21,11 +21,12 @@ import numpy as np
 import pyarrow as pa
 
 from segray import storage
-from segray.config import ConfigError
+from segray.config import IngestConfig, about
 from segray.data.imageio import BadInput, decode_image, encode_png
-from segray.data.pipeline import stable_hash
 from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color
-from segray.data.layouts import LAYOUTS, Plan, build_mask, plan_ids, plan_palette, plan_per_class
+from segray.data.layouts import Plan, build_mask, list_pairs
+from segray.data.quarantine import errors_uri, write_errors
+from segray.data.shards import stable_hash
 
 SPLITS = ("train", "val")
 
@@ -40,7 +41,6 @@ SHARD_SCHEMA = pa.schema(
         ("source_mask", pa.string()),
     ]
 )
-ERRORS_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string())])
 
 
 class IngestError(RuntimeError):
@@ -58,6 +58,14 @@ def split_of(image_id: str, val_fraction: float) -> str:
 
 @dataclass(frozen=True)
 class IngestResult:
+    """What ``segray.ingest`` returns.
+
+    Attributes:
+        dst: the dataset's URI (the config's ``destination``).
+        info: the ``DatasetInfo`` written to ``dataset.json``.
+        errors: the rejected inputs, ``(uri, reason)``, as in ``_errors.parquet``.
+    """
+
     dst: str
     info: DatasetInfo
     errors: list[tuple[str, str]]
@@ -167,69 +175,34 @@ def _meta(image_id: str, split: str, uri: str, reason: str) -> dict[str, Any]:
 def _prepare_dst(dst: str, overwrite: bool) -> None:
     if storage.exists(storage.join(dst, "dataset.json")) or storage.list_files(dst, limit=1):
         if not overwrite:
-            raise IngestError(f"{dst} already holds files; pass --overwrite to replace it whole (nothing was written)")
+            raise about("destination", IngestError(f"destination {dst} already holds files; set `overwrite` to replace it whole (nothing was written)"))
         storage.delete_dir(dst)
 
 
-def _write_errors(dst: str, errors: list[tuple[str, str]]) -> None:
-    table = pa.Table.from_pylist([{"uri": u, "reason": r} for u, r in errors], schema=ERRORS_SCHEMA)
-    storage.write_parquet(table, storage.join(dst, "_errors.parquet"))
+def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
+    """Checks every pair under ``cfg.source`` and writes the dataset to ``cfg.destination``.
 
-
-def make_plan(
-    src: str,
-    layout: str,
-    classes_file: str | None = None,
-    num_classes: int | None = None,
-    class_order: list[str] | None = None,
-    priority: list[str] | None = None,
-    images_dir: str = "images",
-) -> Plan:
-    if layout == "ids":
-        return plan_ids(src, classes_file, num_classes)
-    if layout == "palette":
-        return plan_palette(src, classes_file)
-    if layout == "per-class":
-        return plan_per_class(src, class_order, priority, images_dir)
-    raise ConfigError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-
-
-def ingest(
-    src: str,
-    dst: str,
-    layout: str = "ids",
-    val_fraction: float = 0.1,
-    shard_mb: float = 128.0,
-    classes_file: str | None = None,
-    num_classes: int | None = None,
-    class_order: list[str] | None = None,
-    priority: list[str] | None = None,
-    images_dir: str = "images",
-    overwrite: bool = False,
-    command: str = "",
-) -> IngestResult:
-    """Checks every pair under ``src`` and writes the dataset to ``dst``.
+    Args:
+        cfg: what to ingest and how.
+        command: the command line that asked for it, recorded in dataset.json.
 
     Raises:
-        IngestError: no valid pair, or ``dst`` holds files and ``overwrite`` is off.
-        ConfigError: bad arguments or classes.json.
+        IngestError: no valid pair, or the destination holds files and ``overwrite`` is off.
+        ConfigError: a layout, classes.json or folder that does not fit.
     """
     import ray
 
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if shard_mb <= 0:
-        raise ConfigError(f"--shard-mb must be positive, got {shard_mb}")
+    src, dst, layout, val_fraction = cfg.source, cfg.destination, cfg.layout, cfg.val_fraction
     if not storage.is_dir(src):
-        raise IngestError(f"source {src} does not exist or is empty")
-    plan = make_plan(src, layout, classes_file, num_classes, class_order, priority, images_dir)
+        raise about("source", IngestError(f"source {src} does not exist or is empty"))
+    plan = list_pairs(src, layout, cfg.classes, cfg.num_classes, cfg.class_order, cfg.priority, cfg.images_dir)
     if not plan.pairs:
         raise IngestError(f"{src}: no image/mask pairs found ({len(plan.errors)} rejected inputs); expected the {layout} layout")
-    _prepare_dst(dst, overwrite)
+    _prepare_dst(dst, cfg.overwrite)
 
     start = time.time()
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
-    chunks = _chunks(plan, shard_mb, min_chunks=2 * max(cpus, 1))
+    chunks = _chunks(plan, cfg.shard_mb, min_chunks=2 * max(cpus, 1))
     items = [{"chunk": i, "pairs": json.dumps(c)} for i, c in enumerate(chunks)]
     writer = _ChunkWriter(dst, layout, plan.classes, val_fraction, uuid.uuid4().hex[:8])
     ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer, num_cpus=1)
@@ -238,9 +211,9 @@ def ingest(
     good = meta[meta["reason"] == ""]
     bad = meta[meta["reason"] != ""]
     errors = list(plan.errors) + list(zip(bad["uri"], bad["reason"]))
-    _write_errors(dst, errors)
+    write_errors(dst, errors)
     if good.empty:
-        raise IngestError(f"{src}: no valid pair among {len(plan.pairs)} ({len(errors)} rejected; see {storage.join(dst, '_errors.parquet')})")
+        raise IngestError(f"{src}: no valid pair among {len(plan.pairs)} ({len(errors)} rejected; see {errors_uri(dst)})")
 
     counts = np.zeros(256, np.int64)
     stats_rows = good[good["split"] == "train"]
@@ -276,6 +249,7 @@ def ingest(
         priority=plan.priority,
         val_fraction=val_fraction,
         extra={"ignored_pixels": int(counts[IGNORE_INDEX]), "seconds": round(time.time() - start, 2), "shards": len(chunks)},
+        config=cfg.to_dict(),
     )
     storage.write_text(storage.join(dst, "dataset.json"), info.to_json())
     return IngestResult(dst, info, errors)

@@ -44,6 +44,7 @@ class Plan:
     errors: list[tuple[str, str]]
     classes: list[ClassInfo] | None  # None: infer 0..max from the masks
     priority: list[str] | None = None
+    has_masks: bool = True
 
 
 def _relative_id(uri: str, root: str) -> tuple[str, str]:
@@ -53,8 +54,11 @@ def _relative_id(uri: str, root: str) -> tuple[str, str]:
     return stem, ext.lower()
 
 
-def _index_folder(root: str, kind: str, errors: list[tuple[str, str]]) -> dict[str, storage.FileEntry]:
-    """Maps id -> file for the image files under ``root``; others become errors."""
+def index_folder(root: str, kind: str, errors: list[tuple[str, str]]) -> dict[str, storage.FileEntry]:
+    """Maps id -> file for the image files under ``root``; others become ``(uri, reason)`` errors.
+
+    The id of a file is its path under ``root`` without the extension.
+    """
     index: dict[str, storage.FileEntry] = {}
     for entry in storage.list_files(root):
         name = posixpath.basename(entry.uri)
@@ -71,7 +75,8 @@ def _index_folder(root: str, kind: str, errors: list[tuple[str, str]]) -> dict[s
     return index
 
 
-def _pair(images: dict[str, storage.FileEntry], masks: dict[str, list[storage.FileEntry]], errors: list) -> list[PairSpec]:
+def pair_by_id(images: dict[str, storage.FileEntry], masks: dict[str, list[storage.FileEntry]], errors: list) -> list[PairSpec]:
+    """Pairs each image with its mask file(s) by id; an image or mask without its partner becomes an error."""
     pairs = []
     for image_id, image in sorted(images.items()):
         mask_files = masks.get(image_id)
@@ -94,10 +99,10 @@ def _classes_file(src: str, classes_file: str | None) -> str | None:
     return default if storage.exists(default) else None
 
 
-def plan_ids(src: str, classes_file: str | None = None, num_classes: int | None = None) -> Plan:
+def plan_ids(src: str, classes_file: str | None = None, num_classes: int | None = None, masks_optional: bool = False) -> Plan:
+    """Plans the ``ids`` layout; with ``masks_optional`` and no ``masks/`` folder, pairs carry no mask."""
     errors: list[tuple[str, str]] = []
-    images = _index_folder(storage.join(src, "images"), "images", errors)
-    masks = _index_folder(storage.join(src, "masks"), "masks", errors)
+    images = index_folder(storage.join(src, "images"), "images", errors)
     path = _classes_file(src, classes_file)
     if path:
         classes = load_classes(path)
@@ -105,7 +110,11 @@ def plan_ids(src: str, classes_file: str | None = None, num_classes: int | None 
         classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(default_color(k))) for k in range(num_classes)]
     else:
         classes = None
-    pairs = _pair(images, {k: [v] for k, v in masks.items()}, errors)
+    if masks_optional and not storage.is_dir(storage.join(src, "masks")):
+        pairs = [PairSpec(k, v.uri, (), v.size) for k, v in sorted(images.items())]
+        return Plan("ids", pairs, errors, classes, has_masks=False)
+    masks = index_folder(storage.join(src, "masks"), "masks", errors)
+    pairs = pair_by_id(images, {k: [v] for k, v in masks.items()}, errors)
     return Plan("ids", pairs, errors, classes)
 
 
@@ -118,9 +127,9 @@ def plan_palette(src: str, classes_file: str | None = None) -> Plan:
     if len(set(colors)) != len(colors):
         raise ConfigError(f"{path}: two classes share a colour; the palette cannot be read back")
     errors: list[tuple[str, str]] = []
-    images = _index_folder(storage.join(src, "images"), "images", errors)
-    masks = _index_folder(storage.join(src, "masks"), "masks", errors)
-    pairs = _pair(images, {k: [v] for k, v in masks.items()}, errors)
+    images = index_folder(storage.join(src, "images"), "images", errors)
+    masks = index_folder(storage.join(src, "masks"), "masks", errors)
+    pairs = pair_by_id(images, {k: [v] for k, v in masks.items()}, errors)
     return Plan("palette", pairs, errors, classes)
 
 
@@ -140,25 +149,54 @@ def plan_per_class(
     """
     folders = [d for d in storage.list_dirs(src) if d != images_dir and not d.startswith(".")]
     if not storage.is_dir(storage.join(src, images_dir)):
-        raise ConfigError(f"{storage.join(src, images_dir)}: no images folder (set --images-dir to the folder that holds the images)")
+        raise ConfigError(f"images_dir {images_dir!r}: {storage.join(src, images_dir)} is no folder (set `images_dir` to the folder that holds the images)", field="images_dir")
     order = list(class_order) if class_order else folders
     missing = [c for c in order if c not in folders]
     if missing or not order:
-        raise ConfigError(f"{src}: class folder(s) {missing or '(none)'} not found; folders there: {folders}")
+        raise ConfigError(f"class_order: class folder(s) {missing or '(none)'} not found in {src}; folders there: {folders}", field="class_order")
     priority = list(priority) if priority else order
     if sorted(priority) != sorted(order):
-        raise ConfigError(f"--priority must name each class once: got {priority}, classes are {order}")
+        raise ConfigError(f"priority must name each class once: got {priority}, classes are {order}", field="priority")
     classes = [ClassInfo(0, "background", tuple(default_color(0)))]
     classes += [ClassInfo(i + 1, name, tuple(default_color(i + 1))) for i, name in enumerate(order)]
     errors: list[tuple[str, str]] = []
-    images = _index_folder(storage.join(src, images_dir), images_dir, errors)
+    images = index_folder(storage.join(src, images_dir), images_dir, errors)
     layers: dict[str, list[storage.FileEntry]] = {}
     for name in priority:
-        for image_id, entry in _index_folder(storage.join(src, name), name, errors).items():
+        for image_id, entry in index_folder(storage.join(src, name), name, errors).items():
             layers.setdefault(image_id, []).append(entry)
     # A pair's mask files are in priority order. A missing layer means the class is
     # absent from that image; each file's class is read from its folder.
-    return Plan("per-class", _pair(images, layers, errors), errors, classes, priority=priority)
+    return Plan("per-class", pair_by_id(images, layers, errors), errors, classes, priority=priority)
+
+
+def list_pairs(
+    src: str,
+    layout: str = "ids",
+    classes_file: str | None = None,
+    num_classes: int | None = None,
+    class_order: list[str] | None = None,
+    priority: list[str] | None = None,
+    images_dir: str = "images",
+    masks_optional: bool = False,
+) -> Plan:
+    """Lists ``src`` and pairs its images with their masks, for any layout (listings only, no pixels).
+
+    Args:
+        layout: ``ids``, ``palette`` or ``per-class``.
+        masks_optional: ``ids`` only: a source without ``masks/`` gives pairs
+            without masks (images to segment) instead of errors.
+
+    Raises:
+        ConfigError: unknown layout, or a classes file or folder the layout needs is missing.
+    """
+    if layout == "ids":
+        return plan_ids(src, classes_file, num_classes, masks_optional)
+    if layout == "palette":
+        return plan_palette(src, classes_file)
+    if layout == "per-class":
+        return plan_per_class(src, class_order, priority, images_dir)
+    raise ConfigError(f"layout {layout!r} is unknown; expected one of {', '.join(LAYOUTS)}", field="layout")
 
 
 def layer_class(mask_uri: str, src_classes: list[ClassInfo]) -> int:

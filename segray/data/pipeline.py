@@ -8,7 +8,6 @@ Decoding runs with OpenCV in ``map_batches`` on CPU workers (faster than
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -18,17 +17,8 @@ import numpy as np
 from segray import storage
 from segray.data.imageio import decode_image, decode_mask
 from segray.data.info import DatasetInfo, load_dataset_info
+from segray.data.shards import read_shards, stable_hash
 from segray.data.transforms import FitMode, augment, fit, normalize, random_crop
-
-
-def stable_hash(text: str) -> int:
-    """The same 64-bit hash of an id in every process (Python's ``hash`` is salted)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
-
-
-def in_part(image_ids, index: int, count: int) -> np.ndarray:
-    """Boolean mask of the ids whose stable hash modulo ``count`` is ``index``."""
-    return np.fromiter((stable_hash(str(i)) % count == index for i in image_ids), bool, len(image_ids))
 
 
 @dataclass(frozen=True)
@@ -113,8 +103,6 @@ def read_split(
     Raises:
         FileNotFoundError: not an ingested dataset, or the split is empty.
     """
-    from segray.data.shards import read_shards
-
     info = info or load_dataset_info(dataset)
     size = tuple(size or info.size or (256, 256))
     uri = split_uri(dataset, split)

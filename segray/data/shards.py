@@ -17,6 +17,7 @@ before anything is decoded.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from functools import partial
 
@@ -26,10 +27,19 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from segray import storage
-from segray.data.pipeline import in_part
 
 # Rows per block a read task yields: bounded so a large shard streams.
 ROWS_PER_BLOCK = 64
+
+
+def stable_hash(text: str) -> int:
+    """The same 64-bit hash of an id in every process (Python's ``hash`` is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def in_part(image_ids, index: int, count: int) -> np.ndarray:
+    """Boolean mask of the ids whose stable hash modulo ``count`` is ``index``."""
+    return np.fromiter((stable_hash(str(i)) % count == index for i in image_ids), bool, len(image_ids))
 
 
 def _read_shards(uris: list[str], columns: list[str], part: tuple[int, int] | None, include_path: bool) -> Iterator[pa.Table]:

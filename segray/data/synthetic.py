@@ -84,12 +84,12 @@ def synthesize(
         ``dst``.
     """
     if n <= 0:
-        raise ValueError(f"--n must be positive, got {n}")
+        raise ValueError(f"n must be positive, got {n}")
     if not 2 <= num_classes <= 255:
-        raise ValueError(f"--classes must be 2..255, got {num_classes}")
+        raise ValueError(f"num_classes must be 2..255, got {num_classes}")
     height, width = size
     if min(height, width) < 8:
-        raise ValueError(f"--size {height}x{width} is too small; use at least 8x8")
+        raise ValueError(f"size {height}x{width} is too small; use at least 8x8")
     names = class_names(num_classes)
     classes = [{"id": k, "name": names[k], "color": default_color(k)} for k in range(num_classes)]
     storage.write_text(storage.join(dst, "classes.json"), json.dumps(classes, indent=2))

@@ -9,7 +9,6 @@ confusion matrix; the driver merges the small records into the same tables
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import time
 from typing import Any
@@ -19,25 +18,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segray import storage
+from segray.config import EvaluateConfig, about
 from segray.data.imageio import BadInput, decode_mask
 from segray.data.info import IGNORE_INDEX, load_classes
-from segray.data.layouts import _index_folder
-from segray.inference.config import PredictResult
-from segray.inference.output import claim
+from segray.data.layouts import index_folder
+from segray.inference.output import PredictResult, claim, write_results
 from segray.inference.pipeline import LIGHT_TASK_CPUS, canonical
 from segray.inference.tables import (
-    CELL_BASE,
     ERROR,
     OK,
     RECORD_SCHEMA,
-    empty_per_class,
     error_record,
     latest_records,
     ok_record,
     records_table,
-    write_errors,
-    write_score_tables,
+    score_tables,
 )
+from segray.metrics import CELL_BASE
 
 FORMAT = "segray-evaluate/1"
 
@@ -84,8 +81,8 @@ class ScorePairs:
 
 def _pairs(pred: str, truth: str) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
     errors: list[tuple[str, str]] = []
-    preds = _index_folder(pred, "pred", errors)
-    truths = _index_folder(truth, "truth", errors)
+    preds = index_folder(pred, "pred", errors)
+    truths = index_folder(truth, "truth", errors)
     pairs = []
     for image_id in sorted(set(preds) | set(truths)):
         if image_id not in truths:
@@ -107,15 +104,8 @@ def _inferred_classes(records: pa.Table) -> int:
     return int(max((cells // CELL_BASE).max(), (cells % CELL_BASE).max())) + 1
 
 
-def evaluate(pred: str, truth: str, output: str, classes: str | None = None) -> PredictResult:
-    """Scores existing prediction masks against truth masks.
-
-    Args:
-        pred: folder of ``<id>.png`` predicted class-id masks (e.g. predict's OUT/masks).
-        truth: folder of ``<id>.png`` truth class-id masks (255: ignored).
-        output: where the tables go (refused if it holds another run's results).
-        classes: classes.json naming the classes; default ``class_0 .. class_{C-1}``
-            with C = 1 + the largest id found.
+def evaluate(cfg: EvaluateConfig) -> PredictResult:
+    """Scores existing prediction masks against truth masks (see ``EvaluateConfig``).
 
     Returns:
         The result, as ``predict`` returns it.
@@ -126,24 +116,22 @@ def evaluate(pred: str, truth: str, output: str, classes: str | None = None) -> 
     """
     import ray
 
-    from segray.runtime import init_ray
-
     started, run = time.time(), time.time_ns()
+    pred, truth, output, classes = cfg.pred, cfg.truth, cfg.output, cfg.classes
     if not storage.is_dir(pred):
-        raise FileNotFoundError(f"--pred {pred}: no such folder of masks")
+        raise about("pred", FileNotFoundError(f"pred {pred}: no such folder of masks"))
     if not storage.is_dir(truth):
-        raise FileNotFoundError(f"--truth {truth}: no such folder of masks")
+        raise about("truth", FileNotFoundError(f"truth {truth}: no such folder of masks"))
     declared = None
     if classes:
         if not storage.exists(classes):
-            raise FileNotFoundError(f"--classes {classes}: no such file")
+            raise about("classes", FileNotFoundError(f"classes {classes}: no such file"))
         declared = [c for c in load_classes(classes) if c.id != IGNORE_INDEX]
     pairs, errors = _pairs(pred, truth)
     if not pairs:
-        raise FileNotFoundError(f"no prediction and truth masks share an id between --pred {pred} and --truth {truth} ({len(errors)} unpaired files)")
+        raise FileNotFoundError(f"no prediction and truth masks share an id between `pred` {pred} and `truth` {truth} ({len(errors)} unpaired files)")
     claim(output, {"format": FORMAT, "pred": canonical(pred), "truth": canonical(truth), "classes": canonical(classes) if classes else None})
 
-    init_ray()
     per_block = 64
     ds = ray.data.from_items(pairs, override_num_blocks=max(1, math.ceil(len(pairs) / per_block)))
     scorer = ScorePairs(len(declared) if declared else None, IGNORE_INDEX, run)
@@ -153,16 +141,12 @@ def evaluate(pred: str, truth: str, output: str, classes: str | None = None) -> 
 
     for rec in records.filter(pc.equal(records["status"], ERROR)).to_pylist():
         errors.append((rec["uri"], rec["reason"]))
-    write_errors(output, errors)
     if declared:
         names = [c.name for c in declared]
     else:
         ok = records.filter(pc.equal(records["status"], OK))
         names = [f"class_{k}" for k in range(_inferred_classes(ok))]
-    if names:
-        scores, per_class = write_score_tables(output, records, names)
-    else:
-        scores, per_class = {}, empty_per_class()
+    scores, frames = score_tables(records, names) if names else ({}, None)
     wall = time.time() - started
     scored = int(scores.get("images_scored", 0))
     summary = {
@@ -173,9 +157,9 @@ def evaluate(pred: str, truth: str, output: str, classes: str | None = None) -> 
         "truth": truth,
         "classes": classes,
         "class_names": names,
+        "config": cfg.to_dict(),
         "wall_time_s": round(wall, 3),
         "images_per_s": round(scored / wall, 3) if scored else None,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    storage.write_text(storage.join(output, "summary.json"), json.dumps(summary, indent=2))
-    return PredictResult(output, summary, per_class, errors)
+    return write_results(output, frames, len(names), summary, errors)

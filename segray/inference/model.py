@@ -10,36 +10,14 @@ predictor actor loads it again from the same URI.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import posixpath
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from segray import storage
-from segray.config import ConfigError, from_dict
-from segray.data.info import IGNORE_INDEX, ClassInfo, default_color, parse_classes
-from segray.train.loop import PREPROCESSING_FILE
-
-MODEL_FILE = "model.keras"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """The contents of ``preprocessing.json`` (written by training, see ``preprocessing_of``)."""
-
-    model: str
-    size: list[int] | None
-    fit: str
-    mean: list[float]
-    std: list[float]
-    num_classes: int
-    classes: list[dict[str, Any]]
-    ignore_index: int = IGNORE_INDEX
+from segray.data.info import IGNORE_INDEX, ClassInfo, default_color
+from segray.models.saved import PREPROCESSING_FILE, class_list, load_keras, locate, read_preprocessing
 
 
 @dataclass(frozen=True)
@@ -87,7 +65,7 @@ class ModelSpec:
             "model_id": self.model_id,
             "name": self.name,
             "num_classes": self.num_classes,
-            "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in self.classes],
+            "classes": class_list(self.classes),
             "size": list(self.size) if self.size else None,
             "fit": self.fit,
             "mean": list(self.mean),
@@ -95,28 +73,6 @@ class ModelSpec:
             "ignore_index": self.ignore_index,
             "multiple": self.multiple,
         }
-
-
-def locate(model: str) -> tuple[str, str | None]:
-    """(the .keras file, its preprocessing.json or None) for MODEL.
-
-    Raises:
-        FileNotFoundError: nothing that looks like a model at ``model``.
-    """
-    if model.endswith(".keras"):
-        if not storage.exists(model):
-            raise FileNotFoundError(f"--model {model}: no such file")
-        beside = storage.join(posixpath.dirname(model.rstrip("/")) if storage.is_s3(model) else os.path.dirname(model), PREPROCESSING_FILE)
-        return model, (beside if storage.exists(beside) else None)
-    for folder in (storage.join(model, "model"), model):
-        keras_file = storage.join(folder, MODEL_FILE)
-        if storage.exists(keras_file):
-            pre = storage.join(folder, PREPROCESSING_FILE)
-            return keras_file, (pre if storage.exists(pre) else None)
-    raise FileNotFoundError(
-        f"--model {model}: expected a training run (with model/{MODEL_FILE}), a model/ folder or a .keras file; "
-        f"found neither {storage.join(model, 'model', MODEL_FILE)} nor {storage.join(model, MODEL_FILE)}"
-    )
 
 
 def share_gpus() -> None:
@@ -133,21 +89,6 @@ def share_gpus() -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:
             pass
-
-
-def load_keras(uri: str):
-    """Loads a ``.keras`` file from local storage or S3 with ``safe_mode=True``."""
-    import keras
-
-    import segray.models  # noqa: F401 - registers the custom layers before loading
-
-    if not storage.is_s3(uri):
-        return keras.saving.load_model(uri, safe_mode=True, compile=False)
-    with tempfile.TemporaryDirectory(prefix="segray-model-") as tmp:
-        path = os.path.join(tmp, MODEL_FILE)
-        with open(path, "wb") as f:
-            f.write(storage.read_bytes(uri))
-        return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
 def weights_id(model) -> str:
@@ -169,21 +110,6 @@ def required_multiple(model) -> int:
         if isinstance(layer, DivisibleSizeCheck):
             multiple = int(np.lcm(multiple, layer.multiple))
     return multiple
-
-
-def _read_preprocessing(uri: str) -> Preprocessing:
-    try:
-        data = json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{uri}: not valid JSON ({e})") from None
-    pre = from_dict(Preprocessing, data, prefix=f"{uri}: ")
-    if pre.size is not None and (len(pre.size) != 2 or min(pre.size) <= 0):
-        raise ConfigError(f"{uri}: size must be [H, W] or null, got {pre.size}")
-    if pre.fit not in ("resize", "pad"):
-        raise ConfigError(f"{uri}: fit must be 'resize' or 'pad', got {pre.fit!r}")
-    if len(pre.mean) != 3 or len(pre.std) != 3 or min(pre.std) <= 0:
-        raise ConfigError(f"{uri}: mean and std must hold 3 values (std positive), got {pre.mean} and {pre.std}")
-    return pre
 
 
 def resolve_model(model: str) -> ModelSpec:
@@ -208,15 +134,11 @@ def resolve_model(model: str) -> ModelSpec:
     static = (int(input_shape[1]), int(input_shape[2])) if input_shape[1] and input_shape[2] else None
     notes: list[str] = []
     if pre_uri is not None:
-        pre = _read_preprocessing(pre_uri)
-        classes = [c for c in parse_classes(pre.classes, f"{pre_uri}: classes") if c.id != pre.ignore_index]
-        if len(classes) != pre.num_classes or pre.num_classes != channels:
-            raise ValueError(
-                f"{pre_uri} declares {pre.num_classes} classes ({len(classes)} listed), "
-                f"the model {keras_uri} outputs {channels} channels"
-            )
-        size = tuple(pre.size) if pre.size else None
-        fit_mode, mean, std, ignore = pre.fit, tuple(pre.mean), tuple(pre.std), pre.ignore_index
+        pre = read_preprocessing(pre_uri)
+        if pre.num_classes != channels:
+            raise ValueError(f"{pre_uri} declares {pre.num_classes} classes, the model {keras_uri} outputs {channels} channels")
+        classes, size = list(pre.classes), pre.size
+        fit_mode, mean, std, ignore = pre.fit, pre.mean, pre.std, pre.ignore_index
         name = pre.model
     else:
         classes = [ClassInfo(k, f"class_{k}", tuple(default_color(k))) for k in range(channels)]

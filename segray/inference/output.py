@@ -1,50 +1,176 @@
-"""OUT: claiming it for one run, finding what is done, merging the parts.
+"""OUT, the folder predict and evaluate write: its layout, claiming it, finding what is done.
 
-``_run.json`` is written before anything else and names what the results
-depend on (the model's weights, the source, the settings that change a
-prediction). A later run with the same ones resumes; any other is refused, so
-one OUT never mixes the results of two models or sources.
+Every path under OUT comes from ``Output``:
+
+    OUT/_run.json           what the results depend on (written first)
+    OUT/classes.json        the model's classes
+    OUT/masks/<id>.png      predicted class ids
+    OUT/overlays/<id>.png   colour overlays of the first K images
+    OUT/_parts/<h>.parquet  one record part per batch (what a re-run skips)
+    OUT/per_image.parquet, per_class.parquet, confusion.parquet
+    OUT/summary.json        scores, counts, the resolved config
+    OUT/_errors.parquet     rejected inputs (``segray.data.quarantine``)
+
+``_run.json`` names what the results depend on (the model's weights, the
+source, the settings that change a prediction). A later run with the same
+ones resumes; any other is refused, so one OUT never mixes the results of two
+models or sources.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import posixpath
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from segray import storage
-from segray.inference.tables import OK, RECORD_SCHEMA, latest_records
-from segray.inference.writer import MASKS, PARTS
+from segray.config import about
+from segray.data.quarantine import errors_uri, write_errors
+from segray.inference.tables import OK, RECORD_SCHEMA, empty_tables, format_per_class, latest_records, table_schema, write_frame
 
 RUN_FILE = "_run.json"
+MASKS, OVERLAYS, PARTS = "masks", "overlays", "_parts"
 
 
-def claim(out: str, identity: dict[str, Any], flag: str = "--output") -> None:
+@dataclass(frozen=True)
+class Output:
+    """The paths of one OUT folder (local or s3://)."""
+
+    root: str
+
+    def mask(self, image_id: str) -> str:
+        return storage.join(self.root, MASKS, f"{image_id}.png")
+
+    def overlay(self, image_id: str) -> str:
+        return storage.join(self.root, OVERLAYS, f"{image_id}.png")
+
+    def part(self, image_ids: list[str]) -> str:
+        """The record part of a batch: named by its ids, so a retried task writes the same file."""
+        digest = hashlib.sha1("\n".join(sorted(image_ids)).encode("utf-8")).hexdigest()[:20]
+        return storage.join(self.root, PARTS, f"{digest}.parquet")
+
+    @property
+    def masks(self) -> str:
+        return storage.join(self.root, MASKS)
+
+    @property
+    def parts(self) -> str:
+        return storage.join(self.root, PARTS)
+
+    @property
+    def run_file(self) -> str:
+        return storage.join(self.root, RUN_FILE)
+
+    @property
+    def classes(self) -> str:
+        return storage.join(self.root, "classes.json")
+
+    @property
+    def summary(self) -> str:
+        return storage.join(self.root, "summary.json")
+
+    @property
+    def errors(self) -> str:
+        return errors_uri(self.root)
+
+    def table(self, name: str) -> str:
+        """``per_image``, ``per_class`` or ``confusion``: its Parquet file."""
+        if name not in TABLES:
+            raise ValueError(f"unknown table {name!r}; OUT holds {', '.join(TABLES)}")
+        return storage.join(self.root, f"{name}.parquet")
+
+
+TABLES = ("per_image", "per_class", "confusion")
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What ``segray.predict`` and ``segray.evaluate`` return.
+
+    Attributes:
+        output_uri: the OUT folder.
+        summary: the contents of ``OUT/summary.json``.
+        per_class: the ``per_class.parquet`` DataFrame (no rows without truth).
+        per_image: the ``per_image.parquet`` DataFrame, one row per image and class.
+        confusion: the ``confusion.parquet`` DataFrame, rows truth, ``pred_<id>`` columns.
+        errors: ``(uri, reason)`` of the inputs in ``OUT/_errors.parquet``.
+    """
+
+    output_uri: str
+    summary: dict[str, Any]
+    per_class: Any
+    per_image: Any
+    confusion: Any
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """The per-class table, the headline scores and where the results are, for a person."""
+        s = self.summary
+        lines = [format_per_class(self.per_class)]
+        if s.get("miou") is not None:
+            lines.append(f"mIoU {s['miou']:.4f}  mean Dice {s['mean_dice']:.4f}  pixel accuracy {s['pixel_accuracy']:.4f}  ({s['images']} images)")
+        lines.append(f"results: {self.output_uri} (masks/, per_image.parquet, per_class.parquet, confusion.parquet, summary.json)")
+        return "\n".join(lines)
+
+
+def write_results(
+    out: str, frames: dict[str, Any] | None, num_classes: int, summary: dict[str, Any], errors: list[tuple[str, str]]
+) -> PredictResult:
+    """Writes ``_errors.parquet``, the tables (``frames``; None: no truth, no tables) and, last, ``summary.json``."""
+    layout = Output(out)
+    write_errors(out, errors)
+    if frames is None:
+        frames = empty_tables(num_classes)
+    else:
+        for name, frame in frames.items():
+            write_frame(frame, table_schema(name, num_classes), layout.table(name))
+    summary = json.loads(json.dumps(summary, default=_plain))
+    storage.write_text(layout.summary, json.dumps(summary, indent=2))
+    return PredictResult(out, summary, frames["per_class"], frames["per_image"], frames["confusion"], errors)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {value!r}")
+
+
+def claim(out: str, identity: dict[str, Any], field_name: str = "output") -> None:
     """Writes ``OUT/_run.json`` or checks that the one there matches ``identity``.
 
     Raises:
         FileExistsError: OUT holds results of another model, source or
             settings, or files that are not segray results.
     """
-    path = storage.join(out, RUN_FILE)
+    path = Output(out).run_file
     if storage.exists(path):
         try:
             old = json.loads(storage.read_text(path))
         except json.JSONDecodeError:
-            raise FileExistsError(f"{flag} {out}: {path} is not valid JSON; choose another {flag} or delete it") from None
+            raise about(field_name, FileExistsError(f"{field_name} {out}: {path} is not valid JSON; choose another `{field_name}` or delete it")) from None
         if old != identity:
             diff = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
             shown = "; ".join(f"{k}: {old.get(k)!r} there, {identity.get(k)!r} now" for k in diff[:4])
-            raise FileExistsError(
-                f"{flag} {out} holds results of another run ({shown}); "
-                f"choose another {flag}, or delete it to start over"
+            raise about(
+                field_name,
+                FileExistsError(f"{field_name} {out} holds results of another run ({shown}); choose another `{field_name}`, or delete it to start over"),
             )
         return
     if storage.list_files(out, limit=1):
-        raise FileExistsError(f"{flag} {out} holds files but no {RUN_FILE}: it is not a segray results folder; choose an empty or new {flag}")
+        raise about(
+            field_name,
+            FileExistsError(f"{field_name} {out} holds files but no {RUN_FILE}: it is not a segray results folder; choose an empty or new `{field_name}`"),
+        )
     storage.write_text(path, json.dumps(identity, indent=2, sort_keys=True))
 
 
@@ -52,7 +178,7 @@ def read_parts(out: str, columns: list[str] | None = None) -> pa.Table:
     """Every record written under ``OUT/_parts`` (empty table when none)."""
     import pyarrow.parquet as pq
 
-    files = [f.uri for f in storage.list_files(storage.join(out, PARTS)) if f.uri.endswith(".parquet")]
+    files = [f.uri for f in storage.list_files(Output(out).parts) if f.uri.endswith(".parquet")]
     schema = RECORD_SCHEMA if columns is None else pa.schema([RECORD_SCHEMA.field(c) for c in columns])
     if not files:
         return schema.empty_table()
@@ -63,7 +189,7 @@ def read_parts(out: str, columns: list[str] | None = None) -> pa.Table:
 
 def written_masks(out: str) -> set[str]:
     """Ids whose mask file is in place."""
-    root = storage.join(out, MASKS)
+    root = Output(out).masks
     prefix = storage.filesystem(root)[1].rstrip("/") + "/"
     ids = set()
     for f in storage.list_files(root):

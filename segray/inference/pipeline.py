@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import datetime
 import json
-import math
 import os
 import time
 from typing import Any
@@ -25,12 +24,13 @@ from typing import Any
 import pyarrow.compute as pc
 
 from segray import storage
-from segray.inference.config import PredictConfig, PredictResult
+from segray.config import PredictConfig, about
 from segray.inference.geometry import Geometry
 from segray.inference.model import ModelSpec, resolve_model
-from segray.inference.output import claim, completed, merged_records, remove_temporaries
+from segray.inference.output import Output, PredictResult, claim, completed, merged_records, remove_temporaries, write_results
 from segray.inference.sources import SHARDS, Source, list_source
-from segray.inference.tables import ERROR, empty_per_class, write_errors, write_score_tables
+from segray.inference.tables import ERROR, score_tables
+from segray.models.saved import class_list
 
 FORMAT = "segray-predict/1"
 
@@ -56,16 +56,16 @@ def resolve_geometry(cfg: PredictConfig, spec: ModelSpec) -> Geometry:
     """How images reach the model, from the flags and the model.
 
     Raises:
-        ValueError: ``--tile`` does not suit the model, naming the valid sizes.
+        ValueError: ``tile`` does not suit the model, naming the valid sizes.
     """
     if cfg.tile:
         th, tw = cfg.tile
         if spec.static_size and (th, tw) != spec.static_size:
-            raise ValueError(f"--tile {th}x{tw}: the model {spec.uri} only takes {spec.static_size[0]}x{spec.static_size[1]} inputs; use --tile {spec.static_size[0]}x{spec.static_size[1]}")
+            raise about("tile", ValueError(f"tile {th}x{tw}: the model {spec.uri} only takes {spec.static_size[0]}x{spec.static_size[1]} inputs; use `tile` {spec.static_size[0]}x{spec.static_size[1]}"))
         m = spec.multiple
         if th % m or tw % m:
             near = lambda n: " or ".join(str(v) for v in sorted({max(m, n // m * m), -(-n // m) * m}))  # noqa: E731
-            raise ValueError(f"--tile {th}x{tw}: the model ({spec.name}) needs sides divisible by {m}; nearest valid height {near(th)}, width {near(tw)}")
+            raise about("tile", ValueError(f"tile {th}x{tw}: the model ({spec.name}) needs sides divisible by {m}; nearest valid height {near(th)}, width {near(tw)}"))
         overlap = (min(th - 1, round(th * cfg.overlap)), min(tw - 1, round(tw * cfg.overlap)))
         return Geometry("tile", multiple=m, tile=(th, tw), overlap=overlap)
     if spec.size:
@@ -89,10 +89,10 @@ def _identity(spec: ModelSpec, source: Source, geometry: Geometry) -> dict[str, 
 
 def _check_classes(source: Source, spec: ModelSpec) -> None:
     if source.classes is not None and len(source.classes) != spec.num_classes:
-        raise ValueError(
-            f"--input {source.uri} declares {len(source.classes)} classes ({', '.join(c.name for c in source.classes)}); "
+        raise about("input", ValueError(
+            f"input {source.uri} declares {len(source.classes)} classes ({', '.join(c.name for c in source.classes)}); "
             f"the model {spec.uri} predicts {spec.num_classes} ({', '.join(c.name for c in spec.classes)})"
-        )
+        ))
 
 
 def _check_gpus(cfg: PredictConfig) -> None:
@@ -102,7 +102,7 @@ def _check_gpus(cfg: PredictConfig) -> None:
         import warnings
 
         # Not an error: an autoscaling cluster adds GPU nodes on demand.
-        warnings.warn(f"--gpus-per-worker {cfg.gpus_per_worker:g}: the cluster has no GPU now; predict waits until one joins", UserWarning, stacklevel=3)
+        warnings.warn(f"gpus_per_worker {cfg.gpus_per_worker:g}: the cluster has no GPU now; predict waits until one joins", UserWarning, stacklevel=3)
 
 
 def in_flight_bytes(cfg: PredictConfig, geometry: Geometry) -> int:
@@ -126,9 +126,7 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
     from segray.inference.predictor import Predictor
     from segray.inference.sources import ReadDecode, dataset_of
     from segray.inference.writer import WriteResults
-    from segray.runtime import init_ray
 
-    init_ray()
     _check_gpus(cfg)
     overlay_ids = frozenset(source.ids[: cfg.overlays])
     skip = frozenset(finished) if source.kind == SHARDS else frozenset()
@@ -201,10 +199,10 @@ def predict(cfg: PredictConfig) -> PredictResult:
     source = list_source(cfg.input, cfg.split)
     _check_classes(source, spec)
     if not source.ids and not source.errors:
-        raise FileNotFoundError(f"--input {cfg.input}: no images found")
+        raise about("input", FileNotFoundError(f"input {cfg.input}: no images found"))
+    out = Output(cfg.output)
     claim(cfg.output, _identity(spec, source, geometry))
-    classes_json = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in spec.classes]
-    storage.write_text(storage.join(cfg.output, "classes.json"), json.dumps(classes_json, indent=2))
+    storage.write_text(out.classes, json.dumps(class_list(spec.classes), indent=2))
 
     finished = completed(cfg.output)
     todo = any(i not in finished for i in source.ids)
@@ -218,12 +216,8 @@ def predict(cfg: PredictConfig) -> PredictResult:
     errors += [(r["uri"], r["reason"]) for r in failed.to_pylist()]
     for image_id in sorted(set(source.ids) - seen):
         errors.append((image_id, f"{image_id}: no result was written (the pipeline lost the image; re-run to retry it)"))
-    write_errors(cfg.output, errors)
     names = [c.name for c in spec.classes]
-    if source.has_truth:
-        scores, per_class = write_score_tables(cfg.output, records, names)
-    else:
-        scores, per_class = {}, empty_per_class()
+    scores, frames = score_tables(records, names) if source.has_truth else ({}, None)
     wall = time.time() - started
     segmented = records.num_rows - failed.num_rows
     summary = {
@@ -243,16 +237,4 @@ def predict(cfg: PredictConfig) -> PredictResult:
         "warnings": list(spec.warnings),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    summary = json.loads(json.dumps(summary, default=_plain))
-    storage.write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2))
-    return PredictResult(cfg.output, summary, per_class, errors)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(f"not JSON serialisable: {value!r}")
+    return write_results(cfg.output, frames, len(names), summary, errors)

@@ -28,7 +28,8 @@ class Predictor:
     """
 
     def __init__(self, model_uri: str, geometry: Geometry, batch_size: int):
-        from segray.inference.model import load_keras, share_gpus
+        from segray.inference.model import share_gpus
+        from segray.models.saved import load_keras
 
         share_gpus()
         self.model = load_keras(model_uri)

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from segray import storage
+from segray.config import about
 from segray.data.imageio import BadInput, decode_image
-from segray.data.info import IGNORE_INDEX, ClassInfo, load_classes
-from segray.data.layouts import _index_folder, _pair, build_mask
+from segray.data.info import IGNORE_INDEX, ClassInfo
+from segray.data.layouts import build_mask, list_pairs
 from segray.inference.geometry import Geometry, fit_image
 
 RAW = "raw"
@@ -74,11 +75,11 @@ def list_source(src: str, split: str | None = None) -> Source:
     if storage.exists(storage.join(src, "dataset.json")):
         info = load_dataset_info(src)
         if split is None:
-            raise ValueError(f"--input {src} is an ingested dataset; name the split to predict with --split ({', '.join(info.splits)})")
+            raise about("input", ValueError(f"input {src} is an ingested dataset; name the split to predict with `split` ({', '.join(info.splits)})"))
         folder = storage.join(src, split)
         shards = _shard_files(folder)
         if not shards:
-            raise FileNotFoundError(f"--split {split}: no Parquet shards under {folder} (splits: {', '.join(info.splits)})")
+            raise about("split", FileNotFoundError(f"split {split}: no Parquet shards under {folder} (splits: {', '.join(info.splits)})"))
         classes = [c for c in info.classes if c.id != info.ignore_index]
         return _shard_source(folder, shards, classes, pq)
     if split is not None:
@@ -86,35 +87,28 @@ def list_source(src: str, split: str | None = None) -> Source:
         shards = _shard_files(folder)
         if shards:
             return _shard_source(folder, shards, None, pq)
-        raise FileNotFoundError(f"--split {split}: {src} is not an ingested dataset (no dataset.json) and {folder} holds no Parquet shards")
+        raise about("split", FileNotFoundError(f"split {split}: {src} is not an ingested dataset (no dataset.json) and {folder} holds no Parquet shards"))
     if storage.is_dir(storage.join(src, "images")):
         return _raw_source(src)
     shards = _shard_files(src)
     if shards:
         return _shard_source(src, shards, None, pq)
-    raise FileNotFoundError(
-        f"--input {src}: expected a raw layout (images/ with or without masks/), a folder of Parquet shards "
-        f"(an ingested split such as DATA/val) or an ingested dataset with --split; found none of them"
+    raise about(
+        "input",
+        FileNotFoundError(
+            f"input {src}: expected a raw layout (images/ with or without masks/), a folder of Parquet shards "
+            f"(an ingested split such as DATA/val) or an ingested dataset with `split`; found none of them"
+        ),
     )
 
 
 def _raw_source(src: str) -> Source:
-    errors: list[tuple[str, str]] = []
-    images = _index_folder(storage.join(src, "images"), "images", errors)
-    has_truth = storage.is_dir(storage.join(src, "masks"))
-    if has_truth:
-        masks = _index_folder(storage.join(src, "masks"), "masks", errors)
-        pairs = _pair(images, {k: [v] for k, v in masks.items()}, errors)
-        items = [{"image_id": p.image_id, "image_uri": p.image_uri, "mask_uri": p.mask_uris[0]} for p in pairs]
-    else:
-        items = [{"image_id": k, "image_uri": v.uri, "mask_uri": ""} for k, v in sorted(images.items())]
-    classes_file = storage.join(src, "classes.json")
-    classes = None
-    if storage.exists(classes_file):
-        classes = [c for c in load_classes(classes_file) if c.id != IGNORE_INDEX]
-    if not items and not errors:
-        raise FileNotFoundError(f"--input {src}: {storage.join(src, 'images')} holds no images")
-    return Source(src, RAW, [i["image_id"] for i in items], has_truth, items, [], errors, classes)
+    plan = list_pairs(src, "ids", masks_optional=True)
+    items = [{"image_id": p.image_id, "image_uri": p.image_uri, "mask_uri": p.mask_uris[0] if p.mask_uris else ""} for p in plan.pairs]
+    classes = [c for c in plan.classes if c.id != IGNORE_INDEX] if plan.classes else None
+    if not items and not plan.errors:
+        raise about("input", FileNotFoundError(f"input {src}: {storage.join(src, 'images')} holds no images"))
+    return Source(src, RAW, [i["image_id"] for i in items], plan.has_masks, items, [], list(plan.errors), classes)
 
 
 def _shard_source(folder: str, shards: list[storage.FileEntry], classes: list[ClassInfo] | None, pq) -> Source:

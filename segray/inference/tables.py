@@ -24,6 +24,8 @@ import pyarrow as pa
 
 from segray import storage
 from segray.metrics import (
+    SparseCellError,
+    counts_from_sparse,
     dice,
     dice_from_counts,
     iou,
@@ -31,10 +33,10 @@ from segray.metrics import (
     mean_of_images,
     precision,
     recall,
+    sparse_confusion,
     summary,
 )
 
-CELL_BASE = 256  # class ids are uint8: a cell is truth * 256 + prediction
 OK, ERROR = "ok", "error"
 
 RECORD_SCHEMA = pa.schema(
@@ -51,7 +53,6 @@ RECORD_SCHEMA = pa.schema(
         ("run", pa.int64()),
     ]
 )
-ERRORS_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string())])
 PER_IMAGE_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -76,33 +77,6 @@ PER_CLASS_SCHEMA = pa.schema(
         ("support", pa.int64()),
     ]
 )
-
-
-def sparse_confusion(truth: np.ndarray, pred: np.ndarray, ignore_index: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """The non-zero cells of one image's confusion matrix.
-
-    Args:
-        truth: (H, W) uint8 class ids (``ignore_index`` pixels are not counted).
-        pred: (H, W) uint8 class ids.
-
-    Returns:
-        ``(cells, counts)``: int32 ``truth * 256 + pred`` and int64 pixel counts, cells ascending.
-    """
-    if truth.shape != pred.shape:
-        raise ValueError(f"truth is {truth.shape[1]}x{truth.shape[0]}, prediction is {pred.shape[1]}x{pred.shape[0]}")
-    t, p = np.ravel(truth), np.ravel(pred)
-    if ignore_index is not None:
-        keep = t != ignore_index
-        if not keep.all():
-            t, p = t[keep], p[keep]
-    if t.size == 0:
-        return np.zeros(0, np.int32), np.zeros(0, np.int64)
-    # Count over the k x k ids actually present (k small), then re-index to base 256.
-    k = int(max(t.max(), p.max())) + 1
-    counts = np.bincount(t.astype(np.int32) * k + p, minlength=k * k)
-    nonzero = np.flatnonzero(counts)
-    cells = (nonzero // k) * CELL_BASE + nonzero % k
-    return cells.astype(np.int32), counts[nonzero].astype(np.int64)
 
 
 def ok_record(image_id: str, uri: str, height: int, width: int, truth: np.ndarray | None, pred: np.ndarray, ignore_index: int | None, run: int) -> dict[str, Any]:
@@ -164,27 +138,15 @@ def dense_counts(records: pa.Table, num_classes: int) -> dict[str, np.ndarray]:
     """
     import pyarrow.compute as pc
 
-    n, c = records.num_rows, num_classes
     cells_col, counts_col = records["cm_cells"].combine_chunks(), records["cm_counts"].combine_chunks()
     cells = pc.list_flatten(cells_col).to_numpy().astype(np.int64)
     counts = pc.list_flatten(counts_col).to_numpy().astype(np.int64)
     owner = pc.list_parent_indices(cells_col).to_numpy().astype(np.int64)
-    truth, pred = cells // CELL_BASE, cells % CELL_BASE
-    bad = (truth >= c) | (pred >= c)
-    if bad.any():
-        k = int(np.flatnonzero(bad)[0])
-        image_id = records["image_id"][int(owner[k])].as_py()
-        raise ValueError(f"image {image_id!r}: class id {max(int(truth[k]), int(pred[k]))} outside 0..{c - 1} (truth {int(truth[k])}, prediction {int(pred[k])})")
-    confusion = np.zeros((c, c), np.int64)
-    np.add.at(confusion, (truth, pred), counts)
-    support = np.zeros((n, c), np.int64)
-    predicted = np.zeros((n, c), np.int64)
-    tp = np.zeros((n, c), np.int64)
-    np.add.at(support, (owner, truth), counts)
-    np.add.at(predicted, (owner, pred), counts)
-    hit = truth == pred
-    np.add.at(tp, (owner[hit], truth[hit]), counts[hit])
-    return {"tp": tp, "fp": predicted - tp, "fn": support - tp, "support": support, "confusion": confusion}
+    try:
+        return counts_from_sparse(owner, cells, counts, records.num_rows, num_classes)
+    except SparseCellError as e:
+        image_id = records["image_id"][e.owner].as_py()
+        raise ValueError(f"image {image_id!r}: {e}") from None
 
 
 def per_image_frame(image_ids: list[str], counts: dict[str, np.ndarray], class_names: list[str]):
@@ -259,18 +221,8 @@ def scores(counts: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def write_frame(frame, schema: pa.Schema, uri: str) -> None:
-    """Writes a DataFrame with a fixed schema to a temporary name, then into place."""
-    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-    write_table(table, uri)
-
-
-def write_table(table: pa.Table, uri: str) -> None:
-    """Writes Parquet so that ``uri`` never holds a partial file (bytes via storage.write_bytes)."""
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+    """Writes a DataFrame with a fixed schema (never a partial file: ``storage.write_parquet``)."""
+    storage.write_parquet(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), uri)
 
 
 def confusion_schema(num_classes: int) -> pa.Schema:
@@ -279,31 +231,32 @@ def confusion_schema(num_classes: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-def write_score_tables(out: str, records: pa.Table, class_names: list[str]) -> tuple[dict[str, Any], Any]:
-    """Writes per_image, per_class and confusion from the ``ok`` records with truth.
+def score_tables(records: pa.Table, class_names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The scores and the three tables of the ``ok`` records with truth.
 
     Returns:
-        (the scores for summary.json, the per-class DataFrame).
+        (the scores for summary.json, ``{"per_image", "per_class", "confusion"}`` DataFrames).
     """
     import pyarrow.compute as pc
 
     scored = records.filter(pc.and_(pc.equal(records["status"], OK), records["has_truth"]))
     counts = dense_counts(scored, len(class_names))
     ids = scored["image_id"].to_pylist()
-    per_class = per_class_frame(counts["confusion"], class_names)
-    write_frame(per_image_frame(ids, counts, class_names), PER_IMAGE_SCHEMA, storage.join(out, "per_image.parquet"))
-    write_frame(per_class, PER_CLASS_SCHEMA, storage.join(out, "per_class.parquet"))
-    write_frame(confusion_frame(counts["confusion"], class_names), confusion_schema(len(class_names)), storage.join(out, "confusion.parquet"))
-    return scores(counts), per_class
+    frames = {
+        "per_image": per_image_frame(ids, counts, class_names),
+        "per_class": per_class_frame(counts["confusion"], class_names),
+        "confusion": confusion_frame(counts["confusion"], class_names),
+    }
+    return scores(counts), frames
 
 
-def write_errors(out: str, errors: list[tuple[str, str]]) -> None:
-    rows = [{"uri": u, "reason": r} for u, r in sorted(set(errors))]
-    write_table(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA), storage.join(out, "_errors.parquet"))
+def table_schema(name: str, num_classes: int) -> pa.Schema:
+    return {"per_image": PER_IMAGE_SCHEMA, "per_class": PER_CLASS_SCHEMA}.get(name) or confusion_schema(num_classes)
 
 
-def empty_per_class():
-    return PER_CLASS_SCHEMA.empty_table().to_pandas()
+def empty_tables(num_classes: int) -> dict[str, Any]:
+    """The three tables without rows (a source without truth)."""
+    return {name: table_schema(name, num_classes).empty_table().to_pandas() for name in ("per_image", "per_class", "confusion")}
 
 
 def format_per_class(df) -> str:

@@ -10,25 +10,14 @@ names again.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
 
 from segray import storage
 from segray.data.imageio import encode_png
-from segray.inference.tables import error_record, ok_record, records_table, write_table
-
-MASKS, OVERLAYS, PARTS = "masks", "overlays", "_parts"
-
-
-def mask_uri(out: str, image_id: str) -> str:
-    return storage.join(out, MASKS, f"{image_id}.png")
-
-
-def part_uri(out: str, image_ids: list[str]) -> str:
-    digest = hashlib.sha1("\n".join(sorted(image_ids)).encode("utf-8")).hexdigest()[:20]
-    return storage.join(out, PARTS, f"{digest}.parquet")
+from segray.inference.output import Output
+from segray.inference.tables import error_record, ok_record, records_table
 
 
 def color_table(colors: list[tuple[int, int, int]]) -> np.ndarray:
@@ -39,14 +28,16 @@ def color_table(colors: list[tuple[int, int, int]]) -> np.ndarray:
     return lut
 
 
-def overlay(image: np.ndarray, pred: np.ndarray, lut: np.ndarray, truth: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    image: np.ndarray, pred: np.ndarray, lut: np.ndarray, truth: np.ndarray | None = None, ignore_index: int = 255, alpha: float = 0.5
+) -> np.ndarray:
     """The prediction's colours over the image; with truth, [truth | prediction] side by side.
 
     Args:
         image: (H, W, 3) uint8 RGB.
         pred: (H, W) class ids.
         lut: (256, 3) colour per class id.
-        truth: (H, W) class ids (ignored pixels stay uncoloured) or None.
+        truth: (H, W) class ids (``ignore_index`` pixels stay uncoloured) or None.
 
     Returns:
         (H, W, 3) or (H, 2W + 4, 3) uint8 RGB.
@@ -63,7 +54,7 @@ def overlay(image: np.ndarray, pred: np.ndarray, lut: np.ndarray, truth: np.ndar
     if truth is None or truth.size == 0:
         return predicted
     gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([blend(truth, truth == 255), gap, predicted], axis=1)
+    return np.concatenate([blend(truth, truth == ignore_index), gap, predicted], axis=1)
 
 
 class WriteResults:
@@ -73,7 +64,7 @@ class WriteResults:
     """
 
     def __init__(self, out: str, ignore_index: int, colors: list[tuple[int, int, int]], run: int):
-        self.out = out
+        self.out = Output(out)
         self.ignore_index = ignore_index
         self.lut = color_table(colors)
         self.run = run
@@ -88,11 +79,12 @@ class WriteResults:
             pred, truth, original = batch["pred"][i], batch["truth"][i], batch["original"][i]
             truth = truth if truth.size else None
             if original.size:
-                storage.write_bytes(storage.join(self.out, OVERLAYS, f"{image_id}.png"), encode_png(overlay(original, pred, self.lut, truth)))
-            storage.write_bytes(mask_uri(self.out, image_id), encode_png(pred))
+                image = overlay(original, pred, self.lut, truth, self.ignore_index)
+                storage.write_bytes(self.out.overlay(image_id), encode_png(image))
+            storage.write_bytes(self.out.mask(image_id), encode_png(pred))
             records.append(ok_record(image_id, uri, batch["height"][i], batch["width"][i], truth, pred, self.ignore_index, self.run))
         if records:
-            write_table(records_table(records), part_uri(self.out, [r["image_id"] for r in records]))
+            storage.write_parquet(records_table(records), self.out.part([r["image_id"] for r in records]))
         return {
             "image_id": np.asarray([r["image_id"] for r in records], dtype=object),
             "status": np.asarray([r["status"] for r in records], dtype=object),

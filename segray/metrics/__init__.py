@@ -10,10 +10,14 @@ TensorFlow.
 from typing import Any
 
 from segray.metrics.confusion import (
+    CELL_BASE,
+    SparseCellError,
     class_counts,
     confusion_matrix,
+    counts_from_sparse,
     image_counts,
     per_image_counts,
+    sparse_confusion,
 )
 from segray.metrics.scores import (
     dice,
@@ -33,9 +37,12 @@ from segray.metrics.scores import (
 _TF_NAMES = ("ConfusionMatrixMetric", "tf_confusion_matrix")
 
 __all__ = [
+    "CELL_BASE",
     "ConfusionMatrixMetric",
+    "SparseCellError",
     "class_counts",
     "confusion_matrix",
+    "counts_from_sparse",
     "dice",
     "dice_from_counts",
     "image_counts",
@@ -48,6 +55,7 @@ __all__ = [
     "precision_from_counts",
     "recall",
     "recall_from_counts",
+    "sparse_confusion",
     "summary",
     "summary_from_counts",
     "tf_confusion_matrix",

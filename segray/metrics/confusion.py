@@ -11,7 +11,18 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["class_counts", "confusion_matrix", "image_counts", "per_image_counts"]
+__all__ = [
+    "CELL_BASE",
+    "SparseCellError",
+    "class_counts",
+    "confusion_matrix",
+    "counts_from_sparse",
+    "image_counts",
+    "per_image_counts",
+    "sparse_confusion",
+]
+
+CELL_BASE = 256  # class ids are uint8: a sparse cell is truth * 256 + prediction
 
 
 def _as_labels(name: str, values: npt.ArrayLike) -> np.ndarray:
@@ -166,3 +177,74 @@ def per_image_counts(
     flat = np.bincount(image * cells + true * num_classes + pred, minlength=n * cells)
     tp, fp, fn, support = class_counts(flat.astype(np.int64, copy=False).reshape(n, num_classes, num_classes))
     return {"tp": tp, "fp": fp, "fn": fn, "support": support}
+
+
+def sparse_confusion(truth: np.ndarray, pred: np.ndarray, ignore_index: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero cells of one image's confusion matrix.
+
+    Args:
+        truth: (H, W) uint8 class ids (``ignore_index`` pixels are not counted).
+        pred: (H, W) uint8 class ids.
+
+    Returns:
+        ``(cells, counts)``: int32 ``truth * 256 + pred`` and int64 pixel counts, cells ascending.
+    """
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth is {truth.shape[1]}x{truth.shape[0]}, prediction is {pred.shape[1]}x{pred.shape[0]}")
+    t, p = np.ravel(truth), np.ravel(pred)
+    if ignore_index is not None:
+        keep = t != ignore_index
+        if not keep.all():
+            t, p = t[keep], p[keep]
+    if t.size == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    # Count over the k x k ids actually present (k small), then re-index to base 256.
+    k = int(max(t.max(), p.max())) + 1
+    counts = np.bincount(t.astype(np.int32) * k + p, minlength=k * k)
+    nonzero = np.flatnonzero(counts)
+    cells = (nonzero // k) * CELL_BASE + nonzero % k
+    return cells.astype(np.int32), counts[nonzero].astype(np.int64)
+
+
+class SparseCellError(ValueError):
+    """A sparse cell holds a class id outside ``0 .. C-1``; ``owner`` is its image's index."""
+
+    def __init__(self, message: str, owner: int):
+        super().__init__(message)
+        self.owner = owner
+
+
+def counts_from_sparse(owner: np.ndarray, cells: np.ndarray, counts: np.ndarray, n: int, num_classes: int) -> dict[str, np.ndarray]:
+    """Per-image counts and the summed matrix from the sparse cells of ``n`` images.
+
+    Args:
+        owner: int64 ``(K,)`` the image index (``0 .. n-1``) of each cell.
+        cells: int64 ``(K,)`` cells ``truth * CELL_BASE + prediction`` (``sparse_confusion``).
+        counts: int64 ``(K,)`` pixel counts of the cells.
+        n: number of images.
+        num_classes: ``C``.
+
+    Returns:
+        ``tp``, ``fp``, ``fn``, ``support`` int64 ``(n, C)`` and ``confusion`` int64 ``(C, C)``.
+
+    Raises:
+        SparseCellError: a cell's truth or prediction lies outside ``0 .. C-1``.
+    """
+    c = num_classes
+    truth, pred = cells // CELL_BASE, cells % CELL_BASE
+    bad = (truth >= c) | (pred >= c)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise SparseCellError(
+            f"class id {max(int(truth[k]), int(pred[k]))} outside 0..{c - 1} (truth {int(truth[k])}, prediction {int(pred[k])})", int(owner[k])
+        )
+    confusion = np.zeros((c, c), np.int64)
+    np.add.at(confusion, (truth, pred), counts)
+    support = np.zeros((n, c), np.int64)
+    predicted = np.zeros((n, c), np.int64)
+    tp = np.zeros((n, c), np.int64)
+    np.add.at(support, (owner, truth), counts)
+    np.add.at(predicted, (owner, pred), counts)
+    hit = truth == pred
+    np.add.at(tp, (owner[hit], truth[hit]), counts[hit])
+    return {"tp": tp, "fp": predicted - tp, "fn": support - tp, "support": support, "confusion": confusion}

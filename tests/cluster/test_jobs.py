@@ -158,7 +158,7 @@ class Pipeline:
     bad_flag_logs: dict[str, str]
 
 
-# One is enough here: tests/train checks every flag; this checks what a job makes of the refusal.
+# One is enough here: tests/training checks every flag; this checks what a job makes of the refusal.
 BAD_FLAGS = {
     "epochs0": (["--epochs", "0"], "--epochs must be positive, got 0"),
 }

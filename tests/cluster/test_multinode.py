@@ -29,10 +29,11 @@ from typing import Any
 import pytest
 
 from segray import storage
+from segray.config import IngestConfig, TrainConfig
 from segray.data import ingest, synthesize
-from segray.train import TrainConfig, train
+from segray.training import train
 from tests.cluster.cluster_helpers import free_port, our_pids, stop_processes
-from tests.train.test_training import config as train_config
+from tests.training.test_training import config as train_config
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +94,7 @@ def multinode(tmp_path_factory):
 
         root = tmp_path_factory.mktemp("multinode")
         synthesize(str(root / "raw"), n=64, size=(32, 32), num_classes=4, seed=0, show_progress=False)
-        multinode.data = ingest(str(root / "raw"), str(root / "ds"), val_fraction=0.25).dst
+        multinode.data = ingest(IngestConfig(source=str(root / "raw"), destination=str(root / "ds"), val_fraction=0.25)).dst
         yield multinode
     finally:
         ray.shutdown()
@@ -113,7 +114,7 @@ def multinode(tmp_path_factory):
 
 
 def config(data: str, runs: str, name: str, **overrides) -> TrainConfig:
-    """tests/train's tiny U-Net run, with workers of 2 CPUs: one per worker node."""
+    """tests/training's tiny U-Net run, with workers of 2 CPUs: one per worker node."""
     return train_config(data, runs, name, **{"epochs": 2, "batch_size": 4, "cpus_per_worker": 2, **overrides})
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from segray import storage
 from segray.cli import main as cli_main
+from segray.config import IngestConfig
 from segray.data import IngestError, decode_image, decode_mask, ingest, load_dataset_info, split_of, synthesize
 from segray.data.imageio import encode_png
 from tests.conftest import EPFL_MINI
@@ -34,7 +35,7 @@ def errors_of(dst: str) -> list[dict]:
 def test_ids_layout_roundtrip(tmp_path):
     raw, dst = str(tmp_path / "raw"), str(tmp_path / "ds")
     synthesize(raw, n=24, size=(32, 40), num_classes=4, seed=3, show_progress=False)
-    result = ingest(raw, dst, val_fraction=0.25)
+    result = ingest(IngestConfig(source=raw, destination=dst, val_fraction=0.25))
     info = load_dataset_info(dst)
     assert info == result.info
     assert info.num_classes == 4 and info.size == [32, 40]
@@ -64,8 +65,8 @@ def test_local_and_s3_give_equal_tables(tmp_path, s3):
     s3_raw, s3_dst = f"{bucket}/raw", f"{bucket}/datasets/shapes"
     synthesize(local_raw, n=16, size=(32, 32), seed=1, show_progress=False)
     synthesize(s3_raw, n=16, size=(32, 32), seed=1, show_progress=False)
-    a = ingest(local_raw, local_dst, val_fraction=0.3)
-    b = ingest(s3_raw, s3_dst, val_fraction=0.3)
+    a = ingest(IngestConfig(source=local_raw, destination=local_dst, val_fraction=0.3))
+    b = ingest(IngestConfig(source=s3_raw, destination=s3_dst, val_fraction=0.3))
     assert any(k.endswith("dataset.json") for k in s3.keys(s3_dst))
     assert a.info.splits == b.info.splits and a.info.pixel_counts == b.info.pixel_counts
     np.testing.assert_allclose(a.info.mean, b.info.mean)
@@ -115,7 +116,7 @@ def test_every_bad_input_is_reported_and_good_pairs_arrive(tmp_path):
     # a file in images/ that is not an image
     (img / "notes.txt").write_text("not an image")
 
-    ingest(str(raw), dst, val_fraction=0.2)
+    ingest(IngestConfig(source=str(raw), destination=dst, val_fraction=0.2))
     errors = {os.path.basename(e["uri"]): e["reason"] for e in errors_of(dst)}
     expected = {
         "corrupt.png": "not a decodable image",
@@ -148,22 +149,24 @@ def test_no_valid_pair_fails_with_message(tmp_path, capsys):
     (raw / "images" / "a.png").write_bytes(b"")
     _png(str(raw / "masks" / "a.png"), np.zeros((4, 4), np.uint8))
     with pytest.raises(IngestError, match="no valid pair"):
-        ingest(str(raw), str(tmp_path / "ds"))
+        ingest(IngestConfig(source=str(raw), destination=str(tmp_path / "ds")))
     code = cli_main(["ingest", str(raw), str(tmp_path / "ds2")])
     assert code != 0
     assert "no valid pair" in capsys.readouterr().err
     assert cli_main(["ingest", str(tmp_path / "missing"), str(tmp_path / "ds3")]) != 0
 
 
-def test_rerun_refuses_or_replaces_whole(tmp_path):
+def test_rerun_refuses_or_replaces_whole(tmp_path, capsys):
     raw, dst = str(tmp_path / "raw"), str(tmp_path / "ds")
     synthesize(raw, n=8, size=(16, 16), seed=0, show_progress=False)
-    ingest(raw, dst)
+    ingest(IngestConfig(source=raw, destination=dst))
     before = {f.uri for f in storage.list_files(dst)}
-    with pytest.raises(IngestError, match="--overwrite"):
-        ingest(raw, dst)
+    with pytest.raises(IngestError, match="set `overwrite` to replace it"):
+        ingest(IngestConfig(source=raw, destination=dst))
+    assert cli_main(["ingest", raw, dst]) == 2
+    assert f"DESTINATION {dst} already holds files; set --overwrite to replace it" in capsys.readouterr().err
     assert {f.uri for f in storage.list_files(dst)} == before
-    ingest(raw, dst, overwrite=True)
+    ingest(IngestConfig(source=raw, destination=dst, overwrite=True))
     after = {f.uri for f in storage.list_files(dst)}
     shards = [u for u in after if u.endswith(".parquet") and "_errors" not in u]
     # Shard names carry a run id: none of the first run's shards survive.
@@ -196,7 +199,7 @@ def test_palette_layout(tmp_path):
     _png(str(raw / "images" / "odd.png"), rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
     _png(str(raw / "masks" / "odd.png"), cv2.cvtColor(odd, cv2.COLOR_RGB2BGR))
 
-    info = ingest(str(raw), dst, layout="palette", val_fraction=0.0).info
+    info = ingest(IngestConfig(source=str(raw), destination=dst, layout="palette", val_fraction=0.0)).info
     assert info.class_names == ["background", "road", "car"]
     table = read_split_table(dst, "train")
     assert table["image_id"].to_pylist() == ["p0", "p1", "p2", "p3"]
@@ -210,9 +213,7 @@ def test_per_class_layout_real_pixels(tmp_path):
     dst = str(tmp_path / "ds")
     priority = ["mitochondrial boundaries", "PSD", "vesicles", "mitochondrion", "membranes", "axon"]
     order = ["membranes", "mitochondrion", "mitochondrial boundaries", "PSD", "vesicles", "axon"]
-    info = ingest(
-        EPFL_MINI, dst, layout="per-class", images_dir="slices", class_order=order, priority=priority, val_fraction=0.0
-    ).info
+    info = ingest(IngestConfig(source=EPFL_MINI, destination=dst, layout="per-class", images_dir="slices", class_order=order, priority=priority, val_fraction=0.0)).info
     assert info.class_names == ["background"] + order
     assert info.priority == priority
     assert info.splits["train"] == 3 and info.size == [96, 128]
@@ -255,8 +256,8 @@ def test_grown_dataset_keeps_split_assignments(tmp_path):
     small, grown = str(tmp_path / "small"), str(tmp_path / "grown")
     synthesize(small, n=20, size=(16, 16), seed=2, show_progress=False)
     synthesize(grown, n=40, size=(16, 16), seed=2, show_progress=False)
-    ingest(small, str(tmp_path / "ds1"), val_fraction=0.3)
-    ingest(grown, str(tmp_path / "ds2"), val_fraction=0.3)
+    ingest(IngestConfig(source=small, destination=str(tmp_path / "ds1"), val_fraction=0.3))
+    ingest(IngestConfig(source=grown, destination=str(tmp_path / "ds2"), val_fraction=0.3))
 
     def assignment(dst):
         return {i: s for s in ("train", "val") for i in read_split_table(dst, s)["image_id"].to_pylist()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from segray.config import IngestConfig
 from segray.data import ingest, read_split, synthesize
 from segray.data.info import IGNORE_INDEX
 from segray.data.transforms import augment, fit, random_crop
@@ -14,7 +15,7 @@ from segray.data.transforms import augment, fit, random_crop
 def dataset(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("pipe")
     synthesize(str(root / "raw"), n=20, size=(48, 64), num_classes=4, seed=5, show_progress=False)
-    return ingest(str(root / "raw"), str(root / "ds"), val_fraction=0.25)
+    return ingest(IngestConfig(source=str(root / "raw"), destination=str(root / "ds"), val_fraction=0.25))
 
 
 def test_read_split_decodes_and_normalises(dataset):
@@ -95,7 +96,7 @@ def many_shards(tmp_path_factory, ray_cluster):
     """Small shards (--shard-mb 0.01): several per split, so parts and read tasks span files."""
     root = tmp_path_factory.mktemp("shards")
     synthesize(str(root / "raw"), n=30, size=(32, 32), num_classes=3, seed=2, show_progress=False)
-    return ingest(str(root / "raw"), str(root / "ds"), val_fraction=0.0, shard_mb=0.01)
+    return ingest(IngestConfig(source=str(root / "raw"), destination=str(root / "ds"), val_fraction=0.0, shard_mb=0.01))
 
 
 def test_shard_source_reads_every_row_once_across_files_and_parts(many_shards):
@@ -145,7 +146,7 @@ def test_read_split_from_s3(s3, tmp_path, ray_cluster):
     raw = tmp_path / "raw"
     synthesize(str(raw), n=12, size=(32, 32), num_classes=3, seed=1, show_progress=False)
     dst = f"{s3.bucket()}/ds"
-    ingest(str(raw), dst, val_fraction=0.25, shard_mb=0.01)
+    ingest(IngestConfig(source=str(raw), destination=dst, val_fraction=0.25, shard_mb=0.01))
     rows = read_split(dst, "train").take_all() + read_split(dst, "val").take_all()
     assert len({r["image_id"] for r in rows}) == 12
     assert rows[0]["image"].shape == (32, 32, 3) and rows[0]["image"].dtype == np.float32

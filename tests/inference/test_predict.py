@@ -20,7 +20,8 @@ import pytest
 from segray import storage
 from segray.data.imageio import decode_mask, encode_png
 from segray.data.ingest import SHARD_SCHEMA
-from segray.inference import PredictConfig, evaluate, predict, read_confusion
+from segray.config import EvaluateConfig, PredictConfig
+from segray.inference import evaluate, predict, read_confusion
 from tests.inference.helpers import (
     CLASS_NAMES,
     assert_frames_match,
@@ -127,7 +128,7 @@ def test_bad_inputs_are_listed_and_the_rest_done(local_run):
 
 def test_evaluate_gives_the_tables_of_predict(local_run, tmp_path):
     out = str(tmp_path / "eval")
-    result = evaluate(f"{local_run.out}/masks", f"{local_run.raw}/masks", out, classes=f"{local_run.out}/classes.json")
+    result = evaluate(EvaluateConfig(pred=f"{local_run.out}/masks", truth=f"{local_run.raw}/masks", output=out, classes=f"{local_run.out}/classes.json"))
     for name in ("per_image.parquet", "per_class.parquet", "confusion.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(f"{out}/{name}"), pd.read_parquet(f"{local_run.out}/{name}"))
     for key in ("miou", "mean_dice", "pixel_accuracy", "miou_mean_of_images", "pixels", "images_scored"):
@@ -147,7 +148,7 @@ def test_evaluate_infers_classes_and_flags_bad_pairs(tmp_path):
         storage.write_bytes(f"{pred}/m{k}.png", encode_png(t if k else np.zeros_like(t)))
     storage.write_bytes(f"{truth}/wrong.png", encode_png(np.zeros((8, 8), np.uint8)))
     storage.write_bytes(f"{pred}/wrong.png", encode_png(np.zeros((8, 9), np.uint8)))
-    result = evaluate(pred, truth, str(tmp_path / "out"))
+    result = evaluate(EvaluateConfig(pred=pred, truth=truth, output=str(tmp_path / "out")))
     assert list(result.per_class["class_name"]) == ["class_0", "class_1", "class_2", "class_3"]
     assert result.summary["images_scored"] == result.summary["images"] == 3
     assert [r for _, r in result.errors] == [f"prediction {pred}/wrong.png is 9x8, truth {truth}/wrong.png is 8x8"]
@@ -175,7 +176,8 @@ def _copy_raw(raw: str, tmp_path) -> str:
 CRASH_SCRIPT = """
 import json, sys
 import ray
-from segray.inference import PredictConfig, predict
+from segray.config import PredictConfig
+from segray.inference import predict
 ray.init(address=sys.argv[1], log_to_driver=False)
 predict(PredictConfig.from_dict(json.loads(sys.argv[2])))
 """

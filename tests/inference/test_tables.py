@@ -20,10 +20,10 @@ from segray.inference.tables import (
     per_class_frame,
     per_image_frame,
     records_table,
-    sparse_confusion,
-    write_score_tables,
+    score_tables,
 )
-from segray.metrics import confusion_matrix
+from segray.inference.output import write_results
+from segray.metrics import confusion_matrix, sparse_confusion
 from tests.inference.helpers import assert_frames_match, oracle_tables
 
 NAMES = ["background", "road", "car", "sky", "never"]  # class 4 appears nowhere
@@ -148,7 +148,10 @@ def test_class_id_beyond_the_classes_names_the_image():
 
 def test_written_tables_read_back(tmp_path):
     pairs = random_masks(np.random.default_rng(2), 10)
-    scores, per_class = write_score_tables(str(tmp_path), records_of(pairs), NAMES)
+    scores, frames = score_tables(records_of(pairs), NAMES)
+    result = write_results(str(tmp_path), frames, len(NAMES), scores, [])
+    per_class = result.per_class
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "_errors.parquet").exists()
     _, want_class, want_cm = oracle_tables(pairs, NAMES)
     np.testing.assert_array_equal(read_confusion(str(tmp_path / "confusion.parquet")), want_cm)
     assert_frames_match(per_class, want_class)

@@ -11,8 +11,8 @@ import pytest
 
 from segray.data.info import ClassInfo, DatasetInfo
 from segray.models.registry import TINY_OPTIONS
-from segray.train import TrainConfig
-from segray.train.loop import WorkerLoop
+from segray.config import TrainConfig
+from segray.training.loop import WorkerLoop
 from tests.models.test_model_training import squares
 
 INFO = DatasetInfo(
@@ -30,7 +30,7 @@ INFO = DatasetInfo(
 
 def worker(name: str, xla: bool) -> WorkerLoop:
     cfg = TrainConfig(
-        data="memory", storage="none", name="t", model=name, batch_size=4, lr=1e-2, schedule="constant",
+        data="memory", storage="none", name="t", model=name, batch_size=4, lr=1e-2, schedule="constant", workers=1,
         xla=xla, model_options=TINY_OPTIONS[name],
     )
     # world_size 1: the default strategy, as a one-worker Ray Train run uses.
@@ -75,7 +75,7 @@ def test_normal_priority_moves_every_thread_of_a_niced_worker() -> None:
         stop = threading.Event()
         other = threading.Thread(target=stop.wait)
         other.start()
-        from segray.train.loop import normal_priority
+        from segray.runtime import normal_priority
         moved = normal_priority()
         nices = sorted(os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task"))
         stop.set()

@@ -2,78 +2,85 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from typing import Any
 
 from segray import storage
-from segray.config import ConfigError
+from segray.config import ConfigError, TrainConfig, about
 from segray.data.info import DatasetInfo, load_dataset_info
-from segray.train.config import TrainConfig
+from segray.runtime import is_verbose
+from segray.training.artifacts import read_history, run_exists, write_config
 
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What ``segray.train`` returns.
+
+    Attributes:
+        run_uri: ``STORAGE/NAME``, where the model, history and curves are.
+        history: the ``history.parquet`` DataFrame, one row per epoch.
+        best_epoch: the epoch (from 0) with the best val mIoU: the saved model's.
+        best: that epoch's metrics (the row of ``history``).
+    """
+
     run_uri: str
-    history: Any  # pandas.DataFrame, one row per epoch
-    best: dict[str, Any]  # the best epoch's metrics
+    history: Any
+    best_epoch: int
+    best: dict[str, Any]
 
 
-def resolve(cfg: TrainConfig) -> tuple[TrainConfig, DatasetInfo, str]:
-    """Checks every flag before any work starts; fills in the dataset-dependent defaults.
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A checked training config with its dataset-dependent values filled in."""
+
+    config: TrainConfig
+    info: DatasetInfo
+    run_uri: str
+
+
+def resolve(cfg: TrainConfig) -> ResolvedRun:
+    """Checks what depends on the dataset and the model before any work starts; fills in the size.
 
     Raises:
-        ConfigError: a flag value that cannot work, naming it.
-        FileNotFoundError: DATA is not an ingested dataset.
-        FileExistsError: the run exists and --resume was not given.
+        ConfigError: a value that cannot work with this dataset or model, naming the field.
+        FileNotFoundError: ``data`` is not an ingested dataset, or ``resume`` without a run.
+        FileExistsError: the run exists and ``resume`` is off.
     """
     from segray import models
 
     if cfg.model not in models.available():
-        raise ConfigError(f"--model {cfg.model!r} is unknown; choose from {', '.join(models.available())}")
+        raise ConfigError(f"model {cfg.model!r} is unknown; choose from {', '.join(models.available())}", field="model")
     if cfg.xla and cfg.model in models.NO_XLA:
-        raise ConfigError(f"--xla with --model {cfg.model}: {models.NO_XLA[cfg.model]}; drop --xla")
-    if cfg.xla and cfg.workers > 1 and not cfg.gpu:
-        # The gradient all-reduce sits inside the compiled step (tensorflow b/194942685).
-        raise ConfigError(
-            f"--xla with --workers {cfg.workers} on CPU: TensorFlow does not compile collectives for CPU devices; "
-            "use --workers 1, add --gpu, or drop --xla"
-        )
-    for flag, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--workers", cfg.workers), ("--cpus-per-worker", cfg.cpus_per_worker)):
-        if value <= 0:
-            raise ConfigError(f"{flag} must be positive, got {value}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
-    if not cfg.name or "/" in cfg.name:
-        raise ConfigError(f"--name {cfg.name!r}: expected a plain run name without '/'")
+        raise ConfigError(f"xla with `model` {cfg.model}: {models.NO_XLA[cfg.model]}; drop `xla`", field="xla")
     info = load_dataset_info(cfg.data)
     n_train, n_val = info.splits.get("train", 0), info.splits.get("val", 0)
     if cfg.batch_size * cfg.workers > n_train:
         raise ConfigError(
-            f"--batch-size {cfg.batch_size} x --workers {cfg.workers} is larger than the train split of {cfg.data} ({n_train} images)"
+            f"batch_size {cfg.batch_size} x `workers` {cfg.workers} is larger than the train split of {cfg.data} ({n_train} images)",
+            field="batch_size",
         )
     if n_val == 0:
-        raise ConfigError(f"{cfg.data} has no validation images; ingest it with --val-fraction > 0")
+        raise about("data", ConfigError(f"data {cfg.data} has no validation images; ingest it with `val_fraction` above 0"))
     if isinstance(cfg.class_weights, list) and len(cfg.class_weights) != info.num_classes:
-        raise ConfigError(f"--class-weights gives {len(cfg.class_weights)} weights, the dataset has {info.num_classes} classes")
-    if isinstance(cfg.class_weights, str) and cfg.class_weights not in ("auto", "none"):
-        raise ConfigError(f"--class-weights {cfg.class_weights!r}: expected auto, none or w0,w1,...")
+        raise ConfigError(
+            f"class_weights gives {len(cfg.class_weights)} weights, the dataset has {info.num_classes} classes", field="class_weights"
+        )
     size = cfg.size or info.size or [256, 256]
-    for flag, hw in (("--size", size), ("--crop", cfg.crop)):
+    for name, hw in (("size", size), ("crop", cfg.crop)):
         if hw:
             # Building at the static size runs the model's own checks (sides divisible
             # by its stride, valid options) before any worker starts.
             try:
                 models.build(cfg.model, info.num_classes, input_shape=(hw[0], hw[1], 3), **cfg.model_options)
             except (ValueError, TypeError) as e:
-                raise ConfigError(f"{flag} {hw[0]}x{hw[1]} with --model {cfg.model}: {e}") from None
+                raise ConfigError(f"{name} {hw[0]}x{hw[1]} with `model` {cfg.model}: {e}", field=name) from None
     run_uri = storage.join(cfg.storage, cfg.name)
-    exists = storage.exists(storage.join(run_uri, "config.json"))
+    exists = run_exists(run_uri)
     if exists and not cfg.resume:
-        raise FileExistsError(f"run {run_uri} already exists; pass --resume to continue it or choose another --name")
+        raise about("name", FileExistsError(f"name {cfg.name}: the run {run_uri} already exists; set `resume` to continue it or choose another `name`"))
     if cfg.resume and not exists:
-        raise FileNotFoundError(f"--resume: there is no run at {run_uri} to continue")
-    return replace(cfg, size=list(size)), info, run_uri
+        raise about("resume", FileNotFoundError(f"resume: there is no run at {run_uri} to continue"))
+    return ResolvedRun(replace(cfg, size=list(size)), info, run_uri)
 
 
 def data_config(workers: int):
@@ -87,17 +94,22 @@ def data_config(workers: int):
     return ray.train.DataConfig(datasets_to_split=["train"] if workers > 1 else [])
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Trains ``cfg.model`` on ``cfg.data`` with Ray Train; see TrainConfig for the knobs."""
+def train(cfg: TrainConfig | ResolvedRun) -> TrainResult:
+    """Trains ``cfg.model`` on ``cfg.data`` with Ray Train (on the Ray this process is connected to).
+
+    Args:
+        cfg: the config, or the ``resolve`` of it when the caller checked it
+            already (``segray.train`` does, before it starts Ray).
+    """
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
     from segray.data import read_split
-    from segray.train.loop import train_loop_per_worker, val_dataset_name
+    from segray.training.loop import train_loop_per_worker, val_dataset_name
 
-    cfg, info, run_uri = resolve(cfg)
-    config_json = json.dumps({**cfg.to_dict(), "dataset": json.loads(info.to_json())}, indent=2)
-    storage.write_text(storage.join(run_uri, "config.json"), config_json)
+    run = cfg if isinstance(cfg, ResolvedRun) else resolve(cfg)
+    cfg, info, run_uri = run.config, run.info, run.run_uri
+    write_config(run_uri, cfg.to_dict(), info.to_dict())
 
     size = tuple(cfg.size)
     crop = tuple(cfg.crop) if cfg.crop else None
@@ -125,6 +137,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             storage_path=path,
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's INFO lines (worker group, ranks, checkpoints) bury the epoch lines.
+            logging_config=None if is_verbose() else ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"
             ),
@@ -135,6 +149,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     result = trainer.fit()
     if result.error:
         raise result.error
-    history = storage.read_parquet(storage.join(run_uri, "history.parquet")).to_pandas()
-    best = history.loc[history["val_miou"].fillna(-1).idxmax()].to_dict()
-    return TrainResult(run_uri, history, best)
+    history = read_history(run_uri)
+    best_row = int(history["val_miou"].fillna(-1).idxmax())
+    best = history.loc[best_row].to_dict()
+    return TrainResult(run_uri, history, int(best["epoch"]), best)

@@ -1,10 +1,21 @@
-"""Training curves as a PNG a person can look at."""
+"""How a run shows its progress: one line per epoch in the job log, curves as a PNG."""
 
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pandas as pd
+
+
+def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """One line per epoch for the job's log: where the run is and how it is doing."""
+    m = metrics
+    return (
+        f"epoch {m['epoch'] + 1}/{epochs}: train loss {m['train_loss']:.4f} mIoU {m['train_miou']:.3f} | "
+        f"val loss {m['val_loss']:.4f} mIoU {m['val_miou']:.3f} Dice {m['val_mean_dice']:.3f} | "
+        f"{m['seconds']:.1f} s, {m['train_images_per_s']:.1f} images/s"
+    )
 
 
 def plot_curves(history: pd.DataFrame) -> bytes:

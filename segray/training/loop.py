@@ -11,8 +11,6 @@ worker computes the same mIoU and takes the same early-stopping decision.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import tempfile
 import time
@@ -20,33 +18,30 @@ from typing import Any
 
 import numpy as np
 
-from segray import storage
+from segray.config import TrainConfig
 from segray.data.info import IGNORE_INDEX, DatasetInfo
-from segray.train.config import TrainConfig
+from segray.models.saved import Preprocessing
+from segray.runtime import normal_priority
+from segray.training.artifacts import RunArtifacts, load_state, save_state
+from segray.training.report import epoch_line
 
-STATE_FILE = "state.json"
-WEIGHTS_FILE = "weights.npz"
-OPTIMIZER_FILE = "optimizer.npz"
-PREPROCESSING_FILE = "preprocessing.json"
+
+def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
+    """What a predictor needs besides the weights: normalisation, size, classes."""
+    return Preprocessing(
+        model=cfg.model,
+        size=tuple(cfg.size) if cfg.size else None,
+        fit="resize",
+        mean=tuple(info.mean),
+        std=tuple(info.std),
+        classes=tuple(c for c in info.classes if c.id != info.ignore_index),
+        ignore_index=info.ignore_index,
+    )
 
 
 def val_dataset_name(rank: int) -> str:
     """The Ray Train dataset that holds worker ``rank``'s part of the val split."""
     return f"val_{rank}"
-
-
-def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
-    """What a predictor needs besides the weights: normalisation, size, classes."""
-    return {
-        "model": cfg.model,
-        "size": list(cfg.size) if cfg.size else None,
-        "fit": "resize",
-        "mean": info.mean,
-        "std": info.std,
-        "num_classes": info.num_classes,
-        "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in info.classes],
-        "ignore_index": info.ignore_index,
-    }
 
 
 def epoch_metrics(prefix: str, loss_sum: float, weight_sum: float, cm: np.ndarray, class_names: list[str]) -> dict[str, float]:
@@ -66,113 +61,6 @@ def epoch_metrics(prefix: str, loss_sum: float, weight_sum: float, cm: np.ndarra
     return out
 
 
-def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
-    """One line per epoch for the job's log: where the run is and how it is doing."""
-    m = metrics
-    return (
-        f"epoch {m['epoch'] + 1}/{epochs}: train loss {m['train_loss']:.4f} mIoU {m['train_miou']:.3f} | "
-        f"val loss {m['val_loss']:.4f} mIoU {m['val_miou']:.3f} Dice {m['val_mean_dice']:.3f} | "
-        f"{m['seconds']:.1f} s, {m['train_images_per_s']:.1f} images/s"
-    )
-
-
-def save_state(directory: str, model, optimizer, state: dict[str, Any]) -> None:
-    np.savez(os.path.join(directory, WEIGHTS_FILE), *[np.asarray(w) for w in model.get_weights()])
-    np.savez(os.path.join(directory, OPTIMIZER_FILE), *[np.asarray(v.numpy()) for v in optimizer.variables])
-    with open(os.path.join(directory, STATE_FILE), "w") as f:
-        json.dump(state, f)
-
-
-def load_state(directory: str, model, optimizer) -> dict[str, Any]:
-    with np.load(os.path.join(directory, WEIGHTS_FILE)) as w:
-        model.set_weights([w[f"arr_{i}"] for i in range(len(w.files))])
-    optimizer.build(model.trainable_variables)
-    with np.load(os.path.join(directory, OPTIMIZER_FILE)) as o:
-        values = [o[f"arr_{i}"] for i in range(len(o.files))]
-    if len(values) != len(optimizer.variables):
-        raise RuntimeError(f"checkpoint holds {len(values)} optimizer variables, the optimizer has {len(optimizer.variables)}")
-    for var, value in zip(optimizer.variables, values):
-        var.assign(value)
-    with open(os.path.join(directory, STATE_FILE)) as f:
-        return json.load(f)
-
-
-class RunArtifacts:
-    """What rank 0 leaves in STORAGE/RUN besides Ray's checkpoints."""
-
-    def __init__(self, run_uri: str):
-        self.run_uri = run_uri
-        self.tb_dir = tempfile.mkdtemp(prefix="segray-tb-")
-        self._writer = None
-
-    def write_epoch(self, history: list[dict[str, Any]]) -> None:
-        import pandas as pd
-        import pyarrow as pa
-        import tensorflow as tf
-
-        from segray.train.plots import plot_curves
-
-        frame = pd.DataFrame(history)
-        storage.write_parquet(pa.Table.from_pandas(frame, preserve_index=False), storage.join(self.run_uri, "history.parquet"))
-        storage.write_bytes(storage.join(self.run_uri, "curves.png"), plot_curves(frame))
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.tb_dir)
-        last = history[-1]
-        with self._writer.as_default():
-            for key, value in last.items():
-                if key != "epoch" and isinstance(value, (int, float)) and np.isfinite(value):
-                    tf.summary.scalar(key, value, step=int(last["epoch"]))
-        self._writer.flush()
-        for root, _, files in os.walk(self.tb_dir):
-            for name in files:
-                path = os.path.join(root, name)
-                rel = os.path.relpath(path, self.tb_dir)
-                with open(path, "rb") as f:
-                    storage.write_bytes(storage.join(self.run_uri, "tensorboard", rel), f.read())
-
-    def write_best_model(
-        self, export_model, weights: list[np.ndarray], epoch: int, metrics: dict[str, Any], preprocessing: dict[str, Any]
-    ) -> None:
-        export_model.set_weights(weights)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.keras")
-            export_model.save(path)
-            with open(path, "rb") as f:
-                storage.write_bytes(storage.join(self.run_uri, "model", "model.keras"), f.read())
-        info = {"epoch": epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-        storage.write_text(storage.join(self.run_uri, "model", "best.json"), json.dumps(info, indent=2))
-        storage.write_text(storage.join(self.run_uri, "model", PREPROCESSING_FILE), json.dumps(preprocessing, indent=2))
-
-
-def normal_priority() -> int:
-    """Brings every thread of this process back to niceness 0; returns how many moved.
-
-    Ray starts its worker processes at niceness 15 (``RAY_worker_niceness``), so
-    that the raylet and GCS stay responsive. A CPU training worker at 15 loses
-    its cores to every nice-0 process that wakes up; on a 2-core machine that
-    cost a one-worker run a quarter of the plain loop's speed. Lowering
-    niceness needs ``CAP_SYS_NICE`` (or an ``RLIMIT_NICE`` that allows it);
-    without it the worker keeps Ray's niceness and nothing else changes.
-    Linux keeps niceness per thread, hence the walk over ``/proc/self/task``;
-    threads started later (TensorFlow's pools, data prefetch) inherit it.
-    """
-    if not hasattr(os, "setpriority"):
-        return 0
-    try:
-        threads = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        threads = [0]  # not Linux: the calling process
-    moved = 0
-    for tid in threads:
-        try:
-            if os.getpriority(os.PRIO_PROCESS, tid) > 0:
-                os.setpriority(os.PRIO_PROCESS, tid, 0)
-                moved += 1
-        except (PermissionError, ProcessLookupError):
-            pass
-    return moved
-
-
 class WorkerLoop:
     """One worker's side of a data-parallel run: model, optimizer, steps, epochs."""
 
@@ -181,7 +69,7 @@ class WorkerLoop:
         import tensorflow as tf
 
         from segray import models
-        from segray.train.losses import class_weights_from_frequency
+        from segray.training.losses import class_weights_from_frequency
 
         self.cfg, self.info = cfg, info
         if not cfg.gpu:
@@ -232,7 +120,7 @@ class WorkerLoop:
         import tensorflow as tf
 
         from segray.metrics import tf_confusion_matrix
-        from segray.train.losses import masked_cross_entropy, soft_dice_sums
+        from segray.training.losses import masked_cross_entropy, soft_dice_sums
 
         cfg, replica_ctx = self.cfg, tf.distribute.get_replica_context()
         with tf.GradientTape() as tape:
@@ -257,7 +145,7 @@ class WorkerLoop:
         import tensorflow as tf
 
         from segray.metrics import tf_confusion_matrix
-        from segray.train.losses import masked_cross_entropy
+        from segray.training.losses import masked_cross_entropy
 
         logits = self.model(images, training=False)
         loss_sum, weight_sum = masked_cross_entropy(masks, logits, self.class_weights, IGNORE_INDEX)

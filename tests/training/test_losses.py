@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from segray.train.losses import (
+from segray.training.losses import (
     class_weights_from_frequency,
     masked_cross_entropy,
     soft_dice_loss,

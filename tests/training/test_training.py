@@ -7,15 +7,17 @@ import os
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 
 from segray import storage
 from segray.cli import main as cli_main
-from segray.config import ConfigError
+from segray.config import ConfigError, IngestConfig, TrainConfig
 from segray.data import ingest, read_split, synthesize
-from segray.train import TrainConfig, resolve, train
+from segray.training import resolve, train
 
 TINY_UNET = {"depth": 2, "width": 8}
 
@@ -24,7 +26,7 @@ TINY_UNET = {"depth": 2, "width": 8}
 def shapes(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("shapes")
     synthesize(str(root / "raw"), n=160, size=(32, 32), num_classes=4, seed=0, show_progress=False)
-    return ingest(str(root / "raw"), str(root / "ds"), val_fraction=0.25)
+    return ingest(IngestConfig(source=str(root / "raw"), destination=str(root / "ds"), val_fraction=0.25))
 
 
 def config(data: str, storage_uri: str, name: str, **overrides) -> TrainConfig:
@@ -75,7 +77,7 @@ def test_two_workers_learn(shapes, tmp_path, s3, where):
     else:
         bucket = s3.bucket()
         data, runs = f"{bucket}/datasets/shapes", f"{bucket}/runs"
-        ingest(shapes.info.source, data, val_fraction=0.25)
+        ingest(IngestConfig(source=shapes.info.source, destination=data, val_fraction=0.25))
     result = train(config(data, runs, "learn"))
     history = result.history
     # Learning, not only running: the loss falls and val mIoU clears a bar that
@@ -86,12 +88,19 @@ def test_two_workers_learn(shapes, tmp_path, s3, where):
 
 
 @pytest.mark.slow
-def test_resume_continues_a_stopped_run(shapes, tmp_path):
+def test_resume_continues_a_stopped_run(shapes, tmp_path, capsys):
     runs = str(tmp_path / "runs")
-    first = train(config(shapes.dst, runs, "r", epochs=1))
-    with pytest.raises(FileExistsError, match="--resume"):
+    # The first run from a YAML file and a flag over it, as `segray train --config run.yaml --epochs 1`.
+    file_values = {**config(shapes.dst, runs, "r", epochs=5).to_dict(), "lr": 0.02}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(file_values))
+    assert cli_main(["train", "--config", str(tmp_path / "run.yaml"), "--epochs", "1"]) == 0
+    assert "trained unet for 1 epoch(s)" in capsys.readouterr().out
+    saved = json.loads(storage.read_text(storage.join(runs, "r", "config.json")))
+    assert saved["epochs"] == 1 and saved["lr"] == 0.02 and saved["model_options"] == TINY_UNET and saved["workers"] == 2
+    first = SimpleNamespace(history=storage.read_parquet(storage.join(runs, "r", "history.parquet")).to_pandas())
+    with pytest.raises(FileExistsError, match="set `resume` to continue it"):
         resolve(config(shapes.dst, runs, "r", epochs=2))
-    resumed = train(config(shapes.dst, runs, "r", epochs=2, resume=True))
+    resumed = train(config(shapes.dst, runs, "r", epochs=2, resume=True, lr=0.02))
     h = resumed.history
     assert list(h["epoch"]) == [0, 1]
     # The first epoch is the stopped run's, carried in the checkpoint, not re-trained.
@@ -144,11 +153,11 @@ def _validation_matrix(loop_config):
     import ray.train
 
     from segray.data.info import DatasetInfo
-    from segray.train.loop import WorkerLoop
+    from segray.training.loop import WorkerLoop
 
     cfg = TrainConfig.from_dict(loop_config["config"])
     info = DatasetInfo.from_json(loop_config["dataset_info"])
-    from segray.train.loop import val_dataset_name
+    from segray.training.loop import val_dataset_name
 
     ctx = ray.train.get_context()
     worker = WorkerLoop(cfg, info, ctx.get_world_size())
@@ -177,7 +186,7 @@ def test_worker_matrices_sum_to_single_worker_matrix(shapes, tmp_path):
     val = read_split(shapes.dst, "val")
     matrices = {}
     for workers in (1, 2):
-        # The same val datasets and DataConfig as segray.train.train builds.
+        # The same val datasets and DataConfig as segray.training.train builds.
         parts = {f"val_{k}": read_split(shapes.dst, "val", part=(k, workers)) for k in range(workers)}
         trainer = TensorflowTrainer(
             _validation_matrix,
@@ -220,7 +229,7 @@ def test_config_round_trip_and_strictness():
         (["--batch-size", "100"], "larger than the train split"),
         (["--class-weights", "1,2"], "gives 2 weights, the dataset has 4 classes"),
         (["--size", "30"], "--size 30x30 with --model unet"),
-        (["--model", "segnet", "--xla"], "--xla with --model segnet: its MaxPoolWithArgmax"),
+        (["--model", "segnet", "--xla", "--workers", "1"], "--xla with --model segnet: its MaxPoolWithArgmax"),
         (["--xla", "--workers", "2"], "--xla with --workers 2 on CPU: TensorFlow does not compile collectives"),
     ],
 )
@@ -236,6 +245,6 @@ def test_not_a_dataset_and_existing_run_are_refused(shapes, tmp_path, capsys):
     assert "is not an ingested dataset" in capsys.readouterr().err
     storage.write_text(str(tmp_path / "runs" / "taken" / "config.json"), "{}")
     assert cli_main(["train", "--data", shapes.dst, "--storage", str(tmp_path / "runs"), "--name", "taken"]) == 2
-    assert "already exists; pass --resume" in capsys.readouterr().err
+    assert "already exists; set --resume to continue it" in capsys.readouterr().err
     assert cli_main(["train", "--data", shapes.dst, "--storage", str(tmp_path / "runs"), "--name", "new", "--resume"]) == 2
     assert "there is no run" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""The Python API: one call per job, for notebooks and scripts (``segray.ingest`` ...).
+
+Each call checks its config, starts a local Ray or joins the cluster in
+``RAY_ADDRESS`` (once per process), runs the job and returns what it made,
+the tables as pandas DataFrames. The CLI and ``jobs/`` are thin callers of
+these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from segray.config import Config, EvaluateConfig, IngestConfig, PredictConfig, TrainConfig
+from segray.runtime import init_ray
+
+C = TypeVar("C", bound=Config)
+
+
+def _config(cls: type[C], cfg: C | dict[str, Any]) -> C:
+    if isinstance(cfg, cls):
+        return cfg
+    if isinstance(cfg, dict):
+        return cls.from_dict(cfg)
+    raise TypeError(f"expected a {cls.__name__} or a dict of its fields, got {type(cfg).__name__}")
+
+
+def ingest(cfg: IngestConfig | dict[str, Any], command: str = ""):
+    """Checks every image/mask pair of ``cfg.source`` and writes the dataset to ``cfg.destination``.
+
+    Args:
+        cfg: an ``IngestConfig`` (or a dict of its fields).
+        command: the command line to record in ``dataset.json`` (the CLI passes its own).
+
+    Returns:
+        ``IngestResult``: ``dst``, ``info`` (the ``DatasetInfo`` of dataset.json) and
+        the rejected inputs as ``(uri, reason)``.
+    """
+    from segray.data.ingest import ingest as run_ingest
+
+    cfg = _config(IngestConfig, cfg)
+    init_ray()
+    return run_ingest(cfg, command=command)
+
+
+def train(cfg: TrainConfig | dict[str, Any]):
+    """Trains a model with Ray Train; every value is checked before Ray starts.
+
+    Args:
+        cfg: a ``TrainConfig`` (or a dict of its fields).
+
+    Returns:
+        ``TrainResult``: ``run_uri``, ``history`` (DataFrame, one row per
+        epoch), ``best_epoch`` and ``best`` (that epoch's metrics).
+    """
+    from segray.training import resolve
+    from segray.training import train as run_train
+
+    run = resolve(_config(TrainConfig, cfg))
+    init_ray()
+    return run_train(run)
+
+
+def predict(cfg: PredictConfig | dict[str, Any]):
+    """Segments every image of ``cfg.input`` and, where truth masks come with them, scores them.
+
+    Args:
+        cfg: a ``PredictConfig`` (or a dict of its fields).
+
+    Returns:
+        ``PredictResult``: ``output_uri``, ``summary`` (dict), ``per_class``,
+        ``per_image`` and ``confusion`` (DataFrames), ``errors``.
+    """
+    from segray.inference import predict as run_predict
+
+    cfg = _config(PredictConfig, cfg)
+    init_ray()
+    return run_predict(cfg)
+
+
+def evaluate(cfg: EvaluateConfig | dict[str, Any]):
+    """Scores existing predicted masks against truth masks; returns a ``PredictResult``.
+
+    Args:
+        cfg: an ``EvaluateConfig`` (or a dict of its fields).
+    """
+    from segray.inference import evaluate as run_evaluate
+
+    cfg = _config(EvaluateConfig, cfg)
+    init_ray()
+    return run_evaluate(cfg)
+
+
+def load_model(run_uri: str):
+    """The trained ``keras.Model`` of a run (``STORAGE/RUN``), its ``model/`` folder or a ``.keras`` file.
+
+    segray's custom layers are registered first, so nothing else needs importing.
+    """
+    from segray.models.saved import load_model as load
+
+    return load(run_uri)

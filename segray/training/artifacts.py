@@ -1,0 +1,105 @@
+"""What a run leaves in STORAGE/RUN besides Ray's own checkpoint folders.
+
+- ``config.json``: the resolved config and the dataset it trained on;
+- ``history.parquet`` (one row per epoch), ``curves.png``, ``tensorboard/``;
+- ``model/``: the best model by val mIoU (``segray.models.saved``);
+- inside each Ray Train checkpoint: the weights, the optimizer state and the
+  loop's state (``save_state`` / ``load_state``), so a run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from segray import storage
+from segray.models.saved import Preprocessing, write_model
+
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.parquet"
+CURVES_FILE = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "weights.npz"
+OPTIMIZER_FILE = "optimizer.npz"
+
+
+def write_config(run_uri: str, config: dict[str, Any], dataset: dict[str, Any]) -> None:
+    """``RUN/config.json``: the resolved config the run trains with, and its dataset's description."""
+    storage.write_text(storage.join(run_uri, CONFIG_FILE), json.dumps({**config, "dataset": dataset}, indent=2))
+
+
+def read_history(run_uri: str):
+    """``RUN/history.parquet`` as a DataFrame, one row per epoch."""
+    return storage.read_parquet(storage.join(run_uri, HISTORY_FILE)).to_pandas()
+
+
+def run_exists(run_uri: str) -> bool:
+    return storage.exists(storage.join(run_uri, CONFIG_FILE))
+
+
+def save_state(directory: str, model, optimizer, state: dict[str, Any]) -> None:
+    np.savez(os.path.join(directory, WEIGHTS_FILE), *[np.asarray(w) for w in model.get_weights()])
+    np.savez(os.path.join(directory, OPTIMIZER_FILE), *[np.asarray(v.numpy()) for v in optimizer.variables])
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump(state, f)
+
+
+def load_state(directory: str, model, optimizer) -> dict[str, Any]:
+    with np.load(os.path.join(directory, WEIGHTS_FILE)) as w:
+        model.set_weights([w[f"arr_{i}"] for i in range(len(w.files))])
+    optimizer.build(model.trainable_variables)
+    with np.load(os.path.join(directory, OPTIMIZER_FILE)) as o:
+        values = [o[f"arr_{i}"] for i in range(len(o.files))]
+    if len(values) != len(optimizer.variables):
+        raise RuntimeError(f"checkpoint holds {len(values)} optimizer variables, the optimizer has {len(optimizer.variables)}")
+    for var, value in zip(optimizer.variables, values):
+        var.assign(value)
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        return json.load(f)
+
+
+class RunArtifacts:
+    """What rank 0 leaves in STORAGE/RUN besides Ray's checkpoints."""
+
+    def __init__(self, run_uri: str):
+        self.run_uri = run_uri
+        self.tb_dir = tempfile.mkdtemp(prefix="segray-tb-")
+        self._writer = None
+
+    def write_epoch(self, history: list[dict[str, Any]]) -> None:
+        import pandas as pd
+        import pyarrow as pa
+        import tensorflow as tf
+
+        from segray.training.report import plot_curves
+
+        frame = pd.DataFrame(history)
+        storage.write_parquet(pa.Table.from_pandas(frame, preserve_index=False), storage.join(self.run_uri, HISTORY_FILE))
+        storage.write_bytes(storage.join(self.run_uri, CURVES_FILE), plot_curves(frame))
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.tb_dir)
+        last = history[-1]
+        with self._writer.as_default():
+            for key, value in last.items():
+                if key != "epoch" and isinstance(value, (int, float)) and np.isfinite(value):
+                    tf.summary.scalar(key, value, step=int(last["epoch"]))
+        self._writer.flush()
+        for root, _, files in os.walk(self.tb_dir):
+            for name in files:
+                path = os.path.join(root, name)
+                rel = os.path.relpath(path, self.tb_dir)
+                with open(path, "rb") as f:
+                    storage.write_bytes(storage.join(self.run_uri, TENSORBOARD_DIR, rel), f.read())
+
+    def write_best_model(
+        self, export_model, weights: list[np.ndarray], epoch: int, metrics: dict[str, Any], preprocessing: Preprocessing
+    ) -> None:
+        """Exports the best weights so far as ``RUN/model/`` (see ``segray.models.saved``)."""
+        export_model.set_weights(weights)
+        best = {"epoch": epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        write_model(self.run_uri, export_model, preprocessing, best)
