@@ -198,7 +198,7 @@ def test_job_submit_needs_the_token_and_applies_runtime_env(fake_cluster: HeadNo
         assert result[where] == {
             "segray_in_working_dir": True,
             "tests_uploaded": False,
-            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
         }, (where, result)
 
     # The same request without the token is refused. HOME points at an empty

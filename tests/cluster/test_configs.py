@@ -254,7 +254,7 @@ def test_runtime_env_is_one_ray_accepts() -> None:
     assert set(runtime_env) <= RuntimeEnv.known_fields
     assert "working_dir" not in runtime_env  # given by `--working-dir .`
     RuntimeEnv(**runtime_env)  # raises on a wrong type, e.g. a non-string env var
-    assert runtime_env["env_vars"]["TF_CPP_MIN_LOG_LEVEL"] == "2"
+    assert runtime_env["env_vars"]["TF_CPP_MIN_LOG_LEVEL"] == "3"
 
 
 def test_runtime_env_excludes_keep_the_package_and_drop_tests() -> None:
