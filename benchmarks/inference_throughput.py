@@ -136,7 +136,7 @@ def subset(raw: str, dst: str, n: int) -> str:
 
 def baseline_model_predict(raw: str, run: str, batch: int) -> float:
     """images/s of model.predict on images decoded and normalised beforehand."""
-    from segray.inference.model import load_keras
+    from segray.models.saved import load_keras
 
     pre = json.load(open(os.path.join(run, "model", "preprocessing.json")))
     names = sorted(os.listdir(os.path.join(raw, "images")))
@@ -151,7 +151,7 @@ def baseline_model_predict(raw: str, run: str, batch: int) -> float:
 
 def baseline_naive_loop(raw: str, run: str, out: str, batch: int) -> float:
     """images/s of one process that reads, decodes, predicts, encodes and writes batch by batch."""
-    from segray.inference.model import load_keras
+    from segray.models.saved import load_keras
 
     pre = json.load(open(os.path.join(run, "model", "preprocessing.json")))
     mean, std = np.float32(pre["mean"]), np.float32(pre["std"])
@@ -170,7 +170,8 @@ def baseline_naive_loop(raw: str, run: str, out: str, batch: int) -> float:
 
 def run_predict(run: str, raw: str, out: str, batch: int, gpus: float) -> tuple[dict, float, int, int]:
     """(summary, wall images/s, peak RSS, peak PSS) of one segray predict."""
-    from segray.inference import PredictConfig, predict
+    from segray.config import PredictConfig
+    from segray.inference import predict
 
     with MemorySampler() as mem:
         t0 = time.perf_counter()
@@ -254,6 +255,10 @@ def main() -> None:
             f"peak memory {big} vs {small} images: RSS {memory[big][0] / memory[small][0]:.2f}x, "
             f"PSS {memory[big][1] / memory[small][1]:.2f}x (target <= 1.2)"
         )
+    print(
+        f"RESULT predict_images_per_s={best['steady']:.1f} model_predict_images_per_s={best['model']:.1f} naive_images_per_s={best['naive']:.1f} "
+        f"ratio_model={best['steady'] / best['model']:.3f} ratio_naive={best['steady'] / best['naive']:.3f}"
+    )
     ray.shutdown()
 
 

@@ -101,6 +101,7 @@ def main() -> None:
         f"{'train GFLOP/s':>14} {'matmul GFLOP/s':>15} {'of matmul':>10}"
     )
     print(header, flush=True)
+    rates = {}
     for name in args.models:
         keras.utils.set_random_seed(0)
         model = models.build(name, args.classes, (args.size, args.size, 3))
@@ -115,11 +116,13 @@ def main() -> None:
             f"{train_flops * images.per_cpu_s / matmul.per_cpu_s:>10.1%}",
             flush=True,
         )
+        rates[name] = images.per_wall_s
         keras.backend.clear_session()
     print(
         "\nimages/s, train and matmul GFLOP/s: wall clock. train = 3x forward FLOPs. "
         "of matmul: FLOPs per CPU-second of this process, model / float32 2048x2048 matmul."
     )
+    print("RESULT " + " ".join(f"{name}_train_images_per_s={rate:.2f}" for name, rate in rates.items()))
 
 
 if __name__ == "__main__":

@@ -49,17 +49,19 @@ def main() -> None:
 
     import segray.models  # noqa: F401  (custom layers for loading)
     from segray import storage
+    from segray.config import IngestConfig
     from segray.data import ingest, read_split
     from segray.metrics import confusion_matrix, dice, iou, summary
-    from segray.train import TrainConfig, train
+    from segray.config import TrainConfig
+    from segray.training import train
 
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         common = dict(layout="per-class", images_dir="slices", class_order=ORDER, priority=PRIORITY)
-        train_ds = ingest(os.path.join(args.data, "train"), os.path.join(tmp, "train"), val_fraction=0.15, **common)
-        test_ds = ingest(os.path.join(args.data, "test"), os.path.join(tmp, "test"), val_fraction=0.0, **common)
+        train_ds = ingest(IngestConfig(source=os.path.join(args.data, "train"), destination=os.path.join(tmp, "train"), val_fraction=0.15, **common))
+        test_ds = ingest(IngestConfig(source=os.path.join(args.data, "test"), destination=os.path.join(tmp, "test"), val_fraction=0.0, **common))
         print(f"train/val slices {train_ds.info.splits}, test slices {test_ds.info.splits['train']}")
         print("pixel frequency (train): " + ", ".join(f"{k} {v:.1%}" for k, v in train_ds.info.pixel_frequency.items()))
         cfg = TrainConfig(
@@ -88,6 +90,7 @@ def main() -> None:
         print(f"{name:<26}{i:8.3f}{d:8.3f}{int(n):10d}")
     print(f"{'mean (' + str(s['valid_classes']) + ' classes)':<26}{s['miou']:8.3f}{s['mean_dice']:8.3f}   pixel accuracy {s['pixel_accuracy']:.3f}")
     print(f"total {time.time() - t0:.0f} s")
+    print(f"RESULT miou={s['miou']:.4f} mean_dice={s['mean_dice']:.4f} pixel_accuracy={s['pixel_accuracy']:.4f} seconds={time.time() - t0:.0f}")
 
 
 if __name__ == "__main__":

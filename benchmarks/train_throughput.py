@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from segray.data.info import ClassInfo, DatasetInfo  # noqa: E402
 from segray.data.synthetic import make_pair  # noqa: E402
-from segray.train import TrainConfig  # noqa: E402
-from segray.train.trainer import data_config  # noqa: E402
+from segray.config import TrainConfig  # noqa: E402
+from segray.training.trainer import data_config  # noqa: E402
 
 
 def make_data(n: int, size: int, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -43,7 +43,7 @@ def plain_loop(images, masks, cfg: TrainConfig, epochs: int, threads: int) -> fl
     import tensorflow as tf
 
     from segray import models
-    from segray.train.losses import masked_cross_entropy
+    from segray.training.losses import masked_cross_entropy
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     keras.utils.set_random_seed(0)
@@ -74,7 +74,7 @@ def _ray_loop(loop_config):
 
     import ray.train
 
-    from segray.train.loop import WorkerLoop
+    from segray.training.loop import WorkerLoop
 
     cfg = TrainConfig.from_dict(loop_config["config"])
     info = DatasetInfo.from_json(loop_config["info"])
@@ -143,7 +143,7 @@ def main() -> None:
     images, masks = make_data(args.n, args.size)
     cfg = TrainConfig(
         data="memory", storage="none", name="bench", epochs=args.epochs, batch_size=args.batch, lr=1e-3,
-        schedule="constant", xla=args.xla, model_options={"width": args.width, "depth": args.depth},
+        schedule="constant", workers=1, xla=args.xla, model_options={"width": args.width, "depth": args.depth},
     )
     print(f"U-Net width {args.width} depth {args.depth}, {args.n} images {args.size}x{args.size}, batch {args.batch}, {cpus} CPUs, XLA {'on' if args.xla else 'off'}")
     # Alternated repeats, medians: a shared VM drifts by 10% between minutes.
@@ -156,11 +156,14 @@ def main() -> None:
     ratio = float(np.median(np.array(ones) / np.array(plains)))  # of pairs measured side by side
     print(f"plain Keras loop (1 process, {cpus} threads):   {plain:7.2f} images/s (median of {args.repeats})")
     print(f"Ray Train, 1 worker ({cpus} CPUs):            {one:7.2f} images/s   ratio {ratio:.2f} (median of pairs; target >= 0.9)")
-    if args.xla:  # segray train refuses this too (resolve)
+    two = None
+    if args.xla:  # segray train refuses this too (TrainConfig)
         print("Ray Train, 2 workers: not run, TensorFlow compiles no collectives for CPU under XLA")
     else:
         two = ray_train(images, masks, cfg, args.epochs, workers=2, cpus_per_worker=max(1, cpus // 2))
         print(f"Ray Train, 2 workers ({max(1, cpus // 2)} CPU each):         {two:7.2f} images/s   ratio {two / plain:.2f}")
+    two_part = f" two_workers_images_per_s={two:.2f} ratio_two={two / plain:.3f}" if two else ""
+    print(f"RESULT plain_images_per_s={plain:.2f} one_worker_images_per_s={one:.2f} ratio_one={ratio:.3f}{two_part}")
     ray.shutdown()
 
 
