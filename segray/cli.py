@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="default 2")
 
     p = _subparser(sub, "demo", cmd_demo, "run the whole pipeline on a local synthetic dataset")
-    p.add_argument("--dir", help="working folder (default ./segray-demo, replaced)")
+    p.add_argument("--dir", help="working folder (default ./segray-demo; an earlier demo's files there are replaced, anything else is refused)")
     p.add_argument("--n", type=int, help="synthetic pairs (default 96)")
     p.add_argument("--size", type=_size, help="image size (default 64)")
     p.add_argument("--epochs", type=int, help="training epochs (default 8)")
@@ -230,9 +230,12 @@ def render(error: BaseException, flags: dict[str, str]) -> str:
     """The message with config field names replaced by the flags a user types.
 
     A message starts with the field it is about (``error.field``) and names
-    other fields in backticks (`` `resume` ``); both become flags here.
+    other fields in backticks (`` `resume` ``); both become flags here. Any
+    credentials written into a URI are redacted.
     """
-    message = str(error)
+    from segray.storage import redact
+
+    message = redact(str(error))
     field = getattr(error, "field", None)
     if field in flags and message.startswith(field):
         message = flags[field] + message[len(field):]

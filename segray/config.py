@@ -204,10 +204,16 @@ def _uri(cfg: Any, *names: str) -> None:
     """Checks URI fields; a local path becomes absolute, so Ray workers (whatever their folder) find it."""
     import os
 
+    from segray.storage import check_uri
+
     for name in names:
         value = getattr(cfg, name)
         if not value:
             raise ConfigError(f"{name}: expected a path or s3:// URI, got {value!r}", field=name)
+        try:
+            check_uri(value)
+        except ValueError as e:
+            raise ConfigError(f"{name} {e}", field=name) from None
         if "://" not in value:
             object.__setattr__(cfg, name, os.path.abspath(os.path.expanduser(value)))
 

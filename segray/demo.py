@@ -6,10 +6,15 @@ import os
 import time
 
 from segray import storage
+from segray.config import about
+from segray.ownership import clear_owned, write_marker
 
 
 def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs: int = 8, overwrite: bool = True) -> dict[str, str]:
     """Synthesises shapes, ingests, trains a U-Net on 2 workers, predicts the val split; prints where each step wrote.
+
+    ``workdir`` must be empty, new, or a folder an earlier demo made (with
+    ``overwrite``, only the files that demo wrote are deleted).
 
     Returns:
         The URIs of what the demo wrote, by step.
@@ -19,8 +24,11 @@ def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs
     from segray.runtime import init_ray
 
     workdir = os.path.abspath(workdir)
-    if overwrite:
-        storage.delete_dir(workdir)
+    if storage.list_files(workdir, limit=1):
+        if not overwrite:
+            raise about("dir", FileExistsError(f"dir {workdir} already holds files; choose an empty or new folder"))
+        # Only what an earlier demo wrote there (its _segray.json lists it); anything else is refused.
+        clear_owned(workdir, "demo", "dir")
     raw, data, runs = (storage.join(workdir, x) for x in ("raw", "dataset", "runs"))
     steps = 4
     t0 = time.time()
@@ -46,5 +54,6 @@ def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs
     print(f"[4/{steps}] predicting the val split with the best model -> {predictions}")
     predicted = segray.predict(segray.PredictConfig(model=trained.run_uri, input=data, split="val", output=predictions, overlays=8))
     print(predicted.describe())
+    write_marker(workdir, "demo")
     print(f"demo done in {time.time() - t0:.0f} s; everything is under {workdir}")
     return {"raw": raw, "dataset": data, "run": trained.run_uri, "predictions": predictions}

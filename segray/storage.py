@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -21,6 +22,28 @@ S3_SCHEME = "s3://"
 
 def is_s3(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
+
+
+# user:secret@ (or anything@) before the bucket: credentials someone put in a URI.
+_USERINFO = re.compile(r"(s3://)[^/\s@]*@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with any credentials written into an ``s3://KEY:SECRET@bucket`` URI replaced by ``***``."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def check_uri(uri: str) -> None:
+    """Refuses credentials in a URI (they would end up in logs, configs and outputs).
+
+    Raises:
+        ValueError: the URI holds ``KEY:SECRET@`` before the bucket; the message redacts them.
+    """
+    if _USERINFO.match(uri):
+        raise ValueError(
+            f"{redact(uri)}: credentials do not belong in a URI; give them through AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the node's instance profile"
+        )
 
 
 def _endpoint() -> str | None:
@@ -38,6 +61,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     (``read_parquet(path, filesystem=fs)``).
     """
     if is_s3(uri):
+        check_uri(uri)
         path = uri[len(S3_SCHEME):].strip("/")
         if not path:
             raise ValueError(f"{uri!r} names no bucket: expected s3://bucket/prefix")
@@ -97,8 +121,17 @@ def list_files(uri: str, recursive: bool = True, limit: int | None = None) -> li
     """Files under ``uri`` (a directory or prefix), sorted by URI. Empty if absent."""
     fs, path = filesystem(uri)
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+    for attempt in range(3):
+        try:
+            infos = fs.get_file_info(selector)
+            break
+        except FileNotFoundError:
+            # A file or folder vanished while it was being listed (another
+            # writer's temporary file renamed into place): list again.
+            if attempt == 2:
+                raise
     out = []
-    for info in fs.get_file_info(selector):
+    for info in infos:
         if info.type == pafs.FileType.File:
             out.append(FileEntry(display(fs, info.path), info.size or 0))
             if limit is not None and len(out) >= limit:
@@ -137,6 +170,41 @@ def write_bytes(uri: str, data: bytes) -> None:
     else:
         with fs.open_output_stream(path) as f:
             f.write(data)
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Writes ``data`` to ``uri`` only if nothing is there; True if this call created it.
+
+    Of two processes racing for the same URI exactly one wins: locally a
+    hard link of a complete temporary file (``link`` fails on an existing
+    name), on S3 a conditional PUT (``If-None-Match: *``), which S3 and
+    compatible stores answer with 412 when the key exists.
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    import boto3
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = path.partition("/")
+    client = boto3.client("s3", endpoint_url=_endpoint(), region_name=_region())
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        return True
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            return False
+        raise
 
 
 def read_text(uri: str) -> str:

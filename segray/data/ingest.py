@@ -27,6 +27,9 @@ from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color
 from segray.data.layouts import Plan, build_mask, list_pairs
 from segray.data.quarantine import errors_uri, write_errors
 from segray.data.shards import stable_hash
+from segray.ownership import claim_folder, clear_owned, refuse_overlap, write_marker
+
+DATASET_FILE = "dataset.json"
 
 SPLITS = ("train", "val")
 
@@ -173,10 +176,12 @@ def _meta(image_id: str, split: str, uri: str, reason: str) -> dict[str, Any]:
 
 
 def _prepare_dst(dst: str, overwrite: bool) -> None:
-    if storage.exists(storage.join(dst, "dataset.json")) or storage.list_files(dst, limit=1):
+    """An empty destination, or one segray ingested before (with ``overwrite``): only its listed files are deleted."""
+    if storage.list_files(dst, limit=1):
         if not overwrite:
             raise about("destination", IngestError(f"destination {dst} already holds files; set `overwrite` to replace it whole (nothing was written)"))
-        storage.delete_dir(dst)
+        clear_owned(dst, "dataset", "destination", required=(DATASET_FILE,))
+    claim_folder(dst, "dataset", "destination")
 
 
 def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
@@ -193,6 +198,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     import ray
 
     src, dst, layout, val_fraction = cfg.source, cfg.destination, cfg.layout, cfg.val_fraction
+    refuse_overlap(src, "source", dst, "destination")
     if not storage.is_dir(src):
         raise about("source", IngestError(f"source {src} does not exist or is empty"))
     plan = list_pairs(src, layout, cfg.classes, cfg.num_classes, cfg.class_order, cfg.priority, cfg.images_dir)
@@ -251,5 +257,6 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         extra={"ignored_pixels": int(counts[IGNORE_INDEX]), "seconds": round(time.time() - start, 2), "shards": len(chunks)},
         config=cfg.to_dict(),
     )
-    storage.write_text(storage.join(dst, "dataset.json"), info.to_json())
+    storage.write_text(storage.join(dst, DATASET_FILE), info.to_json())
+    write_marker(dst, "dataset")
     return IngestResult(dst, info, errors)

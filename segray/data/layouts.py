@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,10 +55,32 @@ def _relative_id(uri: str, root: str) -> tuple[str, str]:
     return stem, ext.lower()
 
 
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot name output files safely, or None.
+
+    Ids become paths under an output folder (``masks/<id>.png``), so an id
+    must be a relative path that stays inside it: no '..', no absolute path,
+    no URI scheme, no backslash or control character, no empty part.
+    """
+    if not isinstance(image_id, str) or not image_id:
+        return f"image id {image_id!r} is empty"
+    if image_id.startswith("/") or re.match(r"^[A-Za-z]:", image_id):
+        return f"image id {image_id!r} is an absolute path"
+    if "://" in image_id:
+        return f"image id {image_id!r} holds a URI scheme"
+    if "\\" in image_id or any(ord(ch) < 32 for ch in image_id):
+        return f"image id {image_id!r} holds a backslash or a control character"
+    parts = image_id.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return f"image id {image_id!r} has an empty, '.' or '..' part: it would name a file outside the output folder"
+    return None
+
+
 def index_folder(root: str, kind: str, errors: list[tuple[str, str]]) -> dict[str, storage.FileEntry]:
     """Maps id -> file for the image files under ``root``; others become ``(uri, reason)`` errors.
 
-    The id of a file is its path under ``root`` without the extension.
+    The id of a file is its path under ``root`` without the extension; a file
+    whose id could not name an output file safely (``id_problem``) is an error.
     """
     index: dict[str, storage.FileEntry] = {}
     for entry in storage.list_files(root):
@@ -67,6 +90,10 @@ def index_folder(root: str, kind: str, errors: list[tuple[str, str]]) -> dict[st
         image_id, ext = _relative_id(entry.uri, root)
         if not is_image_name(name):
             errors.append((entry.uri, f"{entry.uri}: not an image (extension {ext or 'none'!r} in {kind}/)"))
+            continue
+        problem = id_problem(image_id)
+        if problem:
+            errors.append((entry.uri, f"{entry.uri}: {problem}"))
             continue
         if image_id in index:
             errors.append((entry.uri, f"{entry.uri}: duplicate id {image_id!r} in {kind}/ (kept {index[image_id].uri})"))

@@ -23,7 +23,7 @@ from segray.data.imageio import BadInput, decode_mask
 from segray.data.info import IGNORE_INDEX, load_classes
 from segray.data.layouts import index_folder
 from segray.inference.output import PredictResult, claim, write_results
-from segray.inference.pipeline import LIGHT_TASK_CPUS, canonical
+from segray.inference.pipeline import LIGHT_TASK_CPUS
 from segray.inference.tables import (
     ERROR,
     OK,
@@ -35,6 +35,7 @@ from segray.inference.tables import (
     score_tables,
 )
 from segray.metrics import CELL_BASE
+from segray.ownership import canonical
 
 FORMAT = "segray-evaluate/1"
 

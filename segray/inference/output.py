@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -44,11 +45,24 @@ class Output:
 
     root: str
 
+    def inside(self, *parts: str) -> str:
+        """``OUT/part/...``, refused when the parts would lead out of OUT (``..``, an absolute path).
+
+        Raises:
+            ValueError: the path would leave OUT.
+        """
+        uri = storage.join(self.root, *parts)
+        base = self.root.rstrip("/")
+        normal = (storage.S3_SCHEME + posixpath.normpath(uri[len(storage.S3_SCHEME):])) if storage.is_s3(uri) else os.path.normpath(uri)
+        if any(p.startswith("/") or ".." in p.split("/") for p in parts) or not normal.startswith(base + "/"):
+            raise ValueError(f"{'/'.join(parts)!r} would be written outside the output folder {self.root}; refused")
+        return uri
+
     def mask(self, image_id: str) -> str:
-        return storage.join(self.root, MASKS, f"{image_id}.png")
+        return self.inside(MASKS, f"{image_id}.png")
 
     def overlay(self, image_id: str) -> str:
-        return storage.join(self.root, OVERLAYS, f"{image_id}.png")
+        return self.inside(OVERLAYS, f"{image_id}.png")
 
     def part(self, image_ids: list[str]) -> str:
         """The record part of a batch: named by its ids, so a retried task writes the same file."""
@@ -153,25 +167,29 @@ def claim(out: str, identity: dict[str, Any], field_name: str = "output") -> Non
             settings, or files that are not segray results.
     """
     path = Output(out).run_file
-    if storage.exists(path):
-        try:
-            old = json.loads(storage.read_text(path))
-        except json.JSONDecodeError:
-            raise about(field_name, FileExistsError(f"{field_name} {out}: {path} is not valid JSON; choose another `{field_name}` or delete it")) from None
-        if old != identity:
-            diff = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
-            shown = "; ".join(f"{k}: {old.get(k)!r} there, {identity.get(k)!r} now" for k in diff[:4])
+    text = json.dumps(identity, indent=2, sort_keys=True)
+    if not storage.exists(path):
+        # limit 2: a run that claimed OUT a moment ago has left its _run.json there.
+        if any(storage.basename(f.uri) != RUN_FILE for f in storage.list_files(out, limit=2)):
             raise about(
                 field_name,
-                FileExistsError(f"{field_name} {out} holds results of another run ({shown}); choose another `{field_name}`, or delete it to start over"),
+                FileExistsError(f"{field_name} {out} holds files but no {RUN_FILE}: it is not a segray results folder; choose an empty or new `{field_name}`"),
             )
-        return
-    if storage.list_files(out, limit=1):
+        # Exclusive: of two runs claiming one OUT at once, one creates the file and
+        # the other finds it below and is refused unless it is the same run.
+        if storage.create_exclusive(path, text.encode("utf-8")):
+            return
+    try:
+        old = json.loads(storage.read_text(path))
+    except json.JSONDecodeError:
+        raise about(field_name, FileExistsError(f"{field_name} {out}: {path} is not valid JSON; choose another `{field_name}` or delete it")) from None
+    if old != identity:
+        diff = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+        shown = "; ".join(f"{k}: {old.get(k)!r} there, {identity.get(k)!r} now" for k in diff[:4])
         raise about(
             field_name,
-            FileExistsError(f"{field_name} {out} holds files but no {RUN_FILE}: it is not a segray results folder; choose an empty or new `{field_name}`"),
+            FileExistsError(f"{field_name} {out} holds results of another run ({shown}); choose another `{field_name}`, or delete it to start over"),
         )
-    storage.write_text(path, json.dumps(identity, indent=2, sort_keys=True))
 
 
 def read_parts(out: str, columns: list[str] | None = None) -> pa.Table:

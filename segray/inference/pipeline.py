@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import datetime
 import json
-import os
 import time
 from typing import Any
 
@@ -31,6 +30,7 @@ from segray.inference.output import Output, PredictResult, claim, completed, mer
 from segray.inference.sources import SHARDS, Source, list_source
 from segray.inference.tables import ERROR, score_tables
 from segray.models.saved import class_list
+from segray.ownership import canonical
 
 FORMAT = "segray-predict/1"
 
@@ -45,11 +45,6 @@ UNKNOWN_IMAGE_BYTES = 1024 * 1024 * 13  # an image of unknown size: 1024x1024 fl
 # from fusing the decoding into the actor (which would serialise it with the
 # model instead of overlapping the two).
 LIGHT_TASK_CPUS = 0.5
-
-
-def canonical(uri: str) -> str:
-    """The form of a URI that identifies it: absolute local paths, no trailing '/'."""
-    return uri.rstrip("/") if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
 def resolve_geometry(cfg: PredictConfig, spec: ModelSpec) -> Geometry:

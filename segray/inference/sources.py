@@ -23,7 +23,7 @@ from segray import storage
 from segray.config import about
 from segray.data.imageio import BadInput, decode_image
 from segray.data.info import IGNORE_INDEX, ClassInfo
-from segray.data.layouts import build_mask, list_pairs
+from segray.data.layouts import build_mask, id_problem, list_pairs
 from segray.inference.geometry import Geometry, fit_image
 
 RAW = "raw"
@@ -186,6 +186,9 @@ class ReadDecode:
         return image_id, where, where, lambda: image_bytes, (lambda: mask_bytes) if mask_bytes is not None else None
 
     def _row(self, image_id: str, image_uri: str, mask_uri: str, read_image, read_mask) -> dict[str, Any]:
+        problem = id_problem(image_id)
+        if problem:  # an id from a Parquet dataset; listed folders are checked when they are listed
+            return _error_row(image_id, image_uri, f"{image_uri}: {problem}")
         try:
             image = decode_image(read_image())
         except BadInput as e:

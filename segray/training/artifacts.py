@@ -28,9 +28,21 @@ WEIGHTS_FILE = "weights.npz"
 OPTIMIZER_FILE = "optimizer.npz"
 
 
-def write_config(run_uri: str, config: dict[str, Any], dataset: dict[str, Any]) -> None:
-    """``RUN/config.json``: the resolved config the run trains with, and its dataset's description."""
-    storage.write_text(storage.join(run_uri, CONFIG_FILE), json.dumps({**config, "dataset": dataset}, indent=2))
+def write_config(run_uri: str, config: dict[str, Any], dataset: dict[str, Any], exclusive: bool) -> bool:
+    """Writes ``RUN/config.json``: the resolved config the run trains with, and its dataset's description.
+
+    Args:
+        exclusive: create it only if no run has it (a new run claiming its
+            name: of two started at once, exactly one creates it).
+
+    Returns:
+        False when ``exclusive`` and the file was there already.
+    """
+    uri, text = storage.join(run_uri, CONFIG_FILE), json.dumps({**config, "dataset": dataset}, indent=2)
+    if exclusive:
+        return storage.create_exclusive(uri, text.encode("utf-8"))
+    storage.write_text(uri, text)
+    return True
 
 
 def read_history(run_uri: str):

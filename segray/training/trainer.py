@@ -109,7 +109,8 @@ def train(cfg: TrainConfig | ResolvedRun) -> TrainResult:
 
     run = cfg if isinstance(cfg, ResolvedRun) else resolve(cfg)
     cfg, info, run_uri = run.config, run.info, run.run_uri
-    write_config(run_uri, cfg.to_dict(), info.to_dict())
+    if not write_config(run_uri, cfg.to_dict(), info.to_dict(), exclusive=not cfg.resume):
+        raise about("name", FileExistsError(f"name {cfg.name}: the run {run_uri} was started by another process a moment ago; choose another `name`"))
 
     size = tuple(cfg.size)
     crop = tuple(cfg.crop) if cfg.crop else None
