@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from segray.config import Config, EvaluateConfig, IngestConfig, PredictConfig, TrainConfig
-from segray.runtime import init_ray
+from segray.runtime import DATA_PIPELINE_CPUS, check_fits, init_ray, local_cpus
 
 C = TypeVar("C", bound=Config)
 
@@ -56,7 +56,10 @@ def train(cfg: TrainConfig | dict[str, Any]):
     from segray.training import train as run_train
 
     run = resolve(_config(TrainConfig, cfg))
-    init_ray()
+    c = run.config
+    cpus = c.workers * c.cpus_per_worker + DATA_PIPELINE_CPUS
+    init_ray(num_cpus=local_cpus(cpus))
+    check_fits(cpus, c.workers if c.gpu else 0, "workers", f"training with {c.workers} worker(s) of {c.cpus_per_worker} CPU(s)")
     return run_train(run)
 
 
@@ -73,7 +76,9 @@ def predict(cfg: PredictConfig | dict[str, Any]):
     from segray.inference import predict as run_predict
 
     cfg = _config(PredictConfig, cfg)
-    init_ray()
+    cpus = cfg.workers + DATA_PIPELINE_CPUS  # one CPU per predictor actor, plus decoding and writing
+    init_ray(num_cpus=local_cpus(cpus))
+    check_fits(cpus, cfg.workers * cfg.gpus_per_worker, "workers", f"predicting with {cfg.workers} actor(s)")
     return run_predict(cfg)
 
 

@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-order", type=_names, help="per-class: class folders in id order (ids 1..K)")
     p.add_argument("--priority", type=_names, help="per-class: overlap priority, first wins")
     p.add_argument("--images-dir", help="per-class: folder of images (default images)")
-    p.add_argument("--overwrite", action="store_true", help="replace DESTINATION whole if it holds files")
+    p.add_argument("--overwrite", action="store_true", help="replace DESTINATION if segray ingested it (only the files it wrote)")
+    p.add_argument("--max-pixels", type=int, help="set aside images larger than this (by their header) before decoding")
 
     p = _subparser(sub, "train", cmd_train, "train a model on an ingested dataset with Ray Train", TrainConfig)
     p.add_argument("--data", help="ingested dataset (local or s3://); required")
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=_size, help="sliding window H or HxW for large images")
     p.add_argument("--overlap", type=float, help="with --tile: fraction shared by neighbouring windows")
     p.add_argument("--overlays", type=int, help="colour overlays for the first K images")
+    p.add_argument("--max-pixels", type=int, help="set aside images larger than this (by their header) before decoding")
 
     p = _subparser(sub, "evaluate", cmd_evaluate, "IoU/Dice tables from existing predicted and true masks", EvaluateConfig)
     p.add_argument("--pred", help="folder of predicted <id>.png class-id masks; required")

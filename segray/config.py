@@ -19,6 +19,12 @@ from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
+# Decoding takes about 50 bytes of memory per pixel on the way to a float
+# batch; 100 million pixels (10,000 x 10,000) is about 5 GB. Larger images are
+# set aside before decoding (the header says how large) unless a job raises
+# its ``max_pixels``.
+DEFAULT_MAX_PIXELS = 100_000_000
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or out of range.
@@ -239,7 +245,9 @@ class IngestConfig(Config):
         class_order: ``per-class``: class folders in id order (ids 1..K).
         priority: ``per-class``: overlap priority, the first listed wins.
         images_dir: ``per-class``: the folder of images.
-        overwrite: replace DESTINATION whole if it holds files.
+        overwrite: replace DESTINATION if segray ingested it before.
+        max_pixels: an image or mask with more pixels (by its header) is set
+            aside before it is decoded.
     """
 
     source: str
@@ -253,8 +261,10 @@ class IngestConfig(Config):
     priority: list[str] | None = None
     images_dir: str = "images"
     overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def validate(self) -> None:
+        _positive(self, "max_pixels")
         _uri(self, "source", "destination")
         if self.classes:
             _uri(self, "classes")
@@ -353,6 +363,8 @@ class PredictConfig(Config):
             neighbouring windows (0 <= overlap <= 0.9), per axis.
         overlays: colour overlays for the first K images by id (0: none).
         split: the split of an ingested dataset (``val``, ``train``).
+        max_pixels: an image with more pixels (by its header) is set aside
+            before it is decoded.
     """
 
     model: str
@@ -365,8 +377,10 @@ class PredictConfig(Config):
     tile: list[int] | None = None
     overlap: float = 0.25
     overlays: int = 8
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def validate(self) -> None:
+        _positive(self, "max_pixels")
         _uri(self, "model", "input", "output")
         _positive(self, "batch_size", "workers")
         for name in ("overlays", "gpus_per_worker"):

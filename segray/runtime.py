@@ -176,6 +176,49 @@ def init_ray(num_cpus: int | None = None) -> None:
                 handler.setLevel(logging.WARNING)
 
 
+# Ray Data reads and decodes beside the training workers or predictor actors;
+# without a CPU of its own it never gets one and the job waits forever
+# ("Cluster resources are not enough to run any task").
+DATA_PIPELINE_CPUS = 1
+
+# Ray retries a failed task forever by default. A bad file never fails a task
+# (it becomes an error row with its reason); what still does (a lost node,
+# storage down) is retried this many times, then the job stops and says so.
+TASK_RETRIES = 3
+
+
+def local_cpus(needed: float) -> int:
+    """CPUs to start a local Ray with: the machine's, or enough logical ones for the job to run at all."""
+    return max(os.cpu_count() or 1, int(-(-needed // 1)))
+
+
+def check_fits(cpus: float, gpus: float, field: str, what: str) -> None:
+    """Refuses at once a job this Ray can never run, naming what it needs and what there is.
+
+    On a cluster joined through ``RAY_ADDRESS`` nothing is refused: its
+    autoscaler may add nodes, and a busy cluster frees up.
+
+    Raises:
+        ConfigError: a local Ray with fewer CPUs or GPUs than the job needs.
+    """
+    import ray
+
+    from segray.config import ConfigError
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    total = ray.cluster_resources()
+    have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if cpus > have_cpus:
+        raise ConfigError(
+            f"{field}: {what} needs {cpus:g} CPUs ({DATA_PIPELINE_CPUS} of them for the data pipeline), "
+            f"this Ray has {have_cpus:g}; lower `{field}` or start Ray with more CPUs",
+            field=field,
+        )
+    if gpus > have_gpus:
+        raise ConfigError(f"{field}: {what} needs {gpus:g} GPUs, this Ray has {have_gpus:g}", field=field)
+
+
 def normal_priority() -> int:
     """Brings every thread of this process back to niceness 0; returns how many moved.
 

@@ -117,9 +117,17 @@ class FileEntry:
     size: int
 
 
-def list_files(uri: str, recursive: bool = True, limit: int | None = None) -> list[FileEntry]:
-    """Files under ``uri`` (a directory or prefix), sorted by URI. Empty if absent."""
+def list_files(uri: str, recursive: bool = True, limit: int | None = None, skipped: list[tuple[str, str]] | None = None) -> list[FileEntry]:
+    """Files under ``uri`` (a directory or prefix), sorted by URI. Empty if absent.
+
+    Locally, symbolic links are not followed out of ``uri``: a linked folder
+    is not entered (links can loop, or lead anywhere on the machine) and a
+    linked file counts only when its target lies under ``uri``. What is left
+    out that way is added to ``skipped`` as ``(uri, reason)`` when given.
+    """
     fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return _list_local(path, recursive, limit, skipped)
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     for attempt in range(3):
         try:
@@ -136,6 +144,39 @@ def list_files(uri: str, recursive: bool = True, limit: int | None = None) -> li
             out.append(FileEntry(display(fs, info.path), info.size or 0))
             if limit is not None and len(out) >= limit:
                 break
+    out.sort(key=lambda e: e.uri)
+    return out
+
+
+def _list_local(root: str, recursive: bool, limit: int | None, skipped: list[tuple[str, str]] | None) -> list[FileEntry]:
+    real_root = os.path.realpath(root)
+    out = []
+
+    def skip(path: str, reason: str) -> None:
+        if skipped is not None:
+            skipped.append((path, f"{path}: {reason}"))
+
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs:
+            link = os.path.join(folder, name)
+            if os.path.islink(link):
+                skip(link, f"a symbolic link to a folder ({os.readlink(link)}) is not followed: links can loop or leave {root}")
+        if not recursive:
+            dirs[:] = []
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                if os.path.islink(path):
+                    target = os.path.realpath(path)
+                    if os.path.commonpath([target, real_root]) != real_root:
+                        skip(path, f"a symbolic link to {target}, outside {root}, is not followed")
+                        continue
+                size = os.stat(path).st_size
+            except (FileNotFoundError, ValueError):
+                continue  # gone while listed (a temporary file renamed into place), or a dangling link
+            out.append(FileEntry(path, size))
+            if limit is not None and len(out) >= limit:
+                return sorted(out, key=lambda e: e.uri)
     out.sort(key=lambda e: e.uri)
     return out
 

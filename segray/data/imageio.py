@@ -8,9 +8,12 @@ PNG, so the container's end marker is checked before decoding.
 from __future__ import annotations
 
 import os
+import struct
 
 import cv2
 import numpy as np
+
+from segray.config import DEFAULT_MAX_PIXELS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -35,16 +38,72 @@ def _check_container(data: bytes) -> None:
         raise BadInput(f"truncated JPEG ({len(data)} bytes, no end-of-image marker)")
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG, BMP or TIFF header without decoding, or None if not found."""
+    try:
+        if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if data.startswith(b"BM") and len(data) >= 26:
+            width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)
+        if data.startswith(b"\xff\xd8"):
+            i = 2
+            while i + 9 < len(data):
+                if data[i] != 0xFF:
+                    i += 1
+                    continue
+                marker = data[i + 1]
+                if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                    i += 1 if marker == 0xFF else 2
+                    continue
+                length = struct.unpack(">H", data[i + 2:i + 4])[0]
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                    height, width = struct.unpack(">HH", data[i + 5:i + 9])
+                    return width, height
+                i += 2 + length
+            return None
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            endian = "<" if data[:2] == b"II" else ">"
+            offset = struct.unpack(endian + "I", data[4:8])[0]
+            count = struct.unpack(endian + "H", data[offset:offset + 2])[0]
+            found = {}
+            for k in range(count):
+                entry = data[offset + 2 + 12 * k: offset + 14 + 12 * k]
+                tag, kind = struct.unpack(endian + "HH", entry[:4])
+                if tag in (256, 257):
+                    fmt = "H" if kind == 3 else "I"
+                    found[tag] = struct.unpack(endian + fmt, entry[8:8 + struct.calcsize(fmt)])[0]
+            if 256 in found and 257 in found:
+                return found[256], found[257]
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def check_pixels(data: bytes, max_pixels: int | None) -> None:
+    """Raises BadInput when the header says the image has more than ``max_pixels`` pixels."""
+    if not max_pixels:
+        return
+    size = header_size(data)
+    if size and size[0] * size[1] > max_pixels:
+        raise BadInput(
+            f"too large: {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over the limit of {max_pixels:,} "
+            "(set aside before decoding; raise max_pixels to accept it)"
+        )
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decodes image bytes to an (H, W, 3) RGB array of the file's own dtype.
 
     Grey images are repeated to three channels and alpha is dropped, so every
     model sees three channels.
 
     Raises:
-        BadInput: empty, truncated or undecodable bytes.
+        BadInput: empty, truncated or undecodable bytes, or more pixels than
+            ``max_pixels`` by the header (checked before decoding).
     """
     _check_container(data)
+    check_pixels(data, max_pixels)
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None or array.size == 0:
         raise BadInput(f"not a decodable image ({len(data)} bytes)")
@@ -59,9 +118,10 @@ def decode_image(data: bytes) -> np.ndarray:
     return array
 
 
-def decode_raw(data: bytes) -> np.ndarray:
+def decode_raw(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decodes bytes as stored (mask files): (H, W) or (H, W, C) in BGR(A) order."""
     _check_container(data)
+    check_pixels(data, max_pixels)
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None or array.size == 0:
         raise BadInput(f"not a decodable image ({len(data)} bytes)")

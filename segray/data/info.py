@@ -129,10 +129,47 @@ class DatasetInfo:
 
     @classmethod
     def from_json(cls, text: str, source: str = "dataset.json") -> "DatasetInfo":
-        data = json.loads(text)
-        data.pop("num_classes", None)
-        data["classes"] = [from_dict(ClassInfo, c, prefix=f"{source}.classes.") for c in data["classes"]]
-        return from_dict(cls, data, prefix=f"{source}: ")
+        """Parses and checks a ``dataset.json``; every problem raises ConfigError naming ``source`` and the field.
+
+        Raises:
+            ConfigError: not JSON, a missing, unknown or mistyped field, or
+                values that contradict each other (classes vs frequencies,
+                split counts, statistics).
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        declared = data.pop("num_classes", None)
+        if "classes" not in data:
+            raise ConfigError(f"{source}: classes is required")
+        data["classes"] = parse_classes(data["classes"], f"{source}: classes")
+        info = from_dict(cls, data, prefix=f"{source}: ")
+        info.check(source, declared)
+        return info
+
+    def check(self, source: str, declared_classes: Any = None) -> None:
+        """Values that must agree with each other; raises ConfigError naming the field."""
+        if self.format != DATASET_FORMAT:
+            raise ConfigError(f"{source}: format {self.format!r} is not {DATASET_FORMAT!r} (written by another tool or version?)")
+        if declared_classes is not None and declared_classes != self.num_classes:
+            raise ConfigError(f"{source}: num_classes is {declared_classes!r} but classes lists {self.num_classes}")
+        for split, count in self.splits.items():
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ConfigError(f"{source}: splits.{split} must be a count of images, got {count!r}")
+        if sorted(self.pixel_frequency) != sorted(self.class_names):
+            raise ConfigError(f"{source}: pixel_frequency names {sorted(self.pixel_frequency)}, classes are {sorted(self.class_names)}")
+        if len(self.pixel_counts) != self.num_classes:
+            raise ConfigError(f"{source}: pixel_counts holds {len(self.pixel_counts)} values for {self.num_classes} classes")
+        if len(self.mean) != self.channels or len(self.std) != self.channels or min(self.std, default=0) <= 0:
+            raise ConfigError(f"{source}: mean and std need {self.channels} values each, std positive; got {self.mean} and {self.std}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) <= 0):
+            raise ConfigError(f"{source}: size must be [H, W] with positive sides or null, got {self.size}")
+        if not 0 <= self.ignore_index <= 255:
+            raise ConfigError(f"{source}: ignore_index must be 0..255, got {self.ignore_index}")
 
 
 def load_dataset_info(uri: str) -> DatasetInfo:

@@ -22,12 +22,13 @@ import pyarrow as pa
 
 from segray import storage
 from segray.config import IngestConfig, about
-from segray.data.imageio import BadInput, decode_image, encode_png
+from segray.data.imageio import BadInput, check_pixels, decode_image, encode_png
 from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color
 from segray.data.layouts import Plan, build_mask, list_pairs
 from segray.data.quarantine import errors_uri, write_errors
 from segray.data.shards import stable_hash
 from segray.ownership import claim_folder, clear_owned, refuse_overlap, write_marker
+from segray.runtime import TASK_RETRIES
 
 DATASET_FILE = "dataset.json"
 
@@ -94,7 +95,8 @@ def _chunks(plan: Plan, shard_mb: float, min_chunks: int) -> list[list[dict[str,
 class _ChunkWriter:
     """Ray task body: checks the pairs of one chunk and writes its shards."""
 
-    def __init__(self, dst: str, layout: str, classes: list[ClassInfo] | None, val_fraction: float, run_id: str):
+    def __init__(self, dst: str, layout: str, classes: list[ClassInfo] | None, val_fraction: float, run_id: str, max_pixels: int):
+        self.max_pixels = max_pixels
         self.dst = dst
         self.layout = layout
         self.classes = classes
@@ -104,12 +106,17 @@ class _ChunkWriter:
     def _process_pair(self, pair: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
         image_bytes = storage.read_bytes(pair["image_uri"])
         try:
-            image = decode_image(image_bytes)
+            image = decode_image(image_bytes, self.max_pixels)
         except BadInput as e:
             raise BadInput(f"{pair['image_uri']}: {e}") from None
         blobs = []
         for uri in pair["mask_uris"]:
-            blobs.append((uri, storage.read_bytes(uri)))
+            blob = storage.read_bytes(uri)
+            try:
+                check_pixels(blob, self.max_pixels)
+            except BadInput as e:
+                raise BadInput(f"{uri}: {e}") from None
+            blobs.append((uri, blob))
         try:
             mask = build_mask(self.layout, blobs, self.classes)
         except BadInput as e:
@@ -210,8 +217,10 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
     chunks = _chunks(plan, cfg.shard_mb, min_chunks=2 * max(cpus, 1))
     items = [{"chunk": i, "pairs": json.dumps(c)} for i, c in enumerate(chunks)]
-    writer = _ChunkWriter(dst, layout, plan.classes, val_fraction, uuid.uuid4().hex[:8])
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer, num_cpus=1)
+    writer = _ChunkWriter(dst, layout, plan.classes, val_fraction, uuid.uuid4().hex[:8], cfg.max_pixels)
+    # A bad file is an error row, never a task failure; what still fails a task
+    # (a lost node, storage down) is retried a bounded number of times.
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer, num_cpus=1, max_retries=TASK_RETRIES)
     meta = ds.to_pandas()
 
     good = meta[meta["reason"] == ""]
@@ -221,15 +230,20 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     if good.empty:
         raise IngestError(f"{src}: no valid pair among {len(plan.pairs)} ({len(errors)} rejected; see {errors_uri(dst)})")
 
-    counts = np.zeros(256, np.int64)
-    stats_rows = good[good["split"] == "train"]
-    if stats_rows.empty:
-        stats_rows = good
-    for c in stats_rows["class_counts"]:
-        counts += np.asarray(c, np.int64)
+    counts = np.zeros(256, np.int64)  # pixel statistics come from the train split
+    seen = np.zeros(256, np.int64)  # the classes from every split
+    train_rows = good["split"] == "train"
+    stats_rows = good[train_rows] if train_rows.any() else good
+    for c, is_train in zip(good["class_counts"], train_rows if train_rows.any() else [True] * len(good)):
+        c = np.asarray(c, np.int64)
+        seen += c
+        if is_train:
+            counts += c
     classes = plan.classes
     if classes is None:
-        present = np.nonzero(counts[:IGNORE_INDEX])[0]
+        # Over all splits: a class seen only in val must still be a class the model
+        # predicts, or scoring it would fail after the first epoch.
+        present = np.nonzero(seen[:IGNORE_INDEX])[0]
         top = int(present.max()) if present.size else 0
         classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(default_color(k))) for k in range(top + 1)]
     real = [c for c in classes if c.id != IGNORE_INDEX]

@@ -76,14 +76,21 @@ def id_problem(image_id: str) -> str | None:
     return None
 
 
-def index_folder(root: str, kind: str, errors: list[tuple[str, str]]) -> dict[str, storage.FileEntry]:
+LOSSY = (".jpg", ".jpeg")
+
+
+def index_folder(root: str, kind: str, errors: list[tuple[str, str]], lossless: bool = False) -> dict[str, storage.FileEntry]:
     """Maps id -> file for the image files under ``root``; others become ``(uri, reason)`` errors.
 
-    The id of a file is its path under ``root`` without the extension; a file
-    whose id could not name an output file safely (``id_problem``) is an error.
+    The id of a file is its path under ``root`` without the extension. Set
+    aside, each with its reason: non-image files, ids that could not name an
+    output file safely (``id_problem``), every copy of an id that several
+    files share (``a.png`` and ``a.jpg``: which one is meant cannot be told),
+    and with ``lossless`` (masks) JPEG files.
     """
     index: dict[str, storage.FileEntry] = {}
-    for entry in storage.list_files(root):
+    copies: dict[str, list[storage.FileEntry]] = {}
+    for entry in storage.list_files(root, skipped=errors):
         name = posixpath.basename(entry.uri)
         if name.startswith("."):
             continue
@@ -91,14 +98,21 @@ def index_folder(root: str, kind: str, errors: list[tuple[str, str]]) -> dict[st
         if not is_image_name(name):
             errors.append((entry.uri, f"{entry.uri}: not an image (extension {ext or 'none'!r} in {kind}/)"))
             continue
+        if lossless and ext in LOSSY:
+            errors.append((entry.uri, f"{entry.uri}: a {kind} file must be lossless (PNG, TIFF or BMP): JPEG compression changes class ids along every edge"))
+            continue
         problem = id_problem(image_id)
         if problem:
             errors.append((entry.uri, f"{entry.uri}: {problem}"))
             continue
-        if image_id in index:
-            errors.append((entry.uri, f"{entry.uri}: duplicate id {image_id!r} in {kind}/ (kept {index[image_id].uri})"))
+        copies.setdefault(image_id, []).append(entry)
+    for image_id, entries in copies.items():
+        if len(entries) == 1:
+            index[image_id] = entries[0]
             continue
-        index[image_id] = entry
+        names = ", ".join(posixpath.basename(e.uri) for e in entries)
+        for e in entries:
+            errors.append((e.uri, f"{e.uri}: id {image_id!r} is shared by {len(entries)} files in {kind}/ ({names}); every copy is set aside"))
     return index
 
 
@@ -140,7 +154,7 @@ def plan_ids(src: str, classes_file: str | None = None, num_classes: int | None 
     if masks_optional and not storage.is_dir(storage.join(src, "masks")):
         pairs = [PairSpec(k, v.uri, (), v.size) for k, v in sorted(images.items())]
         return Plan("ids", pairs, errors, classes, has_masks=False)
-    masks = index_folder(storage.join(src, "masks"), "masks", errors)
+    masks = index_folder(storage.join(src, "masks"), "masks", errors, lossless=True)
     pairs = pair_by_id(images, {k: [v] for k, v in masks.items()}, errors)
     return Plan("ids", pairs, errors, classes)
 
@@ -155,7 +169,7 @@ def plan_palette(src: str, classes_file: str | None = None) -> Plan:
         raise ConfigError(f"{path}: two classes share a colour; the palette cannot be read back")
     errors: list[tuple[str, str]] = []
     images = index_folder(storage.join(src, "images"), "images", errors)
-    masks = index_folder(storage.join(src, "masks"), "masks", errors)
+    masks = index_folder(storage.join(src, "masks"), "masks", errors, lossless=True)
     pairs = pair_by_id(images, {k: [v] for k, v in masks.items()}, errors)
     return Plan("palette", pairs, errors, classes)
 
@@ -190,7 +204,7 @@ def plan_per_class(
     images = index_folder(storage.join(src, images_dir), images_dir, errors)
     layers: dict[str, list[storage.FileEntry]] = {}
     for name in priority:
-        for image_id, entry in index_folder(storage.join(src, name), name, errors).items():
+        for image_id, entry in index_folder(storage.join(src, name), name, errors, lossless=True).items():
             layers.setdefault(image_id, []).append(entry)
     # A pair's mask files are in priority order. A missing layer means the class is
     # absent from that image; each file's class is read from its folder.

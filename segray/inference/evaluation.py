@@ -82,8 +82,8 @@ class ScorePairs:
 
 def _pairs(pred: str, truth: str) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
     errors: list[tuple[str, str]] = []
-    preds = index_folder(pred, "pred", errors)
-    truths = index_folder(truth, "truth", errors)
+    preds = index_folder(pred, "pred", errors, lossless=True)
+    truths = index_folder(truth, "truth", errors, lossless=True)
     pairs = []
     for image_id in sorted(set(preds) | set(truths)):
         if image_id not in truths:

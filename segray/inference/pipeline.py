@@ -31,6 +31,7 @@ from segray.inference.sources import SHARDS, Source, list_source
 from segray.inference.tables import ERROR, score_tables
 from segray.models.saved import class_list
 from segray.ownership import canonical
+from segray.runtime import TASK_RETRIES
 
 FORMAT = "segray-predict/1"
 
@@ -125,22 +126,24 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
     _check_gpus(cfg)
     overlay_ids = frozenset(source.ids[: cfg.overlays])
     skip = frozenset(finished) if source.kind == SHARDS else frozenset()
-    reader = ReadDecode(source.kind, geometry, spec.mean, spec.std, spec.num_classes, skip, overlay_ids)
+    reader = ReadDecode(source.kind, geometry, spec.mean, spec.std, spec.num_classes, skip, overlay_ids, cfg.max_pixels)
     writer = WriteResults(cfg.output, spec.ignore_index, [tuple(c.color) for c in spec.classes], run)
     predictor_args: dict[str, Any] = {"num_cpus": 1}
     if cfg.gpus_per_worker > 0:
         predictor_args["num_gpus"] = cfg.gpus_per_worker
     ds = dataset_of(source, finished, cfg.batch_size)
-    ds = ds.map_batches(reader, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS)
+    # Bad files are error rows, not task failures; a task that still fails (a lost
+    # node, storage down) is retried a bounded number of times, not forever.
+    ds = ds.map_batches(reader, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS, max_retries=TASK_RETRIES)
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_uri": spec.uri, "geometry": geometry, "batch_size": cfg.batch_size},
+        fn_constructor_kwargs={"model_uri": spec.uri, "geometry": geometry, "batch_size": cfg.batch_size, "model_id": spec.model_id},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         **predictor_args,
     )
-    ds = ds.map_batches(writer, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS)
+    ds = ds.map_batches(writer, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS, max_retries=TASK_RETRIES)
     # Without a budget Ray Data lets decoded images pile up ahead of a slower
     # model up to half the object store, so memory would grow with the input.
     options = copy.deepcopy(ds.context.execution_options)

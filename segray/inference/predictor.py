@@ -23,16 +23,24 @@ class Predictor:
 
     Args:
         model_uri: the ``.keras`` file.
+        model_id: the weights' hash the driver pinned (``weights_id``); the actor refuses other weights.
         geometry: how images reach the model.
         batch_size: images (or windows) per model call.
     """
 
-    def __init__(self, model_uri: str, geometry: Geometry, batch_size: int):
-        from segray.inference.model import share_gpus
+    def __init__(self, model_uri: str, geometry: Geometry, batch_size: int, model_id: str | None = None):
+        from segray.inference.model import share_gpus, weights_id
         from segray.models.saved import load_keras
 
         share_gpus()
         self.model = load_keras(model_uri)
+        # The driver pinned the weights it checked; a file replaced since then
+        # (a new checkpoint exported mid-run) would mix two models in one OUT.
+        if model_id is not None and weights_id(self.model) != model_id:
+            raise RuntimeError(
+                f"{model_uri} changed after predict started (weights {weights_id(self.model)}, pinned {model_id}); "
+                "refusing to mix two models in one output: run predict again"
+            )
         self.geometry = geometry
         self.batch_size = batch_size
 

@@ -163,7 +163,11 @@ class ReadDecode:
     overlay ids, else empty).
     """
 
-    def __init__(self, kind: str, geometry: Geometry, mean, std, num_classes: int, skip: frozenset[str], overlay_ids: frozenset[str]):
+    def __init__(
+        self, kind: str, geometry: Geometry, mean, std, num_classes: int, skip: frozenset[str], overlay_ids: frozenset[str],
+        max_pixels: int | None = None,
+    ):
+        self.max_pixels = max_pixels
         self.kind = kind
         self.geometry = geometry
         self.mean = np.asarray(mean, np.float32)
@@ -190,7 +194,7 @@ class ReadDecode:
         if problem:  # an id from a Parquet dataset; listed folders are checked when they are listed
             return _error_row(image_id, image_uri, f"{image_uri}: {problem}")
         try:
-            image = decode_image(read_image())
+            image = decode_image(read_image(), self.max_pixels)
         except BadInput as e:
             return _error_row(image_id, image_uri, f"{image_uri}: {e}")
         truth = empty_array(np.uint8, None)

@@ -45,6 +45,13 @@ def write_config(run_uri: str, config: dict[str, Any], dataset: dict[str, Any], 
     return True
 
 
+def read_config(run_uri: str) -> dict[str, Any]:
+    """``RUN/config.json`` without its dataset description: the config the run trained with."""
+    data = json.loads(storage.read_text(storage.join(run_uri, CONFIG_FILE)))
+    data.pop("dataset", None)
+    return data
+
+
 def read_history(run_uri: str):
     """``RUN/history.parquet`` as a DataFrame, one row per epoch."""
     return storage.read_parquet(storage.join(run_uri, HISTORY_FILE)).to_pandas()

@@ -9,7 +9,12 @@ from segray import storage
 from segray.config import ConfigError, TrainConfig, about
 from segray.data.info import DatasetInfo, load_dataset_info
 from segray.runtime import is_verbose
-from segray.training.artifacts import read_history, run_exists, write_config
+from segray.training.artifacts import read_config, read_history, run_exists, write_config
+
+# What a resumed run may change: how long it goes on and how failures are handled.
+# Anything else (data, model, loss, sizes, learning rate ...) would make its
+# checkpoints and history a mix of two runs.
+RESUMABLE_FIELDS = frozenset({"epochs", "patience", "max_failures", "resume"})
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,24 @@ def resolve(cfg: TrainConfig) -> ResolvedRun:
         raise about("name", FileExistsError(f"name {cfg.name}: the run {run_uri} already exists; set `resume` to continue it or choose another `name`"))
     if cfg.resume and not exists:
         raise about("resume", FileNotFoundError(f"resume: there is no run at {run_uri} to continue"))
-    return ResolvedRun(replace(cfg, size=list(size)), info, run_uri)
+    resolved = replace(cfg, size=list(size))
+    if cfg.resume:
+        _check_resumable(run_uri, resolved)
+    return ResolvedRun(resolved, info, run_uri)
+
+
+def _check_resumable(run_uri: str, cfg: TrainConfig) -> None:
+    """Refuses to resume with a changed field that alters the run, naming each (old vs new)."""
+    old, new = read_config(run_uri), cfg.to_dict()
+    changed = [k for k in new if k not in RESUMABLE_FIELDS and old.get(k) != new[k]]
+    if changed:
+        shown = "; ".join(f"`{k}` {old.get(k)!r} there, {new[k]!r} now" for k in changed)
+        raise ConfigError(
+            f"resume: the run {run_uri} was trained with other values ({shown}); only "
+            f"{', '.join(f'`{k}`' for k in sorted(RESUMABLE_FIELDS - {'resume'}))} may change when resuming. "
+            "Resume with the run's values, or start a new run under another `name`",
+            field="resume",
+        )
 
 
 def data_config(workers: int):

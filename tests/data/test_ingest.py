@@ -266,3 +266,84 @@ def test_grown_dataset_keeps_split_assignments(tmp_path):
     assert len(second) == 40 and all(second[i] == s for i, s in first.items())
     fraction = np.mean([split_of(f"id-{i}", 0.3) == "val" for i in range(4000)])
     assert 0.27 < fraction < 0.33
+
+
+def test_classes_are_inferred_from_every_split(tmp_path):
+    # A class that only a val image holds: inferred from train alone, training crashed after an epoch.
+    raw = tmp_path / "raw"
+    val_id = next(f"img_{k}" for k in range(1000) if split_of(f"img_{k}", 0.5) == "val")
+    train_ids = [f"img_{k}" for k in range(1000) if split_of(f"img_{k}", 0.5) == "train"][:3]
+    for image_id in [*train_ids, val_id]:
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:4] = 3 if image_id == val_id else 1
+        _png(str(raw / "images" / f"{image_id}.png"), np.full((8, 8, 3), 100, np.uint8))
+        _png(str(raw / "masks" / f"{image_id}.png"), mask)
+    info = ingest(IngestConfig(source=str(raw), destination=str(tmp_path / "ds"), val_fraction=0.5)).info
+    assert info.splits == {"train": 3, "val": 1}
+    assert info.num_classes == 4, info.class_names
+    assert info.pixel_frequency["class_3"] == 0.0  # frequencies stay those of the train split
+
+
+def test_duplicate_ids_and_lossy_masks_are_set_aside(tmp_path):
+    raw = tmp_path / "raw"
+    image, mask = np.full((8, 8, 3), 90, np.uint8), np.zeros((8, 8), np.uint8)
+    for name in ("a.png", "a.jpg", "b.png", "c.png"):
+        if name.endswith(".png"):
+            _png(str(raw / "images" / name), image)
+        else:
+            (raw / "images" / name).write_bytes(cv2.imencode(".jpg", image)[1].tobytes())
+    for name in ("a.png", "b.png"):
+        _png(str(raw / "masks" / name), mask)
+    (raw / "masks" / "c.jpg").write_bytes(cv2.imencode(".jpg", mask)[1].tobytes())
+    result = ingest(IngestConfig(source=str(raw), destination=str(tmp_path / "ds"), val_fraction=0.0))
+    reasons = {os.path.relpath(u, raw): r for u, r in result.errors}
+    assert "shared by 2 files in images/ (a.jpg, a.png); every copy is set aside" in reasons["images/a.png"]
+    assert "shared by 2 files" in reasons["images/a.jpg"]
+    assert "mask has no image" in reasons["masks/a.png"]  # its image was set aside
+    assert "must be lossless" in reasons["masks/c.jpg"]
+    assert result.info.splits["train"] == 1  # b alone
+
+
+def test_symlinks_do_not_lead_out_of_the_source_nor_loop(tmp_path):
+    raw, outside = tmp_path / "raw", tmp_path / "outside"
+    image, mask = np.full((8, 8, 3), 90, np.uint8), np.zeros((8, 8), np.uint8)
+    _png(str(raw / "images" / "a.png"), image)
+    _png(str(raw / "masks" / "a.png"), mask)
+    _png(str(outside / "secret.png"), image)
+    os.symlink(outside / "secret.png", raw / "images" / "leak.png")
+    os.symlink(raw, raw / "images" / "loop")  # a loop: listing it followed would never end
+    os.symlink(raw / "images" / "a.png", raw / "images" / "b.png")  # inside the source: fine
+    _png(str(raw / "masks" / "b.png"), mask)
+    result = ingest(IngestConfig(source=str(raw), destination=str(tmp_path / "ds"), val_fraction=0.0))
+    assert result.info.splits["train"] == 2
+    reasons = " ".join(r for _, r in result.errors)
+    assert "leak.png: a symbolic link to" in reasons and "outside" in reasons
+    assert "loop: a symbolic link to a folder" in reasons
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    """A valid small PNG whose IHDR claims ``width`` x ``height``: decoding it would allocate that much."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_images_over_max_pixels_are_set_aside_before_decoding(tmp_path):
+    raw = tmp_path / "raw"
+    for image_id, side in (("small", 16), ("big", 32)):
+        _png(str(raw / "images" / f"{image_id}.png"), np.full((side, side, 3), 90, np.uint8))
+        _png(str(raw / "masks" / f"{image_id}.png"), np.zeros((side, side), np.uint8))
+    (raw / "images" / "bomb.png").write_bytes(_huge_png_header(60_000, 60_000))  # 3.6 Gpixel: ~190 GB to decode
+    _png(str(raw / "masks" / "bomb.png"), np.zeros((16, 16), np.uint8))
+    result = ingest(IngestConfig(source=str(raw), destination=str(tmp_path / "ds"), val_fraction=0.0, max_pixels=300))
+    reasons = {os.path.relpath(u, raw): r for u, r in result.errors}
+    assert "too large: 60000x60000 = 3,600,000,000 pixels, over the limit of 300" in reasons["images/bomb.png"]
+    assert "too large: 32x32 = 1,024 pixels" in reasons["images/big.png"]
+    assert result.info.splits["train"] == 1  # small
+    # The limit is recorded with the dataset.
+    assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["config"]["max_pixels"] == 300

@@ -126,7 +126,7 @@ def test_inputs_are_recognised(tmp_path):
         list_source(str(tmp_path / "empty"))
     info = DatasetInfo(
         classes=[ClassInfo(k, n) for k, n in enumerate(CLASS_NAMES)], splits={"train": 3, "val": 1}, pixel_counts=[1, 1, 1],
-        pixel_frequency={}, mean=[0.0] * 3, std=[1.0] * 3, layout="ids", source="x", command="",
+        pixel_frequency={n: 1 / 3 for n in CLASS_NAMES}, mean=[0.0] * 3, std=[1.0] * 3, layout="ids", source="x", command="",
     )
     storage.write_text(str(tmp_path / "ds" / "dataset.json"), info.to_json())
     with pytest.raises(ValueError, match="ingested dataset; name the split to predict with `split` \\(train, val\\)"):

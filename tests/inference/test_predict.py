@@ -280,3 +280,17 @@ def test_segment_only_without_masks(tmp_path):
     assert cv2.imread(f"{out}/overlays/p.png").shape == (30, 41, 3)
     assert result.summary["images"] == 3 and result.summary["has_truth"] is False and result.per_class.empty
     assert result.summary["config"]["resolved"]["geometry"]["mode"] == "whole"
+
+
+def test_predictor_refuses_weights_other_than_the_pinned_ones(tmp_path):
+    from segray.inference.geometry import Geometry
+    from segray.inference.model import weights_id
+    from segray.inference.predictor import Predictor
+
+    path = str(tmp_path / "m.keras")
+    save_keras(tiny_unet(seed=1), path)
+    pinned = weights_id(tiny_unet(seed=1))
+    Predictor(path, Geometry("whole", multiple=4), 2, model_id=pinned)  # the pinned weights: fine
+    save_keras(tiny_unet(seed=2), path)  # the checkpoint replaced mid-run
+    with pytest.raises(RuntimeError, match=f"changed after predict started .*pinned {pinned}"):
+        Predictor(path, Geometry("whole", multiple=4), 2, model_id=pinned)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -248,3 +250,45 @@ def test_not_a_dataset_and_existing_run_are_refused(shapes, tmp_path, capsys):
     assert "already exists; set --resume to continue it" in capsys.readouterr().err
     assert cli_main(["train", "--data", shapes.dst, "--storage", str(tmp_path / "runs"), "--name", "new", "--resume"]) == 2
     assert "there is no run" in capsys.readouterr().err
+
+
+def test_resume_refuses_fields_that_alter_the_run(shapes, tmp_path, capsys):
+    from segray.training.artifacts import write_config
+
+    runs = str(tmp_path / "runs")
+    first = resolve(config(shapes.dst, runs, "r", epochs=2))
+    write_config(first.run_uri, first.config.to_dict(), first.info.to_dict(), exclusive=True)
+    # How long and how failures are handled may change.
+    assert resolve(config(shapes.dst, runs, "r", epochs=6, patience=2, resume=True)).config.epochs == 6
+    with pytest.raises(ConfigError, match=r"`lr` 0.01 there, 0.1 now; `loss` 'ce' there, 'ce\+dice' now"):
+        resolve(config(shapes.dst, runs, "r", lr=0.1, loss="ce+dice", resume=True))
+    argv = ["train", "--data", shapes.dst, "--storage", runs, "--name", "r", "--resume", "--model", "segnet",
+            "--model-option", "depth=2", "--model-option", "width=8", "--epochs", "2", "--batch-size", "8", "--lr", "0.01",
+            "--schedule", "constant"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--resume: the run" in err and "--model 'unet' there, 'segnet' now" in err and "--epochs, --max-failures, --patience may change" in err, err
+
+
+def test_a_run_that_can_never_fit_is_refused_at_once(shapes, tmp_path):
+    import segray
+
+    # The module's Ray has 4 CPUs: 4 workers of 1 CPU leave none for the data pipeline.
+    started = time.time()
+    with pytest.raises(ConfigError, match=r"workers: training with 4 worker\(s\) of 1 CPU\(s\) needs 5 CPUs \(1 of them for the data pipeline\), this Ray has 4"):
+        segray.train(config(shapes.dst, str(tmp_path / "runs"), "big", workers=4, batch_size=2))
+    assert time.time() - started < 60
+    with pytest.raises(ConfigError, match="needs 1 GPUs, this Ray has 0"):
+        segray.train(config(shapes.dst, str(tmp_path / "runs"), "gpu", workers=1, gpu=True))
+
+
+@pytest.mark.slow
+def test_cli_defaults_run_at_the_machines_real_core_count(shapes, tmp_path):
+    # A Ray of its own, started by the CLI with the machine's real CPU count (2 here): the
+    # default 2 workers take 2 CPUs, and Ray Data still gets one (no "resources are not enough" hang).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = [sys.executable, "-m", "segray.cli", "train", "--data", shapes.dst, "--storage", str(tmp_path / "runs"),
+            "--name", "defaults", "--epochs", "1", "--model-option", "depth=2", "--model-option", "width=8"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "trained unet for 1 epoch(s)" in done.stdout
