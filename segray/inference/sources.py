@@ -13,6 +13,7 @@ one batch at a time.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,27 @@ class Source:
     shards: list[storage.FileEntry]
     errors: list[tuple[str, str]]
     classes: list[ClassInfo] | None
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            object.__setattr__(self, "fingerprint", _fingerprint(self))
+
+
+def _fingerprint(source: "Source") -> str:
+    """A hash of what the listing found: every file and its size (shards: every shard and its size).
+
+    Re-ingesting writes new shard names and replacing an image changes its
+    size, so a re-run over changed inputs is told apart from a resume.
+    """
+    digest = hashlib.sha256()
+    if source.kind == RAW:
+        rows = [f"{i['image_id']}\t{i['image_uri']}\t{i['mask_uri']}\t{i.get('nbytes', 0)}" for i in source.items]
+    else:
+        rows = [f"{f.uri}\t{f.size}" for f in source.shards]
+    for row in sorted(rows):
+        digest.update(row.encode("utf-8") + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def _shard_files(uri: str) -> list[storage.FileEntry]:
@@ -104,7 +126,10 @@ def list_source(src: str, split: str | None = None) -> Source:
 
 def _raw_source(src: str) -> Source:
     plan = list_pairs(src, "ids", masks_optional=True)
-    items = [{"image_id": p.image_id, "image_uri": p.image_uri, "mask_uri": p.mask_uris[0] if p.mask_uris else ""} for p in plan.pairs]
+    items = [
+        {"image_id": p.image_id, "image_uri": p.image_uri, "mask_uri": p.mask_uris[0] if p.mask_uris else "", "nbytes": p.nbytes}
+        for p in plan.pairs
+    ]
     classes = [c for c in plan.classes if c.id != IGNORE_INDEX] if plan.classes else None
     if not items and not plan.errors:
         raise about("input", FileNotFoundError(f"input {src}: {storage.join(src, 'images')} holds no images"))

@@ -294,3 +294,18 @@ def test_predictor_refuses_weights_other_than_the_pinned_ones(tmp_path):
     save_keras(tiny_unet(seed=2), path)  # the checkpoint replaced mid-run
     with pytest.raises(RuntimeError, match=f"changed after predict started .*pinned {pinned}"):
         Predictor(path, Geometry("whole", multiple=4), 2, model_id=pinned)
+
+
+def test_changed_inputs_are_not_mistaken_for_a_resume(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    write_raw(raw, {"a": (16, 16), "b": (16, 24)}, seed=3)
+    run = write_run(str(tmp_path / "run"), [16, 16])
+    cfg = PredictConfig(model=run, input=raw, output=out, overlays=0)
+    first = predict(cfg)
+    assert predict(cfg).summary["images_this_run"] == 0  # unchanged: a resume with nothing left to do
+    # The same path with other pixels (a re-export, a re-ingest): stale scores must not be reused.
+    image, _ = random_pair(np.random.default_rng(9), 16, 20)
+    storage.write_bytes(f"{raw}/images/a.png", cv2.imencode(".png", image)[1].tobytes())
+    with pytest.raises(FileExistsError, match=r"holds results of another run \(source_fingerprint"):
+        predict(cfg)
+    assert first.summary["images"] == 2
