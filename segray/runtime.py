@@ -85,6 +85,29 @@ class _QuietTensorflowImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def setup_worker() -> None:
+    """Ray's worker_process_setup_hook for every worker of a segray job: pin the Ray address, quiet the logs.
+
+    Ray's own helpers inside workers (Train's placement-group cleaner asks the
+    state API whether its controller lives) find "their" Ray by looking for
+    local instances, and fail with "Found multiple active Ray instances" when
+    a machine runs two (a notebook's and a CLI's). Pinning ``RAY_ADDRESS`` in
+    the worker to the Ray it belongs to removes the guess.
+    """
+    import ray
+
+    if not os.environ.get("RAY_ADDRESS"):
+        try:
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - not connected: nothing to pin
+            pass
+    if os.environ.get(VERBOSE_ENV) != "1":
+        quiet_process()
+
+
+VERBOSE_ENV = "SEGRAY_VERBOSE"
+
+
 def quiet_process() -> None:
     """Quiets TensorFlow and Ray's INFO chatter in this process: the driver, and every Ray worker
     of the job (ray.init's worker_process_setup_hook). Warnings and errors still show."""
@@ -137,24 +160,32 @@ def is_verbose() -> bool:
     return _VERBOSE
 
 
+def _setup_hook(job: dict) -> dict:
+    """The worker setup hook, unless the submitted job brought its own (Ray allows one)."""
+    if "worker_process_setup_hook" in job or "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR" in (job.get("env_vars") or {}):
+        return {}
+    return {"worker_process_setup_hook": f"{__name__}.setup_worker"}
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Joins the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``) or starts a local one."""
     import ray
 
     if ray.is_initialized():
         return
+    job = _job_runtime_env()
     if _VERBOSE:
-        ray.init(log_to_driver=True, **({"num_cpus": num_cpus} if num_cpus and not os.environ.get("RAY_ADDRESS") else {}))
+        runtime_env = {"env_vars": {VERBOSE_ENV: "1"}, **_setup_hook(job)}
+        kwargs = {"num_cpus": num_cpus} if num_cpus and not os.environ.get("RAY_ADDRESS") else {}
+        ray.init(log_to_driver=True, runtime_env=runtime_env, **kwargs)
         ray.data.DataContext.get_current().enable_progress_bars = True
         return
-    job = _job_runtime_env()
     job_env_vars = job.get("env_vars") or {}
     env_vars = {k: os.environ.get(k, v) for k, v in QUIET_WORKER_ENV.items() if k not in job_env_vars}
     # The driver imports TensorFlow too (ray.train.tensorflow); before that import.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", env_vars.get("TF_CPP_MIN_LOG_LEVEL", "3"))
     runtime_env: dict = {"env_vars": env_vars} if env_vars else {}
-    if "worker_process_setup_hook" not in job and "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR" not in job_env_vars:
-        runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_process"
+    runtime_env.update(_setup_hook(job))
     quiet_process()
     kwargs = {
         "log_to_driver": True,

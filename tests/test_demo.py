@@ -32,8 +32,19 @@ def kind_of(line: str) -> str | None:
     return None
 
 
+@pytest.fixture
+def another_local_ray():
+    """A second Ray on this machine, as a notebook's would be: Ray's helpers must not mistake it for the demo's."""
+    code = "import ray, time; ray.init(num_cpus=1, include_dashboard=False); print('up', flush=True); time.sleep(900)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().strip() == "up"
+    yield
+    proc.kill()
+    proc.wait()
+
+
 @pytest.mark.slow
-def test_demo_prints_segray_lines_only(tmp_path):
+def test_demo_prints_segray_lines_only(tmp_path, another_local_ray):
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "RAY_ADDRESS")}
     done = subprocess.run(
         [sys.executable, "-m", "segray.cli", "demo", "--dir", str(tmp_path / "demo"), "--n", "48", "--epochs", "2"],
