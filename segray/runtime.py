@@ -218,6 +218,19 @@ DATA_PIPELINE_CPUS = 1
 TASK_RETRIES = 3
 
 
+@contextlib.contextmanager
+def bounded_retries():
+    """Yields the map-task options that retry a task ``TASK_RETRIES`` times, not forever.
+
+    Ray Data 2.60 takes a retry count only through ``ray_remote_args``, which
+    it deprecates in favour of named parameters that have none; its warning
+    is silenced for these calls alone.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        yield {"max_retries": TASK_RETRIES}
+
+
 def local_cpus(needed: float) -> int:
     """CPUs to start a local Ray with: the machine's, or enough logical ones for the job to run at all."""
     return max(os.cpu_count() or 1, int(-(-needed // 1)))

@@ -28,7 +28,7 @@ from segray.data.layouts import Plan, build_mask, list_pairs
 from segray.data.quarantine import errors_uri, write_errors
 from segray.data.shards import stable_hash
 from segray.ownership import claim_folder, clear_owned, refuse_overlap, write_marker
-from segray.runtime import TASK_RETRIES
+from segray.runtime import bounded_retries
 
 DATASET_FILE = "dataset.json"
 
@@ -220,7 +220,8 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     writer = _ChunkWriter(dst, layout, plan.classes, val_fraction, uuid.uuid4().hex[:8], cfg.max_pixels)
     # A bad file is an error row, never a task failure; what still fails a task
     # (a lost node, storage down) is retried a bounded number of times.
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer, num_cpus=1, max_retries=TASK_RETRIES)
+    with bounded_retries() as retries:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer, num_cpus=1, **retries)
     meta = ds.to_pandas()
 
     good = meta[meta["reason"] == ""]

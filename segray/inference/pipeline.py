@@ -31,7 +31,7 @@ from segray.inference.sources import SHARDS, Source, list_source
 from segray.inference.tables import ERROR, score_tables
 from segray.models.saved import class_list
 from segray.ownership import canonical
-from segray.runtime import TASK_RETRIES
+from segray.runtime import bounded_retries
 
 FORMAT = "segray-predict/1"
 
@@ -135,7 +135,8 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
     ds = dataset_of(source, finished, cfg.batch_size)
     # Bad files are error rows, not task failures; a task that still fails (a lost
     # node, storage down) is retried a bounded number of times, not forever.
-    ds = ds.map_batches(reader, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS, max_retries=TASK_RETRIES)
+    with bounded_retries() as retries:
+        ds = ds.map_batches(reader, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS, **retries)
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"model_uri": spec.uri, "geometry": geometry, "batch_size": cfg.batch_size, "model_id": spec.model_id},
@@ -144,7 +145,8 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         **predictor_args,
     )
-    ds = ds.map_batches(writer, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS, max_retries=TASK_RETRIES)
+    with bounded_retries() as retries:
+        ds = ds.map_batches(writer, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS, **retries)
     # Without a budget Ray Data lets decoded images pile up ahead of a slower
     # model up to half the object store, so memory would grow with the input.
     options = copy.deepcopy(ds.context.execution_options)
