@@ -325,8 +325,8 @@ class TrainConfig(Config):
     def validate(self) -> None:
         _uri(self, "data", "storage")
         _positive(self, "epochs", "batch_size", "workers", "cpus_per_worker", "lr", "keep_checkpoints")
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name {self.name!r}: expected a plain run name without '/'", field="name")
+        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"name {self.name!r}: expected a plain run name (no '/', not '.' or '..')", field="name")
         if isinstance(self.class_weights, str) and self.class_weights not in ("auto", "none"):
             raise ConfigError(f"class_weights {self.class_weights!r}: expected auto, none or w0,w1,...", field="class_weights")
         for name in ("size", "crop"):

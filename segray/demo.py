@@ -7,7 +7,7 @@ import time
 
 from segray import storage
 from segray.config import about
-from segray.ownership import clear_owned, write_marker
+from segray.ownership import claim_folder, clear_owned, write_marker
 
 
 def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs: int = 8, overwrite: bool = True) -> dict[str, str]:
@@ -29,6 +29,7 @@ def run_demo(workdir: str, n: int = 96, size: tuple[int, int] = (64, 64), epochs
             raise about("dir", FileExistsError(f"dir {workdir} already holds files; choose an empty or new folder"))
         # Only what an earlier demo wrote there (its _segray.json lists it); anything else is refused.
         clear_owned(workdir, "demo", "dir")
+    claim_folder(workdir, "demo", "dir", patterns=[r"(raw|dataset|runs|predictions)/.*"])
     raw, data, runs = (storage.join(workdir, x) for x in ("raw", "dataset", "runs"))
     steps = 4
     t0 = time.time()

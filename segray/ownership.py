@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from segray import storage
 from segray.config import about
@@ -47,13 +48,18 @@ def refuse_overlap(source: str, source_field: str, destination: str, destination
         )
 
 
-def claim_folder(folder: str, kind: str, field: str) -> None:
-    """Claims an empty ``folder`` for one run: an exclusive create of its marker, listing no file yet.
+def claim_folder(folder: str, kind: str, field: str, patterns: list[str]) -> None:
+    """Claims an empty ``folder`` for one run: an exclusive create of its marker.
+
+    Args:
+        patterns: regular expressions (full match, paths relative to the
+            folder) of the files this run will write: a run that stops before
+            ``write_marker`` lists them still leaves a folder segray can replace.
 
     Raises:
         FileExistsError: another run claimed it first (its marker is there).
     """
-    marker = json.dumps({"format": FORMAT, "kind": kind, "files": [], "complete": False}, indent=1)
+    marker = json.dumps({"format": FORMAT, "kind": kind, "files": [], "patterns": patterns, "complete": False}, indent=1)
     if not storage.create_exclusive(storage.join(folder, MARKER), marker.encode("utf-8")):
         raise about(field, FileExistsError(f"{field} {folder} was claimed by another segray run a moment ago; choose another folder"))
 
@@ -74,8 +80,8 @@ def write_marker(folder: str, kind: str) -> None:
     storage.write_text(storage.join(folder, MARKER), json.dumps(marker, indent=1))
 
 
-def owned_files(folder: str, kind: str) -> list[str] | None:
-    """The files the marker of ``folder`` lists, or None when there is no marker of this kind."""
+def read_marker(folder: str, kind: str) -> dict | None:
+    """The marker of ``folder`` when it is segray's marker of this kind, else None."""
     uri = storage.join(folder, MARKER)
     if not storage.exists(uri):
         return None
@@ -85,8 +91,15 @@ def owned_files(folder: str, kind: str) -> list[str] | None:
         return None
     if not isinstance(marker, dict) or marker.get("format") != FORMAT or marker.get("kind") != kind:
         return None
-    files = marker.get("files")
-    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else None
+    if not isinstance(marker.get("files"), list) or not all(isinstance(f, str) for f in marker["files"]):
+        return None
+    return marker
+
+
+def owned(marker: dict, present: set[str]) -> set[str]:
+    """The present files a marker accounts for: those it lists, and (a run that did not finish) its patterns."""
+    patterns = [re.compile(p) for p in marker.get("patterns") or [] if isinstance(p, str)]
+    return set(marker["files"]) | {f for f in present if any(p.fullmatch(f) for p in patterns)}
 
 
 def clear_owned(folder: str, kind: str, field: str, required: tuple[str, ...] = ()) -> int:
@@ -103,19 +116,27 @@ def clear_owned(folder: str, kind: str, field: str, required: tuple[str, ...] = 
             file there that segray did not write; nothing is deleted then.
     """
     present = set(files_under(folder))
-    owned = owned_files(folder, kind)
-    missing = [r for r in required if r not in present]
-    if owned is None or missing:
+    marker = read_marker(folder, kind)
+    if marker is None:
         example = sorted(present)[0] if present else MARKER
         raise about(
             field,
             FileExistsError(
-                f"{field} {folder} holds files that segray did not write as a {kind} (no {MARKER} marker"
-                f"{' or ' + ', '.join(missing) if missing else ''}; e.g. {storage.join(folder, example)}); "
-                f"nothing was deleted: choose an empty or new folder, or move those files yourself"
+                f"{field} {folder} holds files that segray did not write as a {kind} (no {MARKER} marker of a {kind}; "
+                f"e.g. {storage.join(folder, example)}); nothing was deleted: choose an empty or new folder, or move those files yourself"
             ),
         )
-    foreign = sorted(present - set(owned) - {MARKER})
+    missing = [r for r in required if r not in present] if marker.get("complete") else []
+    if missing:
+        raise about(
+            field,
+            FileExistsError(
+                f"{field} {folder} is a finished {kind} by its {MARKER} but {', '.join(missing)} is missing; "
+                "nothing was deleted: move the folder aside or delete it yourself"
+            ),
+        )
+    mine = owned(marker, present)
+    foreign = sorted(present - mine - {MARKER})
     if foreign:
         shown = ", ".join(storage.join(folder, f) for f in foreign[:3])
         raise about(
@@ -125,10 +146,10 @@ def clear_owned(folder: str, kind: str, field: str, required: tuple[str, ...] = 
                 f"nothing was deleted: move them, or choose another folder"
             ),
         )
-    deleted = 0
-    for name in owned:
-        if name in present:
-            storage.delete_file(storage.join(folder, name))
-            deleted += 1
+    # The files that make the folder what it is go last: a delete that stops
+    # half-way leaves a folder that is still recognised and can be replaced.
+    order = sorted(mine & present, key=lambda f: (f in required, f))
+    for name in order:
+        storage.delete_file(storage.join(folder, name))
     storage.delete_file(storage.join(folder, MARKER))
-    return deleted
+    return len(order)

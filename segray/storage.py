@@ -24,8 +24,9 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
 
 
-# user:secret@ (or anything@) before the bucket: credentials someone put in a URI.
-_USERINFO = re.compile(r"(s3://)[^/\s@]*@", re.IGNORECASE)
+# KEY@ or KEY:SECRET@ before the bucket: credentials someone put in a URI. A
+# secret may hold '/', so any '@' after a ':' counts (bucket names hold neither).
+_USERINFO = re.compile(r"(s3://)(?:[^/\s@]*|[^\s@]*:[^\s@]*)@", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
@@ -232,13 +233,25 @@ def create_exclusive(uri: str, data: bytes) -> bool:
             return True
         except FileExistsError:
             return False
+        except OSError:
+            # No hard links here (a bucket mounted with FUSE, SMB, exFAT): an
+            # exclusive create is as exclusive, only not atomic in its content.
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
         finally:
             os.unlink(tmp)
     import boto3
+    from botocore.config import Config
     from botocore.exceptions import ClientError
 
     bucket, _, key = path.partition("/")
-    client = boto3.client("s3", endpoint_url=_endpoint(), region_name=_region())
+    # Path-style, as pyarrow is set up above: custom endpoints serve buckets by path.
+    client = boto3.client("s3", endpoint_url=_endpoint(), region_name=_region(), config=Config(s3={"addressing_style": "path"}))
     try:
         client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         return True
@@ -256,22 +269,6 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
-def makedirs(uri: str) -> None:
-    fs, path = filesystem(uri)
-    fs.create_dir(path, recursive=True)
-
-
-def delete_dir(uri: str) -> None:
-    """Removes ``uri`` and everything under it; no error if it is absent."""
-    fs, path = filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound and not is_dir(uri):
-        return
-    try:
-        fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
-
-
 def delete_file(uri: str) -> None:
     fs, path = filesystem(uri)
     try:
@@ -281,13 +278,26 @@ def delete_file(uri: str) -> None:
 
 
 def write_parquet(table, uri: str, **kwargs) -> None:
-    """Writes a pyarrow Table to ``uri`` as Parquet; no reader ever sees a partial file (``write_bytes``)."""
-    import pyarrow as pa
+    """Writes a pyarrow Table to ``uri`` as Parquet; no reader ever sees a partial file.
+
+    Streamed, never held whole in memory: locally to a temporary name renamed
+    into place, on S3 as one upload (a multipart upload appears only when it
+    completes).
+    """
     import pyarrow.parquet as pq
 
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **kwargs)
-    write_bytes(uri, sink.getvalue().to_pybytes())
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            pq.write_table(table, tmp, **kwargs)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        pq.write_table(table, path, filesystem=fs, **kwargs)
 
 
 def read_parquet(uri: str, **kwargs):

@@ -170,7 +170,7 @@ def _claims(kind: str, folder: str) -> Callable[[int], None]:
     if kind == "predict":
         return lambda i: claim(folder, {"model_id": f"model-{i}", "source": "s"})
     if kind == "ingest":
-        return lambda i: claim_folder(folder, "dataset", "destination")
+        return lambda i: claim_folder(folder, "dataset", "destination", patterns=[])
 
     def train_claim(i: int) -> None:
         if not write_config(folder, {"name": "r", "seed": i}, {}, exclusive=True):
@@ -189,7 +189,7 @@ def test_concurrent_claims_have_one_winner(tmp_path, s3, where, kind):
 
 
 def test_credentials_in_a_uri_are_refused_and_never_echoed(tmp_path, capsys):
-    secret = "wJalrXUtnFEMI-K7MDENG"
+    secret = "wJalrXUtnFEMI/K7MDENG"  # AWS secrets hold '/'s
     for argv in (
         ["ingest", f"s3://AKIAEXAMPLE:{secret}@bucket/raw", str(tmp_path / "ds")],
         ["predict", "--model", str(tmp_path), "--input", f"s3://AKIAEXAMPLE:{secret}@bucket/x", "--output", str(tmp_path / "o")],
@@ -201,3 +201,27 @@ def test_credentials_in_a_uri_are_refused_and_never_echoed(tmp_path, capsys):
         storage.filesystem(f"s3://key:{secret}@bucket/x")
     assert secret not in str(raised.value)
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "a\\b"])
+def test_run_names_stay_inside_storage(name):
+    from segray.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="expected a plain run name"):
+        TrainConfig(data="d", storage="s", name=name)
+
+
+def test_an_ingest_that_stopped_half_way_can_be_replaced(raw, tmp_path):
+    src, dst = str(raw / "data" / "raw"), tmp_path / "ds"
+    ingest(IngestConfig(source=src, destination=str(dst)))
+    # As a run killed before it listed its files leaves the folder: its claim, some shards, no dataset.json.
+    marker = json.loads((dst / MARKER).read_text())
+    run_id = next(f for f in marker["files"] if f.startswith("train/part-")).split("-")[-1].split(".")[0]
+    (dst / "dataset.json").unlink()
+    (dst / MARKER).write_text(json.dumps({
+        "format": marker["format"], "kind": "dataset", "files": [], "complete": False,
+        "patterns": [rf"(train|val)/part-\d+-{run_id}\.parquet", r"_errors\.parquet", r"dataset\.json"],
+    }))
+    result = ingest(IngestConfig(source=src, destination=str(dst), overwrite=True))
+    assert result.info.splits["train"] + result.info.splits["val"] == 8
+    assert not [f for f in tree(dst) if run_id in f], "the stopped run's shards are replaced"

@@ -128,9 +128,9 @@ def decode_raw(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.n
     return array
 
 
-def decode_mask(data: bytes) -> np.ndarray:
+def decode_mask(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decodes a stored class-id mask (one channel PNG) to (H, W) uint8."""
-    array = decode_raw(data)
+    array = decode_raw(data, max_pixels)
     if array.ndim == 3:
         if not all(np.array_equal(array[..., 0], array[..., c]) for c in range(1, min(3, array.shape[2]))):
             raise BadInput(f"mask has {array.shape[2]} differing channels; expected one channel of class ids")

@@ -57,6 +57,9 @@ def parse_classes(entries: Any, source: str) -> list[ClassInfo]:
     ids = [c.id for c in classes]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{source}: class ids repeat: {sorted(ids)}")
+    names = [c.name for c in classes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: class names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
     real = sorted(c.id for c in classes if c.id != IGNORE_INDEX)
     if real != list(range(len(real))):
         raise ConfigError(f"{source}: class ids must be 0..C-1 without gaps, got {real}")

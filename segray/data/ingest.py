@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from segray.config import IngestConfig, about
 from segray.data.imageio import BadInput, check_pixels, decode_image, encode_png
 from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color
 from segray.data.layouts import Plan, build_mask, list_pairs
-from segray.data.quarantine import errors_uri, write_errors
+from segray.data.quarantine import ERRORS_FILE, errors_uri, write_errors
 from segray.data.shards import stable_hash
 from segray.ownership import claim_folder, clear_owned, refuse_overlap, write_marker
 from segray.runtime import bounded_retries
@@ -118,7 +119,7 @@ class _ChunkWriter:
                 raise BadInput(f"{uri}: {e}") from None
             blobs.append((uri, blob))
         try:
-            mask = build_mask(self.layout, blobs, self.classes)
+            mask = build_mask(self.layout, blobs, self.classes, self.max_pixels)
         except BadInput as e:
             raise BadInput(f"{pair['mask_uris'][0]}: {e}") from None
         if mask.shape != image.shape[:2]:
@@ -182,13 +183,15 @@ def _meta(image_id: str, split: str, uri: str, reason: str) -> dict[str, Any]:
     }
 
 
-def _prepare_dst(dst: str, overwrite: bool) -> None:
-    """An empty destination, or one segray ingested before (with ``overwrite``): only its listed files are deleted."""
+def _prepare_dst(dst: str, overwrite: bool, run_id: str) -> None:
+    """An empty destination, or one segray ingested before (with ``overwrite``): only its own files are deleted."""
     if storage.list_files(dst, limit=1):
         if not overwrite:
             raise about("destination", IngestError(f"destination {dst} already holds files; set `overwrite` to replace it whole (nothing was written)"))
         clear_owned(dst, "dataset", "destination", required=(DATASET_FILE,))
-    claim_folder(dst, "dataset", "destination")
+    # What this run may leave even if it stops before it lists its files.
+    patterns = [rf"(train|val)/part-\d+-{run_id}\.parquet", re.escape(ERRORS_FILE), re.escape(DATASET_FILE)]
+    claim_folder(dst, "dataset", "destination", patterns)
 
 
 def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
@@ -211,13 +214,14 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     plan = list_pairs(src, layout, cfg.classes, cfg.num_classes, cfg.class_order, cfg.priority, cfg.images_dir)
     if not plan.pairs:
         raise IngestError(f"{src}: no image/mask pairs found ({len(plan.errors)} rejected inputs); expected the {layout} layout")
-    _prepare_dst(dst, cfg.overwrite)
+    run_id = uuid.uuid4().hex[:8]
+    _prepare_dst(dst, cfg.overwrite, run_id)
 
     start = time.time()
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
     chunks = _chunks(plan, cfg.shard_mb, min_chunks=2 * max(cpus, 1))
     items = [{"chunk": i, "pairs": json.dumps(c)} for i, c in enumerate(chunks)]
-    writer = _ChunkWriter(dst, layout, plan.classes, val_fraction, uuid.uuid4().hex[:8], cfg.max_pixels)
+    writer = _ChunkWriter(dst, layout, plan.classes, val_fraction, run_id, cfg.max_pixels)
     # A bad file is an error row, never a task failure; what still fails a task
     # (a lost node, storage down) is retried a bounded number of times.
     with bounded_retries() as retries:

@@ -253,6 +253,7 @@ def build_mask(
     layout: str,
     mask_blobs: list[tuple[str, bytes]],
     classes: list[ClassInfo] | None,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Turns the mask file(s) of one pair into an (H, W) uint8 class-id mask.
 
@@ -261,7 +262,7 @@ def build_mask(
             or class ids outside the declared classes.
     """
     if layout == "ids":
-        mask = decode_mask(mask_blobs[0][1])
+        mask = decode_mask(mask_blobs[0][1], max_pixels)
         if classes is not None:
             num = sum(1 for c in classes if c.id != IGNORE_INDEX)
             bad = (mask >= num) & (mask != IGNORE_INDEX)
@@ -270,7 +271,7 @@ def build_mask(
                 raise BadInput(f"mask values {values} outside the declared classes 0..{num - 1} (and 255) in {int(bad.sum())} pixels")
         return mask
     if layout == "palette":
-        raw = decode_raw(mask_blobs[0][1])
+        raw = decode_raw(mask_blobs[0][1], max_pixels)
         if raw.ndim != 3 or raw.shape[2] < 3:
             raise BadInput(f"palette mask has {1 if raw.ndim == 2 else raw.shape[2]} channel(s); expected RGB")
         rgb = raw[..., 2::-1][..., :3].astype(np.int32)  # BGR(A) -> RGB
@@ -290,7 +291,7 @@ def build_mask(
         shape = None
         # Paint lowest priority first so that the first-priority class ends on top.
         for uri, data in reversed(mask_blobs):
-            raw = decode_raw(data)
+            raw = decode_raw(data, max_pixels)
             # Binary layers: any colour channel above 127 is set (alpha is ignored:
             # it is 255 everywhere in RGBA layers).
             layer = raw if raw.ndim == 2 else raw[..., :3].max(axis=2)

@@ -54,8 +54,9 @@ class DecodeBatch:
         cfg = self.config
         images, masks = [], []
         for image_id, image_bytes, mask_bytes in zip(batch["image_id"], batch["image"], batch["mask"]):
-            image = decode_image(image_bytes).astype(np.float32)
-            mask = decode_mask(mask_bytes)
+            # Ingest checked every image against its max_pixels before it wrote the shard.
+            image = decode_image(image_bytes, max_pixels=None).astype(np.float32)
+            mask = decode_mask(mask_bytes, max_pixels=None)
             image, mask = fit(image, mask, cfg.size, cfg.fit)
             if cfg.augment or cfg.crop:
                 rng = self._rng(str(image_id))

@@ -25,12 +25,3 @@ def write_errors(folder: str, errors: list[tuple[str, str]]) -> str:
     uri = errors_uri(folder)
     storage.write_parquet(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA), uri)
     return uri
-
-
-def read_errors(folder: str) -> list[tuple[str, str]]:
-    """The ``(uri, reason)`` rows of ``FOLDER/_errors.parquet`` (empty when there is none)."""
-    uri = errors_uri(folder)
-    if not storage.exists(uri):
-        return []
-    table = storage.read_parquet(uri)
-    return list(zip(table["uri"].to_pylist(), table["reason"].to_pylist()))

@@ -36,6 +36,7 @@ from segray.inference.tables import (
 )
 from segray.metrics import CELL_BASE
 from segray.ownership import canonical
+from segray.runtime import bounded_retries
 
 FORMAT = "segray-evaluate/1"
 
@@ -136,7 +137,8 @@ def evaluate(cfg: EvaluateConfig) -> PredictResult:
     per_block = 64
     ds = ray.data.from_items(pairs, override_num_blocks=max(1, math.ceil(len(pairs) / per_block)))
     scorer = ScorePairs(len(declared) if declared else None, IGNORE_INDEX, run)
-    ds = ds.map_batches(scorer, batch_size=per_block, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+    with bounded_retries() as retries:
+        ds = ds.map_batches(scorer, batch_size=per_block, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS, **retries)
     parts = [pa.Table.from_batches([b], schema=RECORD_SCHEMA) if isinstance(b, pa.RecordBatch) else b.cast(RECORD_SCHEMA) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
     records = latest_records(pa.concat_tables(parts) if parts else RECORD_SCHEMA.empty_table()).sort_by("image_id")
 

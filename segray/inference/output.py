@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from segray import storage
 from segray.config import about
-from segray.data.quarantine import errors_uri, write_errors
+from segray.data.quarantine import write_errors
 from segray.inference.tables import OK, RECORD_SCHEMA, empty_tables, format_per_class, latest_records, table_schema, write_frame
 
 RUN_FILE = "_run.json"
@@ -88,10 +88,6 @@ class Output:
     @property
     def summary(self) -> str:
         return storage.join(self.root, "summary.json")
-
-    @property
-    def errors(self) -> str:
-        return errors_uri(self.root)
 
     def table(self, name: str) -> str:
         """``per_image``, ``per_class`` or ``confusion``: its Parquet file."""
@@ -170,7 +166,7 @@ def claim(out: str, identity: dict[str, Any], field_name: str = "output") -> Non
     text = json.dumps(identity, indent=2, sort_keys=True)
     if not storage.exists(path):
         # limit 2: a run that claimed OUT a moment ago has left its _run.json there.
-        if any(storage.basename(f.uri) != RUN_FILE for f in storage.list_files(out, limit=2)):
+        if any(not storage.basename(f.uri).startswith(RUN_FILE) for f in storage.list_files(out, limit=2)):
             raise about(
                 field_name,
                 FileExistsError(f"{field_name} {out} holds files but no {RUN_FILE}: it is not a segray results folder; choose an empty or new `{field_name}`"),

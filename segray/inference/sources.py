@@ -225,7 +225,7 @@ class ReadDecode:
         truth = empty_array(np.uint8, None)
         if read_mask is not None:
             try:
-                truth = build_mask("ids", [(mask_uri, read_mask())], self.classes)
+                truth = build_mask("ids", [(mask_uri, read_mask())], self.classes, self.max_pixels)
             except BadInput as e:
                 return _error_row(image_id, mask_uri, f"mask {mask_uri}: {e}")
             if truth.shape != image.shape[:2]:

@@ -8,6 +8,7 @@ from typing import Any
 from segray import storage
 from segray.config import ConfigError, TrainConfig, about
 from segray.data.info import DatasetInfo, load_dataset_info
+from segray.ownership import canonical
 from segray.runtime import is_verbose
 from segray.training.artifacts import read_config, read_history, run_exists, write_config
 
@@ -94,6 +95,9 @@ def resolve(cfg: TrainConfig) -> ResolvedRun:
 def _check_resumable(run_uri: str, cfg: TrainConfig) -> None:
     """Refuses to resume with a changed field that alters the run, naming each (old vs new)."""
     old, new = read_config(run_uri), cfg.to_dict()
+    for key in ("data", "storage"):  # runs written before paths were made absolute
+        if isinstance(old.get(key), str):
+            old[key] = canonical(old[key])
     changed = [k for k in new if k not in RESUMABLE_FIELDS and old.get(k) != new[k]]
     if changed:
         shown = "; ".join(f"`{k}` {old.get(k)!r} there, {new[k]!r} now" for k in changed)

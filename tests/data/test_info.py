@@ -28,6 +28,7 @@ def valid() -> dict:
         (lambda d: d.pop("classes"), "classes is required"),
         (lambda d: d.pop("splits"), "splits is required"),
         (lambda d: d.update(classes=[{"id": 0, "name": "a"}, {"id": 2, "name": "b"}]), "class ids must be 0..C-1 without gaps"),
+        (lambda d: d.update(classes=[{"id": 0, "name": "a"}, {"id": 1, "name": "b"}, {"id": 2, "name": "b"}]), "class names repeat: ['b']"),
         (lambda d: d.update(num_classes=5), "num_classes is 5 but classes lists 3"),
         (lambda d: d.update(splits={"train": -1, "val": 2}), "splits.train must be a count of images"),
         (lambda d: d.update(std=[30.0, 0.0, 30.0]), "std positive"),
