@@ -13,6 +13,7 @@ import os
 import posixpath
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -112,23 +113,26 @@ def is_dir(uri: str) -> bool:
     return False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     uri: str
     size: int
 
 
-def list_files(uri: str, recursive: bool = True, limit: int | None = None, skipped: list[tuple[str, str]] | None = None) -> list[FileEntry]:
-    """Files under ``uri`` (a directory or prefix), sorted by URI. Empty if absent.
+def iter_files(uri: str, recursive: bool = True, skipped: list[tuple[str, str]] | None = None) -> Iterator[FileEntry]:
+    """Files under ``uri`` (a directory or prefix), in no set order; nothing if absent.
 
     Locally, symbolic links are not followed out of ``uri``: a linked folder
     is not entered (links can loop, or lead anywhere on the machine) and a
     linked file counts only when its target lies under ``uri``. What is left
     out that way is added to ``skipped`` as ``(uri, reason)`` when given.
+    A generator, so that a caller indexing millions of files never holds
+    the whole listing as objects.
     """
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        return _list_local(path, recursive, limit, skipped)
+        yield from _walk_local(path, recursive, skipped)
+        return
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     for attempt in range(3):
         try:
@@ -139,19 +143,24 @@ def list_files(uri: str, recursive: bool = True, limit: int | None = None, skipp
             # writer's temporary file renamed into place): list again.
             if attempt == 2:
                 raise
-    out = []
     for info in infos:
         if info.type == pafs.FileType.File:
-            out.append(FileEntry(display(fs, info.path), info.size or 0))
-            if limit is not None and len(out) >= limit:
-                break
+            yield FileEntry(display(fs, info.path), info.size or 0)
+
+
+def list_files(uri: str, recursive: bool = True, limit: int | None = None, skipped: list[tuple[str, str]] | None = None) -> list[FileEntry]:
+    """Files under ``uri`` sorted by URI (the first ``limit`` found, when given); see ``iter_files``."""
+    out = []
+    for entry in iter_files(uri, recursive, skipped):
+        out.append(entry)
+        if limit is not None and len(out) >= limit:
+            break
     out.sort(key=lambda e: e.uri)
     return out
 
 
-def _list_local(root: str, recursive: bool, limit: int | None, skipped: list[tuple[str, str]] | None) -> list[FileEntry]:
+def _walk_local(root: str, recursive: bool, skipped: list[tuple[str, str]] | None) -> Iterator[FileEntry]:
     real_root = os.path.realpath(root)
-    out = []
 
     def skip(path: str, reason: str) -> None:
         if skipped is not None:
@@ -175,11 +184,7 @@ def _list_local(root: str, recursive: bool, limit: int | None, skipped: list[tup
                 size = os.stat(path).st_size
             except (FileNotFoundError, ValueError):
                 continue  # gone while listed (a temporary file renamed into place), or a dangling link
-            out.append(FileEntry(path, size))
-            if limit is not None and len(out) >= limit:
-                return sorted(out, key=lambda e: e.uri)
-    out.sort(key=lambda e: e.uri)
-    return out
+            yield FileEntry(path, size)
 
 
 def list_dirs(uri: str) -> list[str]:

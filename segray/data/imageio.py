@@ -92,11 +92,32 @@ def check_pixels(data: bytes, max_pixels: int | None) -> None:
         )
 
 
-def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decodes image bytes to an (H, W, 3) RGB array of the file's own dtype.
+VALUE_RANGE = "0..255"
+VALUE_RULE = "values on one 0..255 scale by the file's dtype: uint8 as stored, other integers x 255/dtype max (uint16 /257), floats x 255 (0..1 assumed)"
+
+
+def to_common_range(array: np.ndarray) -> np.ndarray:
+    """Pixel values on the 0..255 scale of 8-bit images, whatever the file's dtype.
+
+    uint8 is returned as it is; other integer types are scaled by their
+    type's maximum (a 16-bit 65535 becomes 255.0, keeping the low bits as
+    fractions); floats are taken to hold 0..1 and scaled by 255. A dataset
+    mixing 8-bit and 16-bit files then has one intensity scale, and the
+    dataset's mean and std (computed after this) fit every image.
+    """
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.float32) * np.float32(255.0 / np.iinfo(array.dtype).max)
+    return array.astype(np.float32) * np.float32(255.0)
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, keep_dtype: bool = False) -> np.ndarray:
+    """Decodes image bytes to an (H, W, 3) RGB array: uint8, or float32 on the same 0..255 scale.
 
     Grey images are repeated to three channels and alpha is dropped, so every
-    model sees three channels.
+    model sees three channels. Files of other dtypes (16-bit, float) are put
+    on the 8-bit scale by ``to_common_range``, unless ``keep_dtype``.
 
     Raises:
         BadInput: empty, truncated or undecodable bytes, or more pixels than
@@ -115,7 +136,7 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
         array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
     else:
         raise BadInput(f"image has {array.shape[2]} channels; expected 1, 3 or 4")
-    return array
+    return array if keep_dtype else to_common_range(array)
 
 
 def decode_raw(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:

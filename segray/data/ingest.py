@@ -10,6 +10,7 @@ last: a DST without it is not a dataset, whatever else it holds.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -23,7 +24,7 @@ import pyarrow as pa
 
 from segray import storage
 from segray.config import IngestConfig, about
-from segray.data.imageio import BadInput, check_pixels, decode_image, encode_png
+from segray.data.imageio import VALUE_RANGE, VALUE_RULE, BadInput, check_pixels, decode_image, encode_png, to_common_range
 from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color
 from segray.data.layouts import Plan, build_mask, list_pairs
 from segray.data.quarantine import ERRORS_FILE, errors_uri, write_errors
@@ -76,21 +77,54 @@ class IngestResult:
     errors: list[tuple[str, str]]
 
 
-def _chunks(plan: Plan, shard_mb: float, min_chunks: int) -> list[list[dict[str, Any]]]:
-    """Groups pairs into chunks of about ``shard_mb`` source bytes, at least ``min_chunks``."""
-    total = sum(p.nbytes for p in plan.pairs)
-    n_chunks = max(math.ceil(total / (shard_mb * 2**20)), min(min_chunks, len(plan.pairs)), 1)
+def _chunks(plan: Plan, shard_mb: float, min_chunks: int) -> list[tuple[int, int]]:
+    """Splits the pairs into ``(start, stop)`` runs of about ``shard_mb`` source bytes, at least ``min_chunks``."""
+    pairs = plan.pairs
+    total = sum(p.nbytes for p in pairs)
+    n_chunks = max(math.ceil(total / (shard_mb * 2**20)), min(min_chunks, len(pairs)), 1)
     target = total / n_chunks
-    chunks: list[list[dict[str, Any]]] = [[]]
-    size = 0
-    per_chunk = math.ceil(len(plan.pairs) / n_chunks)
-    for pair in plan.pairs:
-        if chunks[-1] and (size + pair.nbytes > target * 1.05 or len(chunks[-1]) >= per_chunk):
-            chunks.append([])
-            size = 0
-        chunks[-1].append({"image_id": pair.image_id, "image_uri": pair.image_uri, "mask_uris": list(pair.mask_uris)})
+    per_chunk = math.ceil(len(pairs) / n_chunks)
+    bounds, start, size = [], 0, 0
+    for k, pair in enumerate(pairs):
+        if k > start and (size + pair.nbytes > target * 1.05 or k - start >= per_chunk):
+            bounds.append((start, k))
+            start, size = k, 0
         size += pair.nbytes
-    return chunks
+    if len(pairs) > start:
+        bounds.append((start, len(pairs)))
+    return bounds
+
+
+def chunk_items(plan: Plan, src: str, bounds: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """One Ray item per chunk: its pairs as compact JSON, file names relative to ``src``.
+
+    ``[[image_id, image, [mask, ...]], ...]``: a million pairs take about
+    70 MB of text on the driver, not a dict per pair.
+    """
+    root = src.rstrip("/") + "/"
+
+    def rel(uri: str) -> str:
+        return uri[len(root):] if uri.startswith(root) else uri
+
+    items = []
+    for number, (start, stop) in enumerate(bounds):
+        text = io.StringIO()  # pair by pair: no list of a whole chunk's pairs
+        text.write("[")
+        for k in range(start, stop):
+            p = plan.pairs[k]
+            text.write(("," if k > start else "") + json.dumps([p.image_id, rel(p.image_uri), [rel(m) for m in p.mask_uris]], separators=(",", ":")))
+        text.write("]")
+        items.append({"chunk": number, "root": root, "pairs": text.getvalue()})
+    return items
+
+
+def _pairs_of(item: dict[str, Any]) -> list[dict[str, Any]]:
+    root = item["root"]
+
+    def uri(name: str) -> str:
+        return name if storage.is_s3(name) or name.startswith("/") else root + name
+
+    return [{"image_id": i, "image_uri": uri(image), "mask_uris": [uri(m) for m in masks]} for i, image, masks in json.loads(item["pairs"])]
 
 
 class _ChunkWriter:
@@ -104,12 +138,14 @@ class _ChunkWriter:
         self.val_fraction = val_fraction
         self.run_id = run_id
 
-    def _process_pair(self, pair: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    def _process_pair(self, pair: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray, str]:
+        """(shard row, image on the common 0..255 scale, class-id mask, the file's dtype)."""
         image_bytes = storage.read_bytes(pair["image_uri"])
         try:
-            image = decode_image(image_bytes, self.max_pixels)
+            stored = decode_image(image_bytes, self.max_pixels, keep_dtype=True)
         except BadInput as e:
             raise BadInput(f"{pair['image_uri']}: {e}") from None
+        image = to_common_range(stored)
         blobs = []
         for uri in pair["mask_uris"]:
             blob = storage.read_bytes(uri)
@@ -136,51 +172,94 @@ class _ChunkWriter:
             "source_image": pair["image_uri"],
             "source_mask": "\n".join(pair["mask_uris"]),
         }
-        return row, image, mask
+        return row, image, mask, str(stored.dtype)
 
     def __call__(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row per rejected pair, then one row of the chunk's statistics.
+
+        The statistics are sums (class pixels per split, channel sums, image
+        counts, sizes, dtypes), so the driver adds a row per chunk: its
+        memory does not grow with the number of images.
+        """
         rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-        meta = []
-        for pair in json.loads(item["pairs"]):
+        stats = _Stats()
+        out = []
+        for pair in _pairs_of(item):
             split = split_of(pair["image_id"], self.val_fraction)
             try:
-                row, image, mask = self._process_pair(pair)
+                row, image, mask, dtype = self._process_pair(pair)
             except BadInput as e:
-                meta.append(_meta(pair["image_id"], split, pair["image_uri"], str(e)))
+                out.append(_error(pair["image_uri"], str(e)))
                 continue
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
-                meta.append(_meta(pair["image_id"], split, pair["image_uri"], f"{pair['image_uri']}: {type(e).__name__}: {e}"))
+                out.append(_error(pair["image_uri"], f"{pair['image_uri']}: {type(e).__name__}: {e}"))
                 continue
             rows[split].append(row)
-            pixels = image.reshape(-1, 3).astype(np.float64)
-            m = _meta(pair["image_id"], split, pair["image_uri"], "")
-            m.update(
-                height=int(image.shape[0]),
-                width=int(image.shape[1]),
-                class_counts=np.bincount(mask.ravel(), minlength=256).astype(np.int64).tolist(),
-                channel_sum=pixels.sum(0).tolist(),
-                channel_sumsq=(pixels**2).sum(0).tolist(),
-            )
-            meta.append(m)
+            stats.add(split, image, mask, dtype)
         for split, split_rows in rows.items():
             if split_rows:
                 table = pa.Table.from_pylist(split_rows, schema=SHARD_SCHEMA)
                 storage.write_parquet(table, storage.join(self.dst, split, f"part-{item['chunk']:05d}-{self.run_id}.parquet"), row_group_size=64)
-        return meta
+        out.append(stats.row())
+        return out
 
 
-def _meta(image_id: str, split: str, uri: str, reason: str) -> dict[str, Any]:
-    return {
-        "image_id": image_id,
-        "split": split,
-        "uri": uri,
-        "reason": reason,
-        "height": 0,
-        "width": 0,
-        "class_counts": [0] * 256,
-        "channel_sum": [0.0, 0.0, 0.0],
-        "channel_sumsq": [0.0, 0.0, 0.0],
-    }
+class _Stats:
+    """Sums of one chunk's (or the whole dataset's) good pairs."""
+
+    def __init__(self) -> None:
+        self.images = {s: 0 for s in SPLITS}
+        self.class_pixels = {s: np.zeros(256, np.int64) for s in SPLITS}
+        self.channel_sum = {s: np.zeros(3, np.float64) for s in SPLITS}
+        self.channel_sumsq = {s: np.zeros(3, np.float64) for s in SPLITS}
+        self.pixels = {s: 0 for s in SPLITS}
+        self.sizes: set[tuple[int, int]] = set()
+        self.dtypes: dict[str, int] = {}
+
+    def add(self, split: str, image: np.ndarray, mask: np.ndarray, dtype: str) -> None:
+        pixels = image.reshape(-1, 3).astype(np.float64)
+        self.images[split] += 1
+        self.class_pixels[split] += np.bincount(mask.ravel(), minlength=256).astype(np.int64)
+        self.channel_sum[split] += pixels.sum(0)
+        self.channel_sumsq[split] += (pixels**2).sum(0)
+        self.pixels[split] += int(image.shape[0] * image.shape[1])
+        if len(self.sizes) < 2:  # one shared size or "mixed": two are enough to tell
+            self.sizes.add((int(image.shape[0]), int(image.shape[1])))
+        self.dtypes[dtype] = self.dtypes.get(dtype, 0) + 1
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "uri": "",
+            "reason": "",
+            "stats": json.dumps(
+                {
+                    "images": self.images,
+                    "class_pixels": {s: v.tolist() for s, v in self.class_pixels.items()},
+                    "channel_sum": {s: v.tolist() for s, v in self.channel_sum.items()},
+                    "channel_sumsq": {s: v.tolist() for s, v in self.channel_sumsq.items()},
+                    "pixels": self.pixels,
+                    "sizes": sorted(self.sizes),
+                    "dtypes": self.dtypes,
+                }
+            ),
+        }
+
+    def merge(self, text: str) -> None:
+        other = json.loads(text)
+        for s in SPLITS:
+            self.images[s] += other["images"][s]
+            self.class_pixels[s] += np.asarray(other["class_pixels"][s], np.int64)
+            self.channel_sum[s] += np.asarray(other["channel_sum"][s], np.float64)
+            self.channel_sumsq[s] += np.asarray(other["channel_sumsq"][s], np.float64)
+            self.pixels[s] += other["pixels"][s]
+        if len(self.sizes) < 2:
+            self.sizes.update(tuple(x) for x in other["sizes"])
+        for kind, n in other["dtypes"].items():
+            self.dtypes[kind] = self.dtypes.get(kind, 0) + n
+
+
+def _error(uri: str, reason: str) -> dict[str, Any]:
+    return {"uri": uri, "reason": reason, "stats": ""}
 
 
 def _prepare_dst(dst: str, overwrite: bool, run_id: str) -> None:
@@ -219,32 +298,37 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
 
     start = time.time()
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
-    chunks = _chunks(plan, cfg.shard_mb, min_chunks=2 * max(cpus, 1))
-    items = [{"chunk": i, "pairs": json.dumps(c)} for i, c in enumerate(chunks)]
+    bounds = _chunks(plan, cfg.shard_mb, min_chunks=2 * max(cpus, 1))
+    items = chunk_items(plan, src, bounds)
+    total_pairs = len(plan.pairs)
     writer = _ChunkWriter(dst, layout, plan.classes, val_fraction, run_id, cfg.max_pixels)
     # A bad file is an error row, never a task failure; what still fails a task
     # (a lost node, storage down) is retried a bounded number of times.
     with bounded_retries() as retries:
         ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer, num_cpus=1, **retries)
-    meta = ds.to_pandas()
-
-    good = meta[meta["reason"] == ""]
-    bad = meta[meta["reason"] != ""]
-    errors = list(plan.errors) + list(zip(bad["uri"], bad["reason"]))
+    plan_errors, classes, priority = list(plan.errors), plan.classes, plan.priority
+    del items, plan  # the listing is not needed while the pipeline runs
+    stats = _Stats()
+    found = []
+    # Rows stream in: a chunk's statistics are added and dropped, so the
+    # driver holds sums and the rejected files, never a row per image.
+    for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow"):
+        for uri, reason, chunk_stats in zip(*(batch.column(c).to_pylist() for c in ("uri", "reason", "stats"))):
+            if chunk_stats:
+                stats.merge(chunk_stats)
+            else:
+                found.append((uri, reason))
+    errors = plan_errors + sorted(found)
     write_errors(dst, errors)
-    if good.empty:
-        raise IngestError(f"{src}: no valid pair among {len(plan.pairs)} ({len(errors)} rejected; see {errors_uri(dst)})")
+    good = sum(stats.images.values())
+    if not good:
+        raise IngestError(f"{src}: no valid pair among {total_pairs} ({len(errors)} rejected; see {errors_uri(dst)})")
 
-    counts = np.zeros(256, np.int64)  # pixel statistics come from the train split
-    seen = np.zeros(256, np.int64)  # the classes from every split
-    train_rows = good["split"] == "train"
-    stats_rows = good[train_rows] if train_rows.any() else good
-    for c, is_train in zip(good["class_counts"], train_rows if train_rows.any() else [True] * len(good)):
-        c = np.asarray(c, np.int64)
-        seen += c
-        if is_train:
-            counts += c
-    classes = plan.classes
+    # Pixel statistics come from the train split (all splits when it is empty);
+    # the classes from every split.
+    stats_splits = ["train"] if stats.images["train"] else list(SPLITS)
+    counts = sum(stats.class_pixels[s] for s in stats_splits)
+    seen = sum(stats.class_pixels[s] for s in SPLITS)
     if classes is None:
         # Over all splits: a class seen only in val must still be a class the model
         # predicts, or scoring it would fail after the first epoch.
@@ -252,16 +336,13 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         top = int(present.max()) if present.size else 0
         classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(default_color(k))) for k in range(top + 1)]
     real = [c for c in classes if c.id != IGNORE_INDEX]
-    n_pix = float(sum(stats_rows["height"] * stats_rows["width"]))
-    csum = np.sum(np.stack(stats_rows["channel_sum"].to_numpy()), axis=0)
-    csq = np.sum(np.stack(stats_rows["channel_sumsq"].to_numpy()), axis=0)
-    mean = csum / n_pix
-    std = np.sqrt(np.maximum(csq / n_pix - mean**2, 1e-12))
+    n_pix = float(sum(stats.pixels[s] for s in stats_splits))
+    mean = sum(stats.channel_sum[s] for s in stats_splits) / n_pix
+    std = np.sqrt(np.maximum(sum(stats.channel_sumsq[s] for s in stats_splits) / n_pix - mean**2, 1e-12))
     labelled = counts[: len(real)].sum()
-    sizes = set(zip(good["height"], good["width"]))
     info = DatasetInfo(
         classes=classes,
-        splits={s: int((good["split"] == s).sum()) for s in SPLITS},
+        splits={s: int(stats.images[s]) for s in SPLITS},
         pixel_counts=[int(x) for x in counts[: len(real)]],
         pixel_frequency={c.name: float(counts[c.id] / labelled) if labelled else 0.0 for c in real},
         mean=[float(x) for x in mean],
@@ -269,11 +350,20 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         layout=layout,
         source=src,
         command=command,
-        size=[int(x) for x in next(iter(sizes))] if len(sizes) == 1 else None,
+        size=[int(x) for x in next(iter(stats.sizes))] if len(stats.sizes) == 1 else None,
         errors=len(errors),
-        priority=plan.priority,
+        priority=priority,
         val_fraction=val_fraction,
-        extra={"ignored_pixels": int(counts[IGNORE_INDEX]), "seconds": round(time.time() - start, 2), "shards": len(chunks)},
+        extra={
+            "ignored_pixels": int(counts[IGNORE_INDEX]),
+            "seconds": round(time.time() - start, 2),
+            "shards": len(bounds),
+            # Files of every dtype are put on one scale before the statistics
+            # and the model; the dtypes seen and the rule are recorded.
+            "value_range": VALUE_RANGE,
+            "value_rule": VALUE_RULE,
+            "dtypes": dict(sorted(stats.dtypes.items())),
+        },
         config=cfg.to_dict(),
     )
     storage.write_text(storage.join(dst, DATASET_FILE), info.to_json())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,7 @@ class Plan:
     """What ingest will read: the pairs, the inputs already rejected, the classes."""
 
     layout: str
-    pairs: list[PairSpec]
+    pairs: Sequence[PairSpec]
     errors: list[tuple[str, str]]
     classes: list[ClassInfo] | None  # None: infer 0..max from the masks
     priority: list[str] | None = None
@@ -79,18 +80,68 @@ def id_problem(image_id: str) -> str | None:
 LOSSY = (".jpg", ".jpeg")
 
 
-def index_folder(root: str, kind: str, errors: list[tuple[str, str]], lossless: bool = False) -> dict[str, storage.FileEntry]:
+_SIZE_BITS = 44  # a file's size (< 16 TiB) and its (prefix, suffix) number share one int
+
+
+class FolderIndex(Mapping[str, storage.FileEntry]):
+    """id -> file of one listed folder, held compactly.
+
+    A file is its id (the dict's key), a number for its (prefix, suffix)
+    strings, which all files of a folder share, and its size, packed in one
+    int: about 130 bytes a file, where a dict of ``FileEntry`` objects took
+    about 500. URIs are built when asked for.
+    """
+
+    def __init__(self) -> None:
+        self._packed: dict[str, int] = {}
+        self._parts: list[tuple[str, str]] = []
+        self._part_number: dict[tuple[str, str], int] = {}
+
+    def add(self, image_id: str, uri: str, size: int) -> None:
+        at = uri.rfind(image_id)
+        part = (uri[:at], uri[at + len(image_id):])
+        number = self._part_number.get(part)
+        if number is None:
+            number = self._part_number[part] = len(self._parts)
+            self._parts.append(part)
+        self._packed[image_id] = (number << _SIZE_BITS) | size
+
+    def pop(self, image_id: str) -> storage.FileEntry:
+        entry = self[image_id]
+        del self._packed[image_id]
+        return entry
+
+    def size(self, image_id: str) -> int:
+        return self._packed[image_id] & ((1 << _SIZE_BITS) - 1)
+
+    def __getitem__(self, image_id: str) -> storage.FileEntry:
+        packed = self._packed[image_id]
+        prefix, suffix = self._parts[packed >> _SIZE_BITS]
+        return storage.FileEntry(prefix + image_id + suffix, packed & ((1 << _SIZE_BITS) - 1))
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._packed
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+
+def index_folder(root: str, kind: str, errors: list[tuple[str, str]], lossless: bool = False) -> FolderIndex:
     """Maps id -> file for the image files under ``root``; others become ``(uri, reason)`` errors.
 
     The id of a file is its path under ``root`` without the extension. Set
     aside, each with its reason: non-image files, ids that could not name an
     output file safely (``id_problem``), every copy of an id that several
     files share (``a.png`` and ``a.jpg``: which one is meant cannot be told),
-    and with ``lossless`` (masks) JPEG files.
+    and with ``lossless`` (masks) JPEG files. The listing is read as it
+    comes, so memory holds the index, never the whole listing as objects.
     """
-    index: dict[str, storage.FileEntry] = {}
-    copies: dict[str, list[storage.FileEntry]] = {}
-    for entry in storage.list_files(root, skipped=errors):
+    index = FolderIndex()
+    copies: dict[str, list[storage.FileEntry]] = {}  # only ids that several files share
+    for entry in storage.iter_files(root, skipped=errors):
         name = posixpath.basename(entry.uri)
         if name.startswith("."):
             continue
@@ -105,21 +156,69 @@ def index_folder(root: str, kind: str, errors: list[tuple[str, str]], lossless: 
         if problem:
             errors.append((entry.uri, f"{entry.uri}: {problem}"))
             continue
-        copies.setdefault(image_id, []).append(entry)
-    for image_id, entries in copies.items():
-        if len(entries) == 1:
-            index[image_id] = entries[0]
-            continue
+        if image_id in copies:
+            copies[image_id].append(entry)
+        elif image_id in index:
+            copies[image_id] = [index.pop(image_id), entry]
+        else:
+            index.add(image_id, entry.uri, entry.size)
+    for image_id, entries in sorted(copies.items()):
+        entries.sort(key=lambda e: e.uri)
         names = ", ".join(posixpath.basename(e.uri) for e in entries)
         for e in entries:
             errors.append((e.uri, f"{e.uri}: id {image_id!r} is shared by {len(entries)} files in {kind}/ ({names}); every copy is set aside"))
     return index
 
 
-def pair_by_id(images: dict[str, storage.FileEntry], masks: dict[str, list[storage.FileEntry]], errors: list) -> list[PairSpec]:
+class PairList(Sequence[PairSpec]):
+    """The pairs of an image folder and (optionally) a mask folder, by id, built when read.
+
+    Holds the two indexes and the sorted paired ids, not a ``PairSpec`` per
+    pair: a million pairs take tens of megabytes less than a list would.
+    """
+
+    def __init__(self, images: FolderIndex, masks: FolderIndex | None, ids: list[str]):
+        self._images, self._masks, self._ids = images, masks, ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        image_id = self._ids[i]
+        image = self._images[image_id]
+        if self._masks is None:
+            return PairSpec(image_id, image.uri, (), image.size)
+        mask = self._masks[image_id]
+        return PairSpec(image_id, image.uri, (mask.uri,), image.size + mask.size)
+
+    def __iter__(self) -> Iterator[PairSpec]:
+        return (self[k] for k in range(len(self._ids)))
+
+
+def pair_folders(images: FolderIndex, masks: FolderIndex | None, errors: list) -> PairList:
+    """Pairs each image with the mask of the same id (``masks`` None: images alone); the unpaired become errors."""
+    if masks is None:
+        return PairList(images, None, sorted(images))
+    ids = []
+    for image_id in sorted(images):
+        if image_id in masks:
+            ids.append(image_id)
+        else:
+            uri = images[image_id].uri
+            errors.append((uri, f"{uri}: image has no mask (id {image_id!r})"))
+    for image_id in sorted(k for k in masks if k not in images):
+        uri = masks[image_id].uri
+        errors.append((uri, f"{uri}: mask has no image (id {image_id!r})"))
+    return PairList(images, masks, ids)
+
+
+def pair_by_id(images: Mapping[str, storage.FileEntry], masks: dict[str, list[storage.FileEntry]], errors: list) -> list[PairSpec]:
     """Pairs each image with its mask file(s) by id; an image or mask without its partner becomes an error."""
     pairs = []
-    for image_id, image in sorted(images.items()):
+    for image_id in sorted(images):
+        image = images[image_id]
         mask_files = masks.get(image_id)
         if not mask_files:
             errors.append((image.uri, f"{image.uri}: image has no mask (id {image_id!r})"))
@@ -152,11 +251,9 @@ def plan_ids(src: str, classes_file: str | None = None, num_classes: int | None 
     else:
         classes = None
     if masks_optional and not storage.is_dir(storage.join(src, "masks")):
-        pairs = [PairSpec(k, v.uri, (), v.size) for k, v in sorted(images.items())]
-        return Plan("ids", pairs, errors, classes, has_masks=False)
+        return Plan("ids", pair_folders(images, None, errors), errors, classes, has_masks=False)
     masks = index_folder(storage.join(src, "masks"), "masks", errors, lossless=True)
-    pairs = pair_by_id(images, {k: [v] for k, v in masks.items()}, errors)
-    return Plan("ids", pairs, errors, classes)
+    return Plan("ids", pair_folders(images, masks, errors), errors, classes)
 
 
 def plan_palette(src: str, classes_file: str | None = None) -> Plan:
@@ -170,8 +267,7 @@ def plan_palette(src: str, classes_file: str | None = None) -> Plan:
     errors: list[tuple[str, str]] = []
     images = index_folder(storage.join(src, "images"), "images", errors)
     masks = index_folder(storage.join(src, "masks"), "masks", errors, lossless=True)
-    pairs = pair_by_id(images, {k: [v] for k, v in masks.items()}, errors)
-    return Plan("palette", pairs, errors, classes)
+    return Plan("palette", pair_folders(images, masks, errors), errors, classes)
 
 
 def plan_per_class(

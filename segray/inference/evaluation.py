@@ -9,7 +9,9 @@ confusion matrix; the driver merges the small records into the same tables
 from __future__ import annotations
 
 import datetime
+import json
 import math
+import os
 import time
 from typing import Any
 
@@ -106,6 +108,18 @@ def _inferred_classes(records: pa.Table) -> int:
     return int(max((cells // CELL_BASE).max(), (cells % CELL_BASE).max())) + 1
 
 
+def _model_of(pred: str) -> str:
+    """The weights' hash of the predict run whose ``masks/`` folder ``pred`` is, else ''."""
+    parent = pred.rstrip("/").rsplit("/", 1)[0] if storage.is_s3(pred) else os.path.dirname(pred.rstrip(os.sep))
+    if storage.basename(pred.rstrip("/")) != "masks" or not storage.exists(storage.join(parent, "summary.json")):
+        return ""
+    try:
+        model_id = json.loads(storage.read_text(storage.join(parent, "summary.json"))).get("model_id")
+    except (ValueError, AttributeError):
+        return ""
+    return model_id if isinstance(model_id, str) else ""
+
+
 def evaluate(cfg: EvaluateConfig) -> PredictResult:
     """Scores existing prediction masks against truth masks (see ``EvaluateConfig``).
 
@@ -149,7 +163,8 @@ def evaluate(cfg: EvaluateConfig) -> PredictResult:
     else:
         ok = records.filter(pc.equal(records["status"], OK))
         names = [f"class_{k}" for k in range(_inferred_classes(ok))]
-    scores, frames = score_tables(records, names) if names else ({}, None)
+    model_id = _model_of(pred)
+    scores, frames = score_tables(records, names, model_id) if names else ({}, None)
     wall = time.time() - started
     scored = int(scores.get("images_scored", 0))
     summary = {
@@ -158,6 +173,7 @@ def evaluate(cfg: EvaluateConfig) -> PredictResult:
         "errors": len(errors),
         "pred": pred,
         "truth": truth,
+        "model_id": model_id or None,
         "classes": classes,
         "class_names": names,
         "config": cfg.to_dict(),

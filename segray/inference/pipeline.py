@@ -218,7 +218,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
     for image_id in sorted(set(source.ids) - seen):
         errors.append((image_id, f"{image_id}: no result was written (the pipeline lost the image; re-run to retry it)"))
     names = [c.name for c in spec.classes]
-    scores, frames = score_tables(records, names) if source.has_truth else ({}, None)
+    scores, frames = score_tables(records, names, spec.model_id) if source.has_truth else ({}, None)
     wall = time.time() - started
     segmented = records.num_rows - failed.num_rows
     summary = {

@@ -64,6 +64,7 @@ PER_IMAGE_SCHEMA = pa.schema(
         ("support", pa.int64()),
         ("iou", pa.float64()),
         ("dice", pa.float64()),
+        ("model_id", pa.string()),
     ]
 )
 PER_CLASS_SCHEMA = pa.schema(
@@ -75,6 +76,7 @@ PER_CLASS_SCHEMA = pa.schema(
         ("precision", pa.float64()),
         ("recall", pa.float64()),
         ("support", pa.int64()),
+        ("model_id", pa.string()),
     ]
 )
 
@@ -149,8 +151,12 @@ def dense_counts(records: pa.Table, num_classes: int) -> dict[str, np.ndarray]:
         raise ValueError(f"image {image_id!r}: {e}") from None
 
 
-def per_image_frame(image_ids: list[str], counts: dict[str, np.ndarray], class_names: list[str]):
-    """``per_image.parquet`` as a DataFrame: image x class rows, images in the given order."""
+def per_image_frame(image_ids: list[str], counts: dict[str, np.ndarray], class_names: list[str], model_id: str = ""):
+    """``per_image.parquet`` as a DataFrame: image x class rows, images in the given order.
+
+    ``model_id`` (the weights' hash) is every row's lineage: rows of two
+    outputs can be told apart, and joined, by the model that made them.
+    """
     import pandas as pd
 
     n, c = counts["tp"].shape
@@ -165,12 +171,13 @@ def per_image_frame(image_ids: list[str], counts: dict[str, np.ndarray], class_n
             "support": counts["support"].reshape(-1),
             "iou": iou_from_counts(counts["tp"], counts["fp"], counts["fn"]).reshape(-1),
             "dice": dice_from_counts(counts["tp"], counts["fp"], counts["fn"]).reshape(-1),
+            "model_id": np.full(n * c, model_id, dtype=object),
         }
     )
     return frame
 
 
-def per_class_frame(confusion: np.ndarray, class_names: list[str]):
+def per_class_frame(confusion: np.ndarray, class_names: list[str], model_id: str = ""):
     """``per_class.parquet`` as a DataFrame: dataset-level scores of the summed matrix."""
     import pandas as pd
 
@@ -183,6 +190,7 @@ def per_class_frame(confusion: np.ndarray, class_names: list[str]):
             "precision": precision(confusion),
             "recall": recall(confusion),
             "support": confusion.sum(axis=1).astype(np.int64),
+            "model_id": [model_id] * len(class_names),
         }
     )
 
@@ -231,8 +239,12 @@ def confusion_schema(num_classes: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-def score_tables(records: pa.Table, class_names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def score_tables(records: pa.Table, class_names: list[str], model_id: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     """The scores and the three tables of the ``ok`` records with truth.
+
+    Args:
+        model_id: the pinned weights' hash, written into every per-image and
+            per-class row (empty when no segray model made the masks).
 
     Returns:
         (the scores for summary.json, ``{"per_image", "per_class", "confusion"}`` DataFrames).
@@ -243,8 +255,8 @@ def score_tables(records: pa.Table, class_names: list[str]) -> tuple[dict[str, A
     counts = dense_counts(scored, len(class_names))
     ids = scored["image_id"].to_pylist()
     frames = {
-        "per_image": per_image_frame(ids, counts, class_names),
-        "per_class": per_class_frame(counts["confusion"], class_names),
+        "per_image": per_image_frame(ids, counts, class_names, model_id),
+        "per_class": per_class_frame(counts["confusion"], class_names, model_id),
         "confusion": confusion_frame(counts["confusion"], class_names),
     }
     return scores(counts), frames

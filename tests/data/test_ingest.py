@@ -347,3 +347,74 @@ def test_images_over_max_pixels_are_set_aside_before_decoding(tmp_path):
     assert result.info.splits["train"] == 1  # small
     # The limit is recorded with the dataset.
     assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["config"]["max_pixels"] == 300
+
+
+def test_images_of_every_dtype_share_one_scale(tmp_path):
+    """8-bit, 16-bit and float files of one picture give the same values, statistics and dtype record."""
+    raw = tmp_path / "raw"
+    picture = np.random.default_rng(4).integers(0, 256, (12, 10, 3)).astype(np.uint8)
+    mask = np.zeros((12, 10), np.uint8)
+    mask[3:7] = 1
+    bgr = picture[..., ::-1]
+    (raw / "images").mkdir(parents=True)
+    cv2.imwrite(str(raw / "images" / "p8.png"), bgr)
+    cv2.imwrite(str(raw / "images" / "p16.png"), bgr.astype(np.uint16) * 257)
+    cv2.imwrite(str(raw / "images" / "pf.tiff"), bgr.astype(np.float32) / 255.0)
+    for name in ("p8", "p16", "pf"):
+        _png(str(raw / "masks" / f"{name}.png"), mask)
+    for name in ("p8.png", "p16.png", "pf.tiff"):
+        decoded = decode_image((raw / "images" / name).read_bytes())
+        np.testing.assert_allclose(decoded, picture, atol=1e-4, err_msg=name)
+    # The file's own dtype is kept when asked for.
+    assert decode_image((raw / "images" / "p16.png").read_bytes(), keep_dtype=True).dtype == np.uint16
+    result = ingest(IngestConfig(source=str(raw), destination=str(tmp_path / "ds"), val_fraction=0.0))
+    assert result.errors == [] and result.info.splits["train"] == 3
+    # Three copies of one picture: the statistics are the picture's own (16-bit ones were 257x off before).
+    np.testing.assert_allclose(result.info.mean, picture.reshape(-1, 3).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(result.info.std, picture.reshape(-1, 3).std(0), rtol=1e-4)
+    recorded = json.loads((tmp_path / "ds" / "dataset.json").read_text())["extra"]
+    assert recorded["dtypes"] == {"float32": 1, "uint16": 1, "uint8": 1}
+    assert recorded["value_range"] == "0..255" and "uint16 /257" in recorded["value_rule"]
+
+
+def test_chunk_tasks_send_sums_not_a_row_per_image(tmp_path):
+    """The driver's memory must not grow with the images: a chunk returns its rejects and one row of sums."""
+    from segray.data.ingest import _ChunkWriter, _chunks, _Stats, chunk_items
+    from segray.data.layouts import list_pairs
+
+    raw = str(tmp_path / "raw")
+    synthesize(raw, n=30, size=(16, 16), num_classes=3, seed=1, show_progress=False)
+    os.remove(os.path.join(raw, "images", sorted(os.listdir(os.path.join(raw, "images")))[0]))
+    with open(os.path.join(raw, "images", "zz_bad.png"), "wb") as f:
+        f.write(b"not a png")
+    _png(os.path.join(raw, "masks", "zz_bad.png"), np.zeros((16, 16), np.uint8))
+    plan = list_pairs(raw, "ids", None, 3)
+    bounds = _chunks(plan, 128, min_chunks=2)
+    assert len(bounds) == 2 and bounds[0][0] == 0 and bounds[-1][1] == len(plan.pairs) == 30
+    items = chunk_items(plan, raw, bounds)
+    writer = _ChunkWriter(str(tmp_path / "ds"), "ids", None, 0.2, "r1", 10**6)
+    rows = [row for item in items for row in writer(item)]
+    sums = [r for r in rows if r["stats"]]
+    rejects = [r for r in rows if not r["stats"]]
+    assert len(sums) == 2  # one per chunk, whatever the number of images in it
+    assert len(rejects) == 1 and rejects[0]["uri"].endswith("zz_bad.png")
+    total = _Stats()
+    for r in sums:
+        total.merge(r["stats"])
+    assert sum(total.images.values()) == 29 and total.dtypes == {"uint8": 29}
+    assert sum(int(v.sum()) for v in total.class_pixels.values()) == 29 * 16 * 16
+
+
+def test_folder_index_gives_back_every_uri_and_size(tmp_path):
+    from segray.data.layouts import index_folder
+
+    root = tmp_path / "images"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    names = ["a.png", "B.PNG", "sub/c.tif", "sub/deeper/d.jpeg", "png.png"]
+    for k, name in enumerate(names):
+        (root / name).write_bytes(b"x" * (k + 1))
+    errors: list = []
+    index = index_folder(str(root), "images", errors)
+    assert errors == []
+    got = {k: (index[k].uri, index[k].size) for k in index}
+    assert got == {os.path.splitext(n)[0]: (str(root / n), k + 1) for k, n in enumerate(names)}

@@ -99,11 +99,13 @@ def test_tables_equal_an_independent_computation(local_run):
     out = local_run.out
     scored = {k: (local_run.pairs[k][1], read_mask(f"{out}/masks/{k}.png")) for k in GOOD}
     want_image, want_class, want_cm = oracle_tables(scored, CLASS_NAMES)
+    summary = json.loads(open(f"{out}/summary.json").read())
+    # Lineage: every row names the weights (pinned by hash) that made it.
+    want_image["model_id"] = want_class["model_id"] = summary["model_id"]
     assert_frames_match(pd.read_parquet(f"{out}/per_image.parquet"), want_image)
     assert_frames_match(pd.read_parquet(f"{out}/per_class.parquet"), want_class)
     assert_frames_match(local_run.result.per_class, want_class)
     np.testing.assert_array_equal(read_confusion(f"{out}/confusion.parquet"), want_cm)
-    summary = json.loads(open(f"{out}/summary.json").read())
     assert summary["images"] == summary["images_scored"] == len(GOOD)
     assert summary["pixels"] == int(want_cm.sum())
     assert summary["pixel_accuracy"] == pytest.approx(np.trace(want_cm) / want_cm.sum())
@@ -131,7 +133,7 @@ def test_evaluate_gives_the_tables_of_predict(local_run, tmp_path):
     result = evaluate(EvaluateConfig(pred=f"{local_run.out}/masks", truth=f"{local_run.raw}/masks", output=out, classes=f"{local_run.out}/classes.json"))
     for name in ("per_image.parquet", "per_class.parquet", "confusion.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(f"{out}/{name}"), pd.read_parquet(f"{local_run.out}/{name}"))
-    for key in ("miou", "mean_dice", "pixel_accuracy", "miou_mean_of_images", "pixels", "images_scored"):
+    for key in ("miou", "mean_dice", "pixel_accuracy", "miou_mean_of_images", "pixels", "images_scored", "model_id"):
         assert result.summary[key] == local_run.result.summary[key], key
     # The truth folder also holds masks without a prediction (the bad inputs): each listed by name.
     reasons = " ".join(r for _, r in result.errors)
@@ -255,6 +257,7 @@ def test_s3_shards_tiled_prediction(s3, tmp_path):
         scored[image_id] = (mask, pred)
     names = [f"class_{k}" for k in range(3)]
     want_image, want_class, want_cm = oracle_tables(scored, names)
+    want_image["model_id"] = want_class["model_id"] = result.summary["model_id"]
     assert_frames_match(storage.read_parquet(f"{out}/per_image.parquet").to_pandas(), want_image)
     assert_frames_match(storage.read_parquet(f"{out}/per_class.parquet").to_pandas(), want_class)
     np.testing.assert_array_equal(read_confusion(f"{out}/confusion.parquet"), want_cm)

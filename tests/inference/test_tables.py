@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
@@ -70,15 +71,16 @@ def test_tables_equal_an_independent_computation():
     pairs = random_masks(np.random.default_rng(0), 40)
     records = records_of(pairs)
     counts = dense_counts(records, len(NAMES))
-    per_image = per_image_frame(records["image_id"].to_pylist(), counts, NAMES)
-    per_class = per_class_frame(counts["confusion"], NAMES)
+    per_image = per_image_frame(records["image_id"].to_pylist(), counts, NAMES, "m1")
+    per_class = per_class_frame(counts["confusion"], NAMES, "m1")
     want_image, want_class, want_cm = oracle_tables(pairs, NAMES)
+    want_image["model_id"] = want_class["model_id"] = "m1"
     assert_frames_match(per_image, want_image)
     assert_frames_match(per_class, want_class)
     np.testing.assert_array_equal(counts["confusion"], want_cm)
     # The class found nowhere is NaN on every score, in every row.
     assert per_image[per_image["class_name"] == "never"]["iou"].isna().all()
-    assert per_class.set_index("class_name").loc["never"].drop(["class_id", "support"]).isna().all()
+    assert per_class.set_index("class_name").loc["never"].drop(["class_id", "support", "model_id"]).isna().all()
     # The all-ignored image has rows, every score NaN.
     ignored = per_image[per_image["image_id"] == "all_ignored"]
     assert len(ignored) == len(NAMES) and ignored["iou"].isna().all() and (ignored["support"] == 0).all()
@@ -148,11 +150,13 @@ def test_class_id_beyond_the_classes_names_the_image():
 
 def test_written_tables_read_back(tmp_path):
     pairs = random_masks(np.random.default_rng(2), 10)
-    scores, frames = score_tables(records_of(pairs), NAMES)
+    scores, frames = score_tables(records_of(pairs), NAMES, "m2")
     result = write_results(str(tmp_path), frames, len(NAMES), scores, [])
     per_class = result.per_class
     assert (tmp_path / "summary.json").exists() and (tmp_path / "_errors.parquet").exists()
-    _, want_class, want_cm = oracle_tables(pairs, NAMES)
+    want_image, want_class, want_cm = oracle_tables(pairs, NAMES)
+    want_class["model_id"] = "m2"
+    assert set(pd.read_parquet(tmp_path / "per_image.parquet")["model_id"]) == {"m2"}
     np.testing.assert_array_equal(read_confusion(str(tmp_path / "confusion.parquet")), want_cm)
     assert_frames_match(per_class, want_class)
     assert scores["images_scored"] == len(pairs)
