@@ -236,31 +236,57 @@ def local_cpus(needed: float) -> int:
     return max(os.cpu_count() or 1, int(-(-needed // 1)))
 
 
+def cluster_limits() -> dict[str, float] | None:
+    """The most CPUs and GPUs the joined cluster's autoscaler may ever give (its node types x their max counts).
+
+    None when the cluster publishes no autoscaling config (a fixed cluster,
+    or nodes joined by hand): then no limit is known. Ray Train checks its
+    workers against the same numbers (``get_max_resources_from_cluster_config``).
+    """
+    try:
+        from ray._private.state import state as ray_state
+
+        limits = ray_state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - a Ray without the call: no limit known
+        return None
+    return {k: float(v) for k, v in limits.items()} if limits else None
+
+
 def check_fits(cpus: float, gpus: float, field: str, what: str) -> None:
     """Refuses at once a job this Ray can never run, naming what it needs and what there is.
 
-    On a cluster joined through ``RAY_ADDRESS`` nothing is refused: its
-    autoscaler may add nodes, and a busy cluster frees up.
+    A local Ray is measured as it is. On a cluster joined through
+    ``RAY_ADDRESS`` a busy cluster is never refused (it frees up, and an
+    autoscaler may add nodes); only a job larger than the most the
+    autoscaler may ever give (``cluster_limits``) is refused.
 
     Raises:
-        ConfigError: a local Ray with fewer CPUs or GPUs than the job needs.
+        ConfigError: more CPUs or GPUs than the Ray has, or can ever have.
     """
     import ray
 
     from segray.config import ConfigError
 
     if os.environ.get("RAY_ADDRESS"):
-        return
-    total = ray.cluster_resources()
-    have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+        limits = cluster_limits()
+        if limits is None:
+            return
+        have_cpus, have_gpus = limits.get("CPU", 0.0), limits.get("GPU", 0.0)
+        where = "this cluster's autoscaler can give at most"
+        advice = "or raise the node types' max_workers in the cluster config"
+    else:
+        total = ray.cluster_resources()
+        have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+        where = "this Ray has"
+        advice = "or start Ray with more CPUs"
     if cpus > have_cpus:
         raise ConfigError(
             f"{field}: {what} needs {cpus:g} CPUs ({DATA_PIPELINE_CPUS} of them for the data pipeline), "
-            f"this Ray has {have_cpus:g}; lower `{field}` or start Ray with more CPUs",
+            f"{where} {have_cpus:g}; lower `{field}` {advice}",
             field=field,
         )
     if gpus > have_gpus:
-        raise ConfigError(f"{field}: {what} needs {gpus:g} GPUs, this Ray has {have_gpus:g}", field=field)
+        raise ConfigError(f"{field}: {what} needs {gpus:g} GPUs, {where} {have_gpus:g}; lower `{field}` {advice}", field=field)
 
 
 def normal_priority() -> int:

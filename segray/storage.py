@@ -9,9 +9,12 @@ endpoint. Nothing here ever formats a credential into a message.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import random
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +51,59 @@ def check_uri(uri: str) -> None:
         )
 
 
+ATTEMPTS = 6  # tries of one storage call on transient errors (the S3 SDKs' own, then ours)
+BACKOFF_S = 0.2  # first wait; doubled on each retry, with jitter
+_TRANSIENT = re.compile(
+    r"slow[ _]?down|internal[ _]?(error|failure)|service[ _]?unavailable|http status 5\d\d|\b50[0-4]\b|request[ _]?time[ _]?out"
+    r"|timed? ?out|timeout|connection (was )?(reset|refused|aborted|closed)|network[ _]connection|response stream"
+    r"|broken pipe|curl|temporar|throttl|reduce your request rate|incomplete ?read|unexpected eof|remote end closed",
+    re.IGNORECASE,
+)
+log = logging.getLogger("segray.storage")
+
+
+def transient(error: BaseException) -> str | None:
+    """The class of a transient storage error (worth retrying), or None for one that will not heal.
+
+    A missing key, a refused permission or a bad request fail the same way
+    every time and are never retried; a 500, a 503 SlowDown, a reset
+    connection or a timeout usually pass on the next try.
+    """
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return None
+    text = f"{type(error).__name__}: {error}"
+    match = _TRANSIENT.search(text)
+    if match is None or not isinstance(error, (OSError, ConnectionError, TimeoutError, EOFError)) and "ClientError" not in text and "Connection" not in type(error).__name__:
+        return None
+    word = match.group(0).lower()
+    if "slow" in word or "503" in word or "unavailable" in word or "throttl" in word or "reduce" in word:
+        return "503"
+    if "500" in word or "internal" in word or "status 5" in word:
+        return "500"
+    if "time" in word:
+        return "timeout"
+    return "connection"
+
+
+def retrying(what: str, call, attempts: int = ATTEMPTS):
+    """``call()``, retried on transient errors (``transient``) with exponential backoff and jitter.
+
+    Deterministic errors are raised at once; a transient one still there
+    after ``attempts`` tries is raised with the count in its message.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - sorted by ``transient`` below
+            kind = transient(e)
+            if kind is None:
+                raise
+            if attempt == attempts:
+                raise OSError(f"{what}: failed {attempts} times on transient storage errors ({kind}); last: {redact(str(e))}") from e
+            log.info("%s: transient storage error (%s), try %d of %d: %s", what, kind, attempt, attempts, redact(str(e))[:200])
+            time.sleep(BACKOFF_S * 2 ** (attempt - 1) * (0.5 + random.random()))
+
+
 def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
@@ -73,6 +129,9 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
             region=_region(),
             # Custom endpoints (MinIO, moto, Ceph) serve buckets by path.
             force_virtual_addressing=False,
+            # 500s, 503 SlowDown, resets and timeouts are retried with the SDK's
+            # exponential backoff; what still fails is retried by ``retrying``.
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=ATTEMPTS),
         )
         return fs, path
     if "://" in uri:
@@ -97,14 +156,18 @@ def display(fs: pafs.FileSystem, path: str) -> str:
     return S3_SCHEME + path if isinstance(fs, pafs.S3FileSystem) else path
 
 
+def _info(fs: pafs.FileSystem, path: str, uri: str):
+    return fs.get_file_info(path) if isinstance(fs, pafs.LocalFileSystem) else retrying(f"looking up {uri}", lambda: fs.get_file_info(path))
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _info(fs, path, uri).type != pafs.FileType.NotFound
 
 
 def is_dir(uri: str) -> bool:
     fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
+    info = _info(fs, path, uri)
     if info.type == pafs.FileType.Directory:
         return True
     if isinstance(fs, pafs.S3FileSystem) and info.type == pafs.FileType.NotFound:
@@ -136,7 +199,7 @@ def iter_files(uri: str, recursive: bool = True, skipped: list[tuple[str, str]] 
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     for attempt in range(3):
         try:
-            infos = fs.get_file_info(selector)
+            infos = retrying(f"listing {uri}", lambda: fs.get_file_info(selector))
             break
         except FileNotFoundError:
             # A file or folder vanished while it was being listed (another
@@ -196,8 +259,12 @@ def list_dirs(uri: str) -> list[str]:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return read() if isinstance(fs, pafs.LocalFileSystem) else retrying(f"reading {uri}", read)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -215,8 +282,12 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     else:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+
+        def put() -> None:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+        retrying(f"writing {uri}", put)
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:
@@ -256,14 +327,28 @@ def create_exclusive(uri: str, data: bytes) -> bool:
 
     bucket, _, key = path.partition("/")
     # Path-style, as pyarrow is set up above: custom endpoints serve buckets by path.
-    client = boto3.client("s3", endpoint_url=_endpoint(), region_name=_region(), config=Config(s3={"addressing_style": "path"}))
-    try:
-        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        return True
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
-            return False
-        raise
+    client = boto3.client(
+        "s3",
+        endpoint_url=_endpoint(),
+        region_name=_region(),
+        config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": ATTEMPTS}),
+    )
+    tries = {"n": 0}
+
+    def put() -> bool:
+        tries["n"] += 1
+        try:
+            response = client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                raise
+            retried = tries["n"] > 1 or e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+            # A retried PUT can find the object its own lost first try created:
+            # then the bytes there are ours (callers' claims hold a run id).
+            return retried and read_bytes(uri) == data
+        return response is not None
+
+    return retrying(f"claiming {uri}", put)
 
 
 def read_text(uri: str) -> str:
@@ -302,7 +387,7 @@ def write_parquet(table, uri: str, **kwargs) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     else:
-        pq.write_table(table, path, filesystem=fs, **kwargs)
+        retrying(f"writing {uri}", lambda: pq.write_table(table, path, filesystem=fs, **kwargs))
 
 
 def read_parquet(uri: str, **kwargs):

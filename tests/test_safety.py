@@ -225,3 +225,45 @@ def test_an_ingest_that_stopped_half_way_can_be_replaced(raw, tmp_path):
     result = ingest(IngestConfig(source=src, destination=str(dst), overwrite=True))
     assert result.info.splits["train"] + result.info.splits["val"] == 8
     assert not [f for f in tree(dst) if run_id in f], "the stopped run's shards are replaced"
+
+
+def test_transient_storage_errors_are_retried_and_deterministic_ones_are_not(monkeypatch):
+    from segray import storage
+
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.001)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.")
+        return "ok"
+
+    assert storage.retrying("reading s3://b/k", flaky) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("s3://b/k: no such key (HTTP status 500 in the text must not matter)")
+
+    with pytest.raises(FileNotFoundError):
+        storage.retrying("reading s3://b/k", missing)
+    assert len(calls) == 1
+    calls.clear()
+
+    def denied():
+        calls.append(1)
+        raise OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
+
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        storage.retrying("reading s3://b/k", denied)
+    assert len(calls) == 1
+    calls.clear()
+
+    def down():
+        calls.append(1)
+        raise OSError("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7, Couldn't connect to server")
+
+    with pytest.raises(OSError, match="failed 4 times on transient storage errors \\(connection\\)"):
+        storage.retrying("writing s3://b/k", down, attempts=4)
+    assert len(calls) == 4

@@ -262,6 +262,20 @@ def _error(uri: str, reason: str) -> dict[str, Any]:
     return {"uri": uri, "reason": reason, "stats": ""}
 
 
+def _sweep_other_runs(dst: str, run_id: str) -> None:
+    """Deletes shards of another ingest run in ``dst``: a killed run's task that wrote after it was replaced.
+
+    Only names of segray's own pattern (``part-NNNNN-<run id>.parquet``)
+    with another run id are deleted; a dataset then holds one run's shards.
+    """
+    own = re.compile(r"part-\d+-([0-9a-f]{8})\.parquet")
+    for split in SPLITS:
+        for entry in storage.list_files(storage.join(dst, split)):
+            match = own.fullmatch(storage.basename(entry.uri))
+            if match and match.group(1) != run_id:
+                storage.delete_file(entry.uri)
+
+
 def _prepare_dst(dst: str, overwrite: bool, run_id: str) -> None:
     """An empty destination, or one segray ingested before (with ``overwrite``): only its own files are deleted."""
     if storage.list_files(dst, limit=1):
@@ -358,6 +372,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
             "ignored_pixels": int(counts[IGNORE_INDEX]),
             "seconds": round(time.time() - start, 2),
             "shards": len(bounds),
+            "run_id": run_id,
             # Files of every dtype are put on one scale before the statistics
             # and the model; the dtypes seen and the rule are recorded.
             "value_range": VALUE_RANGE,
@@ -366,6 +381,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         },
         config=cfg.to_dict(),
     )
+    _sweep_other_runs(dst, run_id)
     storage.write_text(storage.join(dst, DATASET_FILE), info.to_json())
     write_marker(dst, "dataset")
     return IngestResult(dst, info, errors)

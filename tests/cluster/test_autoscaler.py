@@ -214,3 +214,41 @@ def test_job_submit_needs_the_token_and_applies_runtime_env(fake_cluster: HeadNo
     assert "401" in listing.stdout + listing.stderr or "nauthorized" in listing.stdout + listing.stderr, (
         listing.stdout + listing.stderr
     )
+
+
+LIMITS_DRIVER = """
+import json, os, sys
+import ray
+from segray.config import ConfigError
+from segray.runtime import check_fits, cluster_limits
+os.environ["RAY_ADDRESS"] = sys.argv[1]  # a joined cluster, as under `ray job submit`
+ray.init(address=sys.argv[1], log_to_driver=False)
+out = {"limits": cluster_limits(), "now": ray.cluster_resources().get("CPU", 0)}
+check_fits(4, 1, "workers", "4 CPUs and 1 GPU")  # more than there is now, within what the autoscaler may add
+out["fits"] = True
+try:
+    check_fits(40, 0, "workers", "training with 39 worker(s) of 1 CPU(s)")
+except ConfigError as e:
+    out["refused"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_a_job_larger_than_the_autoscaler_can_ever_grow_is_refused(fake_cluster: HeadNode) -> None:
+    """Busy or small now is fine (nodes will come); more than every node type at its max count is refused at once."""
+    config = yaml.safe_load(CONFIG.read_text())
+    types = config["available_node_types"].values()
+    most = sum(t["resources"].get("CPU", 0) * t.get("max_workers", 0) for t in types)
+    driver = subprocess.run(
+        [sys.executable, "-c", LIMITS_DRIVER, fake_cluster.gcs_address],
+        env=fake_cluster.env, capture_output=True, text=True, timeout=180,
+    )
+    lines = [line for line in driver.stdout.splitlines() if line.startswith("{")]
+    assert driver.returncode == 0 and lines, f"{driver.stdout[-3000:]}\n{driver.stderr[-3000:]}"
+    out = json.loads(lines[-1])
+    assert out["limits"]["CPU"] == most and out["limits"]["GPU"] == 1, out
+    assert out["fits"] and out["now"] < 4
+    assert out["refused"] == (
+        f"workers: training with 39 worker(s) of 1 CPU(s) needs 40 CPUs (1 of them for the data pipeline), "
+        f"this cluster's autoscaler can give at most {most:g}; lower `workers` or raise the node types' max_workers in the cluster config"
+    )
