@@ -282,6 +282,40 @@ def test_a_run_that_can_never_fit_is_refused_at_once(shapes, tmp_path):
         segray.train(config(shapes.dst, str(tmp_path / "runs"), "gpu", workers=1, gpu=True))
 
 
+def test_a_joined_cluster_refuses_only_what_its_autoscaler_can_never_give(shapes, ray_cluster, monkeypatch):
+    """On a cluster joined through RAY_ADDRESS: no published limits, nothing refused; past the limits, refused.
+
+    The limits are what autoscaler v2 (KubeRay's) publishes in the GCS and
+    Ray Train reads; they are put there as it would (neither the v1
+    autoscaler nor the fake multi-node provider of tests/cluster publish them).
+    """
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    from segray.runtime import check_fits, cluster_limits
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.get_runtime_context().gcs_address)
+    assert cluster_limits() is None
+    check_fits(400, 8, "workers", "a job bigger than this Ray")  # unknown limits: a busy cluster frees up
+    published = autoscaler_pb2.ClusterConfig()
+    for name, resources, most in (("cpu.small", {"CPU": 8}, 3), ("gpu", {"CPU": 4, "GPU": 1}, 2)):
+        group = published.node_group_configs.add(name=name, max_count=most)
+        for key, value in resources.items():
+            group.resources[key] = value
+    key, namespace = GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    internal_kv._internal_kv_put(key, published.SerializeToString(), overwrite=True, namespace=namespace)
+    try:
+        assert cluster_limits() == {"CPU": 32.0, "GPU": 2.0}
+        check_fits(20, 2, "workers", "more than the cluster has now")  # the autoscaler can add it
+        with pytest.raises(ConfigError, match=r"needs 33 CPUs \(1 of them for the data pipeline\), this cluster's autoscaler can give at most 32"):
+            check_fits(33, 0, "workers", "training with 32 worker(s) of 1 CPU(s)")
+        with pytest.raises(ConfigError, match="needs 3 GPUs, this cluster's autoscaler can give at most 2"):
+            check_fits(3, 3, "workers", "3 GPU workers")
+    finally:
+        internal_kv._internal_kv_del(key, namespace=namespace)
+
+
 @pytest.mark.slow
 def test_cli_defaults_run_at_the_machines_real_core_count(shapes, tmp_path):
     # A Ray of its own, started by the CLI with the machine's real CPU count (2 here): the
