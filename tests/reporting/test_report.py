@@ -324,3 +324,38 @@ def test_report_and_query_on_s3(output, s3, tmp_path):
     segray.report(ReportConfig(out=output.out, output=local, worst=2))
     table = r'<table id="per-class".*?</table>'
     assert re.search(table, page).group(0) == re.search(table, open(local, encoding="utf-8").read()).group(0)
+
+
+def strips_of(page: str) -> list[tuple[str, np.ndarray]]:
+    """(image id, decoded strip) of every strip on a page, in order."""
+    found = re.findall(r'<figure class="strip" data-image-id="([^"]+)".*?src="data:image/png;base64,([^"]+)"', page)
+    return [(i, decode_image(base64.b64decode(d))) for i, d in found]
+
+
+def test_evaluate_outputs_and_shard_sources_get_their_strips(output, tmp_path):
+    from segray.config import EvaluateConfig, IngestConfig
+
+    lut = colour_table([tuple(c["color"]) for c in json.loads(open(f"{output.out}/classes.json").read())])
+    ev = str(tmp_path / "ev")
+    segray.evaluate(EvaluateConfig(pred=f"{output.out}/masks", truth=f"{output.raw}/masks", output=ev, classes=f"{output.out}/classes.json"))
+    page = storage.read_text(segray.report(ReportConfig(out=ev, output=str(tmp_path / "ev.html"), worst=2)).uri)
+    image_id, strip = strips_of(page)[0]
+    truth, pred = output.truth[image_id], output.preds[image_id]
+    w = truth.shape[1]
+    assert strip.shape == (truth.shape[0], 3 * w + 2 * GAP, 3)  # no image beside an evaluate output
+    np.testing.assert_array_equal(strip[:, :w], lut[truth])
+    np.testing.assert_array_equal(strip[:, w + GAP: 2 * w + GAP], lut[pred])
+    with pytest.raises(ValueError, match="image_confusion: .* is an evaluate output"):
+        segray.query(QueryConfig(out=ev, confused=("circle", "background")))
+
+    data = str(tmp_path / "ds")
+    segray.ingest(IngestConfig(source=output.raw, destination=data, val_fraction=0.5, num_classes=3))
+    preds = str(tmp_path / "shard_preds")
+    segray.predict(PredictConfig(model=output.run, input=data, split="val", output=preds, overlays=0))
+    page = storage.read_text(segray.report(ReportConfig(out=preds, output=str(tmp_path / "shards.html"), worst=2)).uri)
+    shown = strips_of(page)
+    assert len(shown) == 6
+    for image_id, strip in shown[:2]:
+        image = output.images[image_id]
+        np.testing.assert_array_equal(strip[:, : image.shape[1]], image)  # read back from the Parquet shard
+        np.testing.assert_array_equal(strip[:, image.shape[1] + GAP: 2 * image.shape[1] + GAP], lut[output.truth[image_id]])
