@@ -30,6 +30,9 @@ from segray.reporting.strips import ERROR_COLOURS, colour_table, read_pixels, st
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 ERROR_ROWS = 1000  # quarantined files listed on the page; all of them are in OUT/_errors.parquet
 HISTOGRAM_BINS = 20
+# Strips on one page at most, all classes together: with many classes each
+# shows fewer, so the page stays far below 50 MB (a strip is up to ~100 kB).
+MAX_STRIPS = 360
 DISPLAY_HEIGHT = 96  # strips of smaller images are shown this high at least (a whole multiple)
 
 STYLE = """
@@ -220,7 +223,9 @@ def _distribution(tables: OutputTables, frame: pd.DataFrame) -> str:
 def _worst(tables: OutputTables, k: int) -> tuple[str, int]:
     if k == 0:
         return '<p class="note">Not asked for (--worst 0).</p>', 0
-    per_class = {c.id: worst(tables, c.id, k) for c in tables.info.classes}
+    classes = tables.info.classes
+    shown = min(k, max(1, MAX_STRIPS // max(len(classes), 1)))
+    per_class = {c.id: worst(tables, c.id, shown) for c in classes}
     ids = sorted({i for f in per_class.values() for i in f["image_id"]})
     if not ids:
         return '<p class="note">No scored images.</p>', 0
@@ -229,7 +234,8 @@ def _worst(tables: OutputTables, k: int) -> tuple[str, int]:
     with_image = tables.info.kind == "predict"
     panels = "image | truth | prediction | error map" if with_image else "truth | prediction | error map"
     key = " ".join(f'<span>{_swatch(colour)}{_e(name)}</span>' for name, colour in ERROR_COLOURS.items())
-    parts, strips = [f'<p class="note">Each strip: {panels}. Error map: <span class="legend">{key}</span></p>'], 0
+    fewer = f" With {len(classes)} classes, {shown} per class (at most {MAX_STRIPS} strips a page)." if shown < k else ""
+    parts, strips = [f'<p class="note">Each strip: {panels}. Error map: <span class="legend">{key}</span>.{fewer}</p>'], 0
     for c in tables.info.classes:
         frame = per_class[c.id]
         figures = []
