@@ -68,7 +68,12 @@ def check_run_artifacts(run_uri: str, epochs: int) -> None:
         f.write(storage.read_bytes(storage.join(run_uri, "model", "model.keras")))
     model = keras.saving.load_model(local, safe_mode=True)
     assert model(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 32, 32, 4)
-    checkpoints = {f.uri.split("/checkpoint_")[1].split("/")[0] for f in storage.list_files(run_uri) if "/checkpoint_" in f.uri}
+    # Ray Train V2 keeps checkpoint_manager_snapshot.json beside the checkpoint folders: not a checkpoint.
+    checkpoints = {
+        f.uri.split("/checkpoint_")[1].split("/")[0]
+        for f in storage.list_files(run_uri)
+        if "/checkpoint_" in f.uri and not f.uri.endswith("/checkpoint_manager_snapshot.json")
+    }
     assert 1 <= len(checkpoints) <= 3  # best 2 by val mIoU, plus the latest
 
 
