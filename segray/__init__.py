@@ -9,32 +9,37 @@ The Python API, for notebooks and scripts::
     result = segray.predict(segray.PredictConfig(model=trained.run_uri, input="data/shapes", split="val", output="preds"))
     result.per_class          # a pandas DataFrame
     model = segray.load_model(trained.run_uri)
+    segray.report(segray.ReportConfig(out="preds", run=trained.run_uri, output="report.html"))
+    segray.query("preds", "SELECT image_id, iou FROM per_image WHERE class_name = 'circle' ORDER BY iou LIMIT 5")
 
 The config and result classes are imported on first use and the functions
 import their machinery when called, so ``import segray`` stays cheap (no
 TensorFlow, no Ray). The submodules (``segray.data``, ``segray.models``,
 ``segray.metrics``, ``segray.training``, ``segray.inference``,
-``segray.storage``) hold the machinery.
+``segray.reporting``, ``segray.storage``) hold the machinery.
 """
 
 import importlib as _importlib
 
 __version__ = "0.1.0"
 
-from segray.api import evaluate, ingest, load_model, predict, train
+from segray.api import evaluate, ingest, load_model, predict, query, report, train
 
 _PUBLIC = {
     "IngestConfig": "segray.config",
     "TrainConfig": "segray.config",
     "PredictConfig": "segray.config",
     "EvaluateConfig": "segray.config",
+    "ReportConfig": "segray.config",
+    "QueryConfig": "segray.config",
     "ConfigError": "segray.config",
     "IngestResult": "segray.data.ingest",
     "TrainResult": "segray.training.trainer",
     "PredictResult": "segray.inference.output",
+    "ReportResult": "segray.reporting.report",
 }
 
-__all__ = sorted([*_PUBLIC, "evaluate", "ingest", "load_model", "predict", "train"])
+__all__ = sorted([*_PUBLIC, "evaluate", "ingest", "load_model", "predict", "query", "report", "train"])
 
 
 def __getattr__(name: str) -> object:

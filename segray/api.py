@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from segray.config import Config, EvaluateConfig, IngestConfig, PredictConfig, TrainConfig
+from segray.config import Config, EvaluateConfig, IngestConfig, PredictConfig, QueryConfig, ReportConfig, TrainConfig
 from segray.runtime import DATA_PIPELINE_CPUS, check_fits, init_ray, local_cpus
 
 C = TypeVar("C", bound=Config)
@@ -93,6 +93,65 @@ def evaluate(cfg: EvaluateConfig | dict[str, Any]):
     cfg = _config(EvaluateConfig, cfg)
     init_ray()
     return run_evaluate(cfg)
+
+
+def report(cfg: ReportConfig | dict[str, Any]):
+    """Writes one self-contained HTML report of a predict (or evaluate) output; no Ray needed.
+
+    Args:
+        cfg: a ``ReportConfig`` (or a dict of its fields): ``out``, ``run``
+            (training curves), ``output`` (the .html file), ``worst`` (strips per class).
+
+    Returns:
+        ``ReportResult``: ``uri``, ``size_bytes``, ``strips``.
+
+    Raises:
+        FileNotFoundError: OUT, one of its tables or the run's history is missing (named).
+        ValueError: OUT is not a finished predict or evaluate output.
+    """
+    from segray.reporting.report import write_report
+
+    return write_report(_config(ReportConfig, cfg))
+
+
+def query(cfg: QueryConfig | dict[str, Any] | str, sql: str | None = None):
+    """Answers SQL (or a named question) over an output's tables with DuckDB; no Ray needed.
+
+    ``segray.query("preds", "SELECT * FROM per_class")`` is short for
+    ``segray.query(segray.QueryConfig(out="preds", sql=...))``. The views are
+    ``per_image``, ``per_class``, ``confusion``, ``errors`` and ``image_confusion``.
+
+    Args:
+        cfg: a ``QueryConfig`` (or a dict of its fields), or the output folder.
+        sql: the query, when ``cfg`` is the output folder.
+
+    Returns:
+        The rows as a pandas DataFrame (also written to ``cfg.output`` when given).
+
+    Raises:
+        ValueError: the SQL fails (DuckDB's message), or an unknown class.
+        FileNotFoundError: a table the query needs is missing from the output.
+    """
+    from segray.reporting import query as q
+
+    cfg = QueryConfig(out=cfg, sql=sql) if isinstance(cfg, str) else _config(QueryConfig, cfg)
+    try:
+        tables = q.OutputTables(cfg.out)
+    except (FileNotFoundError, ValueError) as e:
+        from segray.config import about
+
+        raise about("out", type(e)(f"out {e}")) from None
+    if cfg.worst is not None:
+        frame = q.worst(tables, cfg.worst, cfg.k)
+    elif cfg.below is not None:
+        frame = q.below(tables, *cfg.below)
+    elif cfg.confused is not None:
+        frame = q.confused(tables, *cfg.confused)
+    else:
+        frame = tables.sql(cfg.sql)
+    if cfg.output:
+        q.write_result(frame, cfg.output)
+    return frame
 
 
 def load_model(run_uri: str):

@@ -16,7 +16,17 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from segray.config import ConfigError, EvaluateConfig, IngestConfig, PredictConfig, TrainConfig, load_file, parse_size
+from segray.config import (
+    ConfigError,
+    EvaluateConfig,
+    IngestConfig,
+    PredictConfig,
+    QueryConfig,
+    ReportConfig,
+    TrainConfig,
+    load_file,
+    parse_size,
+)
 from segray.runtime import quiet_logging
 
 Handler = Callable[[dict[str, Any]], None]
@@ -40,6 +50,17 @@ def _class_weights(text: str) -> str | list[float]:
         return [float(w) for w in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected auto, none or w0,w1,...") from None
+
+
+class _BelowAction(argparse.Action):
+    """``--below CLASS IOU``: IOU must be a number."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        cls, threshold = values
+        try:
+            setattr(namespace, self.dest, [cls, float(threshold)])
+        except ValueError:
+            parser.error(f"argument --below: IOU {threshold!r} is not a number")
 
 
 def _model_option(text: str) -> tuple[str, object]:
@@ -97,6 +118,29 @@ def cmd_evaluate(values: dict[str, Any]) -> None:
     import segray
 
     print(segray.evaluate(EvaluateConfig.from_dict(values)).describe())
+
+
+def cmd_report(values: dict[str, Any]) -> None:
+    import segray
+
+    result = segray.report(ReportConfig.from_dict(values))
+    print(f"wrote {result.uri} ({result.size_bytes / 2**20:.2f} MB, {result.strips} image strips; self-contained, opens offline)")
+
+
+def cmd_query(values: dict[str, Any]) -> None:
+    import segray
+    from segray.reporting.query import format_text, to_json
+
+    cfg = QueryConfig.from_dict(values)
+    frame = segray.query(cfg)
+    if cfg.output:
+        print(f"wrote {len(frame):,} row(s) to {cfg.output}")
+    elif cfg.format == "csv":
+        sys.stdout.write(frame.to_csv(index=False))
+    elif cfg.format == "json":
+        sys.stdout.write(to_json(frame))
+    else:
+        print(format_text(frame))
 
 
 def cmd_models(values: dict[str, Any]) -> None:
@@ -202,6 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", help="folder of true <id>.png class-id masks; required")
     p.add_argument("--output", help="where the tables go; required")
     p.add_argument("--classes", help="classes.json (default: class_0..)")
+
+    p = _subparser(sub, "report", cmd_report, "write one self-contained HTML report of a predict output", ReportConfig)
+    p.add_argument("out", nargs="?", help="a predict (or evaluate) output folder, local or s3://")
+    p.add_argument("--run", help="the training run (STORAGE/RUN) whose curves to show")
+    p.add_argument("--output", help="the .html file to write (default report.html)")
+    p.add_argument("--worst", type=int, help="image strips per class, worst IoU first (default 12)")
+
+    p = _subparser(sub, "query", cmd_query, "SQL (DuckDB) over a predict output's tables, or a named question", QueryConfig)
+    p.add_argument("out", nargs="?", help="a predict (or evaluate) output folder, local or s3://")
+    p.add_argument("sql", nargs="?", help="a query over per_image, per_class, confusion, errors, image_confusion")
+    p.add_argument("--worst", metavar="CLASS", help="the --k images of lowest IoU for CLASS (name or id)")
+    p.add_argument("--k", type=int, help="images --worst lists (default 10)")
+    p.add_argument("--below", nargs=2, metavar=("CLASS", "IOU"), type=str, action=_BelowAction, help="images whose IoU for CLASS is below IOU")
+    p.add_argument("--confused", nargs=2, metavar=("A", "B"), help="images with the most pixels of truth A predicted as B")
+    p.add_argument("--format", choices=["table", "csv", "json"], help="what to print (default an aligned table)")
+    p.add_argument("--output", help="write the result to a .parquet, .csv or .json file instead")
 
     p = _subparser(sub, "models", cmd_models, "list models, or show one's parameters and FLOPs")
     p.add_argument("name", nargs="?")

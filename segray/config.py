@@ -414,3 +414,71 @@ class EvaluateConfig(Config):
         _uri(self, "pred", "truth", "output")
         if self.classes:
             _uri(self, "classes")
+
+
+@dataclass(frozen=True)
+class QueryConfig(Config):
+    """What ``segray query`` asks of a predict (or evaluate) output.
+
+    Exactly one of ``sql``, ``worst``, ``below`` and ``confused`` is given.
+
+    Attributes:
+        out: the output folder (local or s3://) holding the tables.
+        sql: a DuckDB query over the views ``per_image``, ``per_class``,
+            ``confusion``, ``errors`` and ``image_confusion``.
+        worst: a class (name or id): its ``k`` images of lowest IoU.
+        k: how many images ``worst`` lists.
+        below: ``[CLASS, IOU]``: the images whose IoU for CLASS is below IOU.
+        confused: ``[A, B]``: the images with the most pixels of truth A predicted as B.
+        format: ``table`` (aligned text), ``csv`` or ``json`` on standard output.
+        output: a ``.parquet``, ``.csv`` or ``.json`` file to write the result to instead.
+    """
+
+    out: str
+    sql: str | None = None
+    worst: str | None = None
+    k: int = 10
+    below: tuple[str, float] | None = None
+    confused: tuple[str, str] | None = None
+    format: Literal["table", "csv", "json"] = "table"
+    output: str | None = None
+
+    def validate(self) -> None:
+        _uri(self, "out")
+        asked = [name for name in ("sql", "worst", "below", "confused") if getattr(self, name) is not None]
+        if len(asked) != 1:
+            got = f"got {', '.join(f'`{n}`' for n in asked)}" if asked else "got none"
+            raise ConfigError(f"sql: expected exactly one of SQL, `worst`, `below` or `confused`; {got}", field="sql")
+        _positive(self, "k")
+        if self.below is not None and not 0.0 <= self.below[1] <= 1.0:
+            raise ConfigError(f"below: IOU must be in [0, 1], got {self.below[1]!r}", field="below")
+        if self.output is not None:
+            _uri(self, "output")
+            if not self.output.lower().endswith((".parquet", ".csv", ".json")):
+                raise ConfigError(f"output {self.output}: expected a file ending in .parquet, .csv or .json", field="output")
+
+
+@dataclass(frozen=True)
+class ReportConfig(Config):
+    """What ``segray report`` puts in one self-contained HTML file.
+
+    Attributes:
+        out: the predict (or evaluate) output folder, local or s3://.
+        run: the training run (``STORAGE/RUN``) whose curves to show, or None.
+        output: the HTML file to write (local or s3://).
+        worst: images shown per class, worst IoU first (0: none).
+    """
+
+    out: str
+    run: str | None = None
+    output: str = "report.html"
+    worst: int = 12
+
+    def validate(self) -> None:
+        _uri(self, "out", "output")
+        if self.run is not None:
+            _uri(self, "run")
+        if self.worst < 0:
+            raise ConfigError(f"worst must be 0 or more, got {self.worst!r}", field="worst")
+        if not self.output.lower().endswith((".html", ".htm")):
+            raise ConfigError(f"output {self.output}: expected a file ending in .html", field="output")

@@ -58,6 +58,11 @@ def test_readme_example_runs_ingest_train_predict(example):
     assert cm.sum() == result.summary["pixels"] > 0
     # The resolved config is recorded with every output.
     assert result.summary["config"]["split"] == "val"
+    # The report and the query of the example.
+    page = Path(example["workdir"], "demo", "report.html").read_text()
+    assert page.count('<tr data-class-id=') == len(result.per_class)
+    circles = result.per_image[result.per_image["class_name"] == "circle"].sort_values(["iou", "image_id"]).head(5)
+    assert example["worst_circles"]["image_id"].tolist() == circles["image_id"].tolist()
     dataset = json.loads(Path(example["workdir"], "demo", "data", "dataset.json").read_text())
     assert dataset["config"]["val_fraction"] == 0.25
 
@@ -88,9 +93,9 @@ def test_configs_accept_dicts_and_refuse_unknown_fields(tmp_path):
 
 def test_public_surface_is_exactly_the_api_and_documented():
     expected = {
-        "ingest", "train", "predict", "evaluate", "load_model",
-        "IngestConfig", "TrainConfig", "PredictConfig", "EvaluateConfig", "ConfigError",
-        "IngestResult", "TrainResult", "PredictResult",
+        "ingest", "train", "predict", "evaluate", "report", "query", "load_model",
+        "IngestConfig", "TrainConfig", "PredictConfig", "EvaluateConfig", "ReportConfig", "QueryConfig", "ConfigError",
+        "IngestResult", "TrainResult", "PredictResult", "ReportResult",
     }
     assert set(segray.__all__) == expected
     # Nothing else public is defined in segray/__init__.py (submodules aside).
@@ -100,7 +105,7 @@ def test_public_surface_is_exactly_the_api_and_documented():
     for name in segray.__all__:
         doc = getattr(segray, name).__doc__
         assert doc and doc.strip(), f"segray.{name} has no docstring"
-    for cls in (segray.IngestConfig, segray.TrainConfig, segray.PredictConfig, segray.EvaluateConfig):
+    for cls in (segray.IngestConfig, segray.TrainConfig, segray.PredictConfig, segray.EvaluateConfig, segray.ReportConfig, segray.QueryConfig):
         doc = cls.__doc__
         for field in cls.__dataclass_fields__:
             # Every field is described in Attributes, or is self-explanatory by a

@@ -89,6 +89,13 @@ class Output:
     def summary(self) -> str:
         return storage.join(self.root, "summary.json")
 
+    @property
+    def errors(self) -> str:
+        """``OUT/_errors.parquet``: the rejected inputs (``segray.data.quarantine``)."""
+        from segray.data.quarantine import errors_uri
+
+        return errors_uri(self.root)
+
     def table(self, name: str) -> str:
         """``per_image``, ``per_class`` or ``confusion``: its Parquet file."""
         if name not in TABLES:

@@ -23,6 +23,7 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.parquet"
 CURVES_FILE = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
+PREVIEW_TAG = "val_predictions"  # TensorBoard images: validation image | truth | prediction
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.npz"
 OPTIMIZER_FILE = "optimizer.npz"
@@ -90,7 +91,8 @@ class RunArtifacts:
         self.tb_dir = tempfile.mkdtemp(prefix="segray-tb-")
         self._writer = None
 
-    def write_epoch(self, history: list[dict[str, Any]]) -> None:
+    def write_epoch(self, history: list[dict[str, Any]], preview: np.ndarray | None = None) -> None:
+        """Writes the history, the curves and TensorBoard's scalars; ``preview``: (N, H, W, 3) uint8 strips shown as images."""
         import pandas as pd
         import pyarrow as pa
         import tensorflow as tf
@@ -107,6 +109,8 @@ class RunArtifacts:
             for key, value in last.items():
                 if key != "epoch" and isinstance(value, (int, float)) and np.isfinite(value):
                     tf.summary.scalar(key, value, step=int(last["epoch"]))
+            if preview is not None and len(preview):
+                tf.summary.image(PREVIEW_TAG, preview, step=int(last["epoch"]), max_outputs=len(preview))
         self._writer.flush()
         for root, _, files in os.walk(self.tb_dir):
             for name in files:

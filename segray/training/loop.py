@@ -23,7 +23,7 @@ from segray.data.info import IGNORE_INDEX, DatasetInfo
 from segray.models.saved import Preprocessing
 from segray.runtime import normal_priority
 from segray.training.artifacts import RunArtifacts, load_state, save_state
-from segray.training.report import epoch_line
+from segray.training.report import PREVIEW_IMAGES, epoch_line, preview_strips
 
 
 def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
@@ -72,6 +72,7 @@ class WorkerLoop:
         from segray.training.losses import class_weights_from_frequency
 
         self.cfg, self.info = cfg, info
+        self.kept: tuple[np.ndarray, np.ndarray] | None = None  # validation images for TensorBoard (rank 0)
         if not cfg.gpu:
             normal_priority()
             try:
@@ -159,11 +160,13 @@ class WorkerLoop:
         # float64 holds integer counts exactly up to 2**53.
         return self._all_sum(tf.constant(np.asarray(values, np.float64))).numpy()
 
-    def run_epoch(self, shard, train: bool) -> tuple[float, float, np.ndarray, int, float]:
+    def run_epoch(self, shard, train: bool, keep_preview: bool = False) -> tuple[float, float, np.ndarray, int, float]:
         """One pass over this worker's shard; returns global (loss_sum, weight_sum, cm, images, seconds).
 
         Training batches drop the remainder so that every worker runs the same
         number of collective steps (the shards are split equally).
+        ``keep_preview``: keep the first few images and masks of the pass (once)
+        for ``preview``.
         """
         import tensorflow as tf
 
@@ -172,6 +175,8 @@ class WorkerLoop:
         loss_sum, weight_sum, cm, images = 0.0, 0.0, np.zeros((C, C), np.int64), 0
         t0 = time.time()
         for batch in shard.iter_batches(batch_size=self.cfg.batch_size, drop_last=train, batch_format="numpy", prefetch_batches=2):
+            if keep_preview and self.kept is None:
+                self.kept = (np.array(batch["image"][:PREVIEW_IMAGES]), np.array(batch["mask"][:PREVIEW_IMAGES]))
             ls, ws, c = step(tf.constant(batch["image"]), tf.constant(batch["mask"]))
             loss_sum += float(ls)
             weight_sum += float(ws)
@@ -180,6 +185,17 @@ class WorkerLoop:
         seconds = time.time() - t0
         total = self.global_sum(np.concatenate([[loss_sum, weight_sum, images], cm.ravel()]))
         return float(total[0]), float(total[1]), np.rint(total[3:]).astype(np.int64).reshape(C, C), int(total[2]), seconds
+
+    def preview(self) -> np.ndarray | None:
+        """image | truth | prediction of the kept validation images with the current weights (rank 0 only)."""
+        import tensorflow as tf
+
+        if self.kept is None:
+            return None
+        images, masks = self.kept
+        pred = tf.argmax(self.model(tf.constant(images), training=False), axis=-1).numpy()
+        colours = [c.color for c in self.info.classes if c.id != self.info.ignore_index]
+        return preview_strips(images, masks, pred, self.info.mean, self.info.std, colours)
 
     def learning_rate(self) -> float:
         lr = self.optimizer.learning_rate
@@ -216,7 +232,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         t0 = time.time()
         loss_sum, weight_sum, cm, images, train_seconds = worker.run_epoch(train_shard, train=True)
         metrics = epoch_metrics("train", loss_sum, weight_sum, cm, info.class_names)
-        metrics.update(epoch_metrics("val", *worker.run_epoch(val_shard, train=False)[:3], info.class_names))
+        metrics.update(epoch_metrics("val", *worker.run_epoch(val_shard, train=False, keep_preview=rank == 0)[:3], info.class_names))
         metrics.update(epoch=epoch, lr=worker.learning_rate(), seconds=time.time() - t0, train_images_per_s=images / max(train_seconds, 1e-9))
         history.append(metrics)
         val_miou = metrics["val_miou"] if np.isfinite(metrics["val_miou"]) else 0.0
@@ -234,7 +250,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(epoch_line(metrics, cfg.epochs), file=sys.__stdout__, flush=True)
         state = {"epoch": epoch, "history": history, "best": best, "stale": stale, "lr": metrics["lr"]}
         if rank == 0:
-            artifacts.write_epoch(history)
+            artifacts.write_epoch(history, worker.preview())
             if improved:
                 if export_model is None:
                     export_model = models.build(cfg.model, info.num_classes, input_shape=(None, None, 3), **cfg.model_options)

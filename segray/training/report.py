@@ -5,7 +5,12 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import numpy as np
 import pandas as pd
+
+PREVIEW_IMAGES = 3  # validation images shown in TensorBoard each epoch
+PREVIEW_GAP = 2
+IGNORED_COLOUR = (200, 200, 200)
 
 
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
@@ -40,3 +45,26 @@ def plot_curves(history: pd.DataFrame) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def preview_strips(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, mean, std, colours: list[tuple[int, int, int]]) -> np.ndarray:
+    """image | truth | prediction side by side for TensorBoard's image summary.
+
+    Args:
+        images: (N, H, W, 3) float32, normalised as the model sees them.
+        truth: (N, H, W) class ids (255: ignored, shown light grey).
+        pred: (N, H, W) predicted class ids.
+        mean, std: the normalisation to undo.
+        colours: one RGB colour per class.
+
+    Returns:
+        (N, H, 3W + 2 * PREVIEW_GAP, 3) uint8.
+    """
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(colours)] = np.asarray(colours, np.uint8).reshape(-1, 3)
+    lut[255] = IGNORED_COLOUR
+    rgb = np.clip(images * np.asarray(std, np.float32) + np.asarray(mean, np.float32), 0, 255).astype(np.uint8)
+    n, h = rgb.shape[:2]
+    gap = np.full((n, h, PREVIEW_GAP, 3), 255, np.uint8)
+    ids = lambda a: np.clip(np.asarray(a), 0, 255).astype(np.uint8)  # noqa: E731
+    return np.concatenate([rgb, gap, lut[ids(truth)], gap, lut[ids(pred)]], axis=2)

@@ -60,6 +60,7 @@ def check_run_artifacts(run_uri: str, epochs: int) -> None:
     saved = json.loads(storage.read_text(storage.join(run_uri, "config.json")))
     assert saved["model"] == "unet" and saved["size"] == [32, 32] and saved["dataset"]["num_classes"] == 4
     assert any("tfevents" in f.uri for f in storage.list_files(storage.join(run_uri, "tensorboard")))
+    check_tensorboard_previews(run_uri, epochs)
     best = json.loads(storage.read_text(storage.join(run_uri, "model", "best.json")))
     assert best["val_miou"] == pytest.approx(history["val_miou"].max())
     local = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"model-{os.getpid()}.keras")
@@ -67,8 +68,45 @@ def check_run_artifacts(run_uri: str, epochs: int) -> None:
         f.write(storage.read_bytes(storage.join(run_uri, "model", "model.keras")))
     model = keras.saving.load_model(local, safe_mode=True)
     assert model(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 32, 32, 4)
-    checkpoints = {f.uri.split("/checkpoint_")[1].split("/")[0] for f in storage.list_files(run_uri) if "/checkpoint_" in f.uri}
+    # Ray Train V2 keeps checkpoint_manager_snapshot.json beside the checkpoint folders: not a checkpoint.
+    checkpoints = {
+        f.uri.split("/checkpoint_")[1].split("/")[0]
+        for f in storage.list_files(run_uri)
+        if "/checkpoint_" in f.uri and not f.uri.endswith("/checkpoint_manager_snapshot.json")
+    }
     assert 1 <= len(checkpoints) <= 3  # best 2 by val mIoU, plus the latest
+
+
+def check_tensorboard_previews(run_uri: str, epochs: int) -> None:
+    """Each epoch has an image summary of 3 validation strips: image | truth | prediction, masks in class colours."""
+    import tensorflow as tf
+
+    from segray.training.report import IGNORED_COLOUR, PREVIEW_GAP
+
+    events = [f.uri for f in storage.list_files(storage.join(run_uri, "tensorboard")) if "tfevents" in f.uri]
+    steps: dict[int, list[np.ndarray]] = {}
+    for uri in events:
+        local = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"events-{os.getpid()}")
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(uri))
+        for event in tf.compat.v1.train.summary_iterator(local):
+            for value in event.summary.value:
+                if value.tag == "val_predictions":
+                    # tf.summary.image stores [width, height, png, png, ...] as a string tensor.
+                    pngs = tf.make_ndarray(value.tensor)[2:]
+                    steps[event.step] = [tf.io.decode_png(p).numpy() for p in pngs]
+    assert sorted(steps) == list(range(epochs)), sorted(steps)
+    config = json.loads(storage.read_text(storage.join(run_uri, "config.json")))
+    colours = {tuple(c["color"]) for c in config["dataset"]["classes"]} | {IGNORED_COLOUR}
+    for strips in steps.values():
+        assert len(strips) == 3
+        for strip in strips:
+            assert strip.shape == (32, 3 * 32 + 2 * PREVIEW_GAP, 3), strip.shape
+            truth, pred = strip[:, 32 + PREVIEW_GAP: 64 + PREVIEW_GAP], strip[:, 64 + 2 * PREVIEW_GAP:]
+            for panel in (truth, pred):
+                assert {tuple(p) for p in panel.reshape(-1, 3).tolist()} <= colours
+            assert len({tuple(p) for p in truth.reshape(-1, 3).tolist()}) >= 2  # a shape on a background
+            assert strip[:, :32].std() > 5  # the image, not a blank panel
 
 
 @pytest.mark.slow

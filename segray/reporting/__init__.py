@@ -1,0 +1,12 @@
+"""Looking at a predict output: a self-contained HTML report, and SQL over its tables.
+
+``OutputTables`` opens an output (local or s3://) and registers its tables as
+DuckDB views; ``worst``, ``below`` and ``confused`` are the named questions
+(the report's worst-image sections use ``worst``); ``write_report`` writes the
+HTML page. Most users call them as ``segray.report`` and ``segray.query``.
+"""
+
+from segray.reporting.query import VIEWS, OutputTables, below, confused, iou_histogram, open_output, worst
+from segray.reporting.report import ReportResult, write_report
+
+__all__ = ["VIEWS", "OutputTables", "ReportResult", "below", "confused", "iou_histogram", "open_output", "worst", "write_report"]
