@@ -9,6 +9,8 @@ The Python API, for notebooks and scripts::
     result = segray.predict(segray.PredictConfig(model=trained.run_uri, input="data/shapes", split="val", output="preds"))
     result.per_class          # a pandas DataFrame
     model = segray.load_model(trained.run_uri)
+    segray.export(segray.ExportConfig(run=trained.run_uri, format="onnx", output="exported"))
+    served = segray.serve(segray.ServeConfig(run=trained.run_uri, blocking=False))  # served.url, served.shutdown()
 
 The config and result classes are imported on first use and the functions
 import their machinery when called, so ``import segray`` stays cheap (no
@@ -21,20 +23,24 @@ import importlib as _importlib
 
 __version__ = "0.1.0"
 
-from segray.api import evaluate, ingest, load_model, predict, train
+from segray.api import evaluate, export, ingest, load_model, predict, serve, train
 
 _PUBLIC = {
     "IngestConfig": "segray.config",
     "TrainConfig": "segray.config",
     "PredictConfig": "segray.config",
     "EvaluateConfig": "segray.config",
+    "ExportConfig": "segray.config",
+    "ServeConfig": "segray.config",
     "ConfigError": "segray.config",
     "IngestResult": "segray.data.ingest",
     "TrainResult": "segray.training.trainer",
     "PredictResult": "segray.inference.output",
+    "ExportResult": "segray.export.bundle",
+    "Served": "segray.serving.app",
 }
 
-__all__ = sorted([*_PUBLIC, "evaluate", "ingest", "load_model", "predict", "train"])
+__all__ = sorted([*_PUBLIC, "evaluate", "export", "ingest", "load_model", "predict", "serve", "train"])
 
 
 def __getattr__(name: str) -> object:

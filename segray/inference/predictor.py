@@ -26,9 +26,23 @@ class Predictor:
         model_id: the weights' hash the driver pinned (``weights_id``); the actor refuses other weights.
         geometry: how images reach the model.
         batch_size: images (or windows) per model call.
+        onnx_model: the model converted on the driver (``segray.export.session.convert``)
+            to run in ONNX Runtime instead of TensorFlow, or None.
+        onnx_id: the hash of ``onnx_model`` the driver pinned.
     """
 
-    def __init__(self, model_uri: str, geometry: Geometry, batch_size: int, model_id: str | None = None):
+    def __init__(
+        self, model_uri: str, geometry: Geometry, batch_size: int, model_id: str | None = None,
+        onnx_model: bytes | None = None, onnx_id: str | None = None,
+    ):
+        self.geometry = geometry
+        self.batch_size = batch_size
+        if onnx_model is not None:
+            from segray.export.session import OnnxLogits
+
+            # Converted from the weights the driver pinned; the bytes' hash pins the conversion.
+            self.forward = OnnxLogits(onnx_model, onnx_id)
+            return
         from segray.inference.model import share_gpus, weights_id
         from segray.models.saved import load_keras
 
@@ -41,8 +55,7 @@ class Predictor:
                 f"{model_uri} changed after predict started (weights {weights_id(self.model)}, pinned {model_id}); "
                 "refusing to mix two models in one output: run predict again"
             )
-        self.geometry = geometry
-        self.batch_size = batch_size
+        self.forward = self.model.predict_on_batch
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) float32 -> (N, H, W, C) float32 logits, ``batch_size`` at a time.
@@ -59,7 +72,7 @@ class Predictor:
             n = len(chunk)
             if fixed and n < self.batch_size:
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(self.model.predict_on_batch(chunk), np.float32)[:n])
+            out.append(np.asarray(self.forward(chunk), np.float32)[:n])
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def _predict_groups(self, batch: dict[str, Any], todo: list[int], preds: list, errors: list) -> None:
