@@ -9,7 +9,7 @@ The Python API, for notebooks and scripts::
     result = segray.predict(segray.PredictConfig(model=trained.run_uri, input="data/shapes", split="val", output="preds"))
     result.per_class          # a pandas DataFrame
     model = segray.load_model(trained.run_uri)
-    segray.export(segray.ExportConfig(run=trained.run_uri, format="onnx", output="exported"))
+    segray.export_model(segray.ExportConfig(run=trained.run_uri, format="onnx", output="exported"))
     served = segray.serve(segray.ServeConfig(run=trained.run_uri, blocking=False))  # served.url, served.shutdown()
 
 The config and result classes are imported on first use and the functions
@@ -23,7 +23,7 @@ import importlib as _importlib
 
 __version__ = "0.1.0"
 
-from segray.api import evaluate, export, ingest, load_model, predict, serve, train
+from segray.api import evaluate, export_model, ingest, load_model, predict, serve, train
 
 _PUBLIC = {
     "IngestConfig": "segray.config",
@@ -40,7 +40,7 @@ _PUBLIC = {
     "Served": "segray.serving.app",
 }
 
-__all__ = sorted([*_PUBLIC, "evaluate", "export", "ingest", "load_model", "predict", "serve", "train"])
+__all__ = sorted([*_PUBLIC, "evaluate", "export_model", "ingest", "load_model", "predict", "serve", "train"])
 
 
 def __getattr__(name: str) -> object:

@@ -95,8 +95,10 @@ def evaluate(cfg: EvaluateConfig | dict[str, Any]):
     return run_evaluate(cfg)
 
 
-def export(cfg: ExportConfig | dict[str, Any]):
+def export_model(cfg: ExportConfig | dict[str, Any]):
     """Writes a run's model as a SavedModel, ONNX or plain Keras file that loads without segray.
+
+    (``export_model``, not ``export``: ``segray.export`` is the package.)
 
     Args:
         cfg: an ``ExportConfig`` (or a dict of its fields).

@@ -102,7 +102,7 @@ def cmd_evaluate(values: dict[str, Any]) -> None:
 def cmd_export(values: dict[str, Any]) -> None:
     import segray
 
-    print(segray.export(ExportConfig.from_dict(values)).describe())
+    print(segray.export_model(ExportConfig.from_dict(values)).describe())
 
 
 def _replicas(text: str) -> str | int:
