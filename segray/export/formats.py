@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from segray.models.saved import MODEL_FILE
+
 FORMATS = ("savedmodel", "onnx", "keras")
 
 # 17: every op the models need (Resize with half-pixel centres, Pad, ArgMax,
@@ -34,7 +36,7 @@ ONNX_OPSET = 17
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("class_ids", "probabilities", "logits")
-KERAS_FILE = "model.keras"
+KERAS_FILE = MODEL_FILE  # the name a run's model has; the exported one is a different model under the same name
 ONNX_FILE = "model.onnx"
 
 

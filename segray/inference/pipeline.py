@@ -136,7 +136,8 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
     predictor_kwargs: dict[str, Any] = {"model_uri": spec.uri, "geometry": geometry, "batch_size": cfg.batch_size, "model_id": spec.model_id}
     if cfg.backend == "onnxruntime":
         converted_model = converted(spec)
-        predictor_kwargs.update(onnx_model=converted_model.data, onnx_id=converted_model.onnx_id)
+        # A reference, not the bytes: Ray warns about large constructor arguments of restartable actors.
+        predictor_kwargs.update(onnx_model=ray.put(converted_model.data), onnx_id=converted_model.onnx_id)
     if cfg.gpus_per_worker > 0:
         predictor_args["num_gpus"] = cfg.gpus_per_worker
     ds = dataset_of(source, finished, cfg.batch_size)

@@ -27,19 +27,24 @@ class Predictor:
         geometry: how images reach the model.
         batch_size: images (or windows) per model call.
         onnx_model: the model converted on the driver (``segray.export.session.convert``)
-            to run in ONNX Runtime instead of TensorFlow, or None.
+            to run in ONNX Runtime instead of TensorFlow (its bytes, or a Ray
+            object ref to them), or None.
         onnx_id: the hash of ``onnx_model`` the driver pinned.
     """
 
     def __init__(
         self, model_uri: str, geometry: Geometry, batch_size: int, model_id: str | None = None,
-        onnx_model: bytes | None = None, onnx_id: str | None = None,
+        onnx_model: Any = None, onnx_id: str | None = None,
     ):
         self.geometry = geometry
         self.batch_size = batch_size
         if onnx_model is not None:
             from segray.export.session import OnnxLogits
 
+            if not isinstance(onnx_model, bytes):
+                import ray
+
+                onnx_model = ray.get(onnx_model)
             # Converted from the weights the driver pinned; the bytes' hash pins the conversion.
             self.forward = OnnxLogits(onnx_model, onnx_id)
             return
