@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -240,6 +241,12 @@ def serve(cfg: ServeConfig) -> Served:
     if not cfg.blocking:
         return served
     print(f"serving {spec.name} ({spec.model_id}, {cfg.backend}) at {url}: POST /segment, GET /healthz, GET /model; Ctrl-C stops")
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # `ray job stop` sends SIGTERM: Serve's actors outlive the driver, so they are shut down here too.
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)

@@ -139,3 +139,44 @@ def test_it_binds_loopback_and_shuts_down_cleanly(served):
     app.shutdown()  # a second call (the fixture's) finds nothing to stop
     actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     assert not [name for name in actors if name.startswith("SERVE_")], actors
+
+
+def test_the_cli_serves_until_sigterm_then_leaves_nothing_listening(tmp_path):
+    """`segray serve RUN` in its own process (its own local Ray), stopped as `ray job stop` stops a job."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = write_run(str(tmp_path / "run"), [32, 32])
+    port = _free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "segray.cli", "serve", run, "--port", str(port), "--replicas", "1", "--backend", "tensorflow"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise AssertionError("segray serve did not answer /healthz within 240 s")
+        image = random_pair(np.random.default_rng(1), 32, 32)[0]
+        status, body, _ = post(f"http://127.0.0.1:{port}/segment", encode_png(image))
+        assert status == 200 and decode_mask(body).shape == (32, 32)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output[-3000:]
+    assert f"at http://127.0.0.1:{port}" in output
+    with socket.socket() as s:
+        s.settimeout(2)
+        assert s.connect_ex(("127.0.0.1", port)) != 0
