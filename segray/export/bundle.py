@@ -45,7 +45,7 @@ class ExportResult:
         parity = self.card.get("parity", {})
         return (
             f"exported {self.card.get('model')} ({self.card.get('model_id')}) as {self.format} to {self.output}: "
-            f"{len(self.files)} file(s), model_card.json; input {self.card['input_size']['rule']}; "
+            f"{', '.join(self.files)}\ninput: uint8 RGB (N, H, W, 3), {self.card['input_size']['rule']}\n"
             f"max |logit difference| vs the original on a probe batch {parity.get('max_abs_logit_diff', float('nan')):.2e}"
         )
 
