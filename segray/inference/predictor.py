@@ -38,6 +38,9 @@ class Predictor:
     ):
         self.geometry = geometry
         self.batch_size = batch_size
+        # TensorFlow traces one graph per input shape, so short chunks are padded to one shape;
+        # ONNX Runtime runs any batch size as it comes (a served request of one image costs one).
+        self.pad_chunks = onnx_model is None
         if onnx_model is not None:
             from segray.export.session import OnnxLogits
 
@@ -65,12 +68,13 @@ class Predictor:
     def logits(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) float32 -> (N, H, W, C) float32 logits, ``batch_size`` at a time.
 
-        In ``fit`` and ``tile`` modes every input has one shape, and a short
-        last chunk is padded to ``batch_size``: the model then always sees one
-        input shape, so it is traced once and an image's logits do not depend
-        on how many others share its batch (a resumed run gives the same masks).
+        In ``fit`` and ``tile`` modes every input has one shape, and with
+        TensorFlow a short last chunk is padded to ``batch_size``: the model
+        then always sees one input shape, so it is traced once and an image's
+        logits do not depend on how many others share its batch (a resumed run
+        gives the same masks). ONNX Runtime runs each chunk as it is.
         """
-        fixed = self.geometry.mode != "whole"
+        fixed = self.geometry.mode != "whole" and self.pad_chunks
         out = []
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
