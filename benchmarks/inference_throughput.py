@@ -221,7 +221,7 @@ def naive_onnx_loop(raw: str, run: str, out: str, batch: int) -> float:
 
     pre = json.load(open(os.path.join(run, "model", "preprocessing.json")))
     mean, std = np.float32(pre["mean"]), np.float32(pre["std"])
-    forward = OnnxLogits(convert(load_keras(os.path.join(run, "model", "model.keras"))).data)
+    forward = OnnxLogits(convert(load_keras(os.path.join(run, "model", "model.keras")), tuple(pre["size"])).data)
     names = sorted(os.listdir(os.path.join(raw, "images")))
     forward(np.zeros((batch, pre["size"][0], pre["size"][1], 3), np.float32))
     t0 = time.perf_counter()

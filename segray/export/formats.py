@@ -40,7 +40,7 @@ KERAS_FILE = MODEL_FILE  # the name a run's model has; the exported one is a dif
 ONNX_FILE = "model.onnx"
 
 
-def serving_function(core, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, multiple: int):
+def serving_function(core, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, multiple: int, size: tuple[int, int] | None = None):
     """A ``tf.function`` over images of any size: normalise, pad to ``multiple``, run ``core``, crop back.
 
     Args:
@@ -50,6 +50,10 @@ def serving_function(core, mean: tuple[float, ...] | None, std: tuple[float, ...
             already (``segray predict --backend onnxruntime``, whose decode
             tasks normalise).
         multiple: ``portable.export_multiple`` of the model.
+        size: ``(H, W)`` to fix the input's height and width to (the batch
+            stays free), or None for any. A fixed size lets tf2onnx fold
+            TensorFlow's space-to-batch form of a dilated convolution back
+            into one ``Conv`` (DeepLab's ASPP: 2.2x faster in ONNX Runtime at 64x64).
 
     Returns:
         The ``tf.function``; its one input is named ``images``.
@@ -57,7 +61,8 @@ def serving_function(core, mean: tuple[float, ...] | None, std: tuple[float, ...
     import tensorflow as tf
 
     raw = mean is not None
-    spec = tf.TensorSpec([None, None, None, 3], tf.uint8 if raw else tf.float32, name=INPUT_NAME)
+    height, width = size or (None, None)
+    spec = tf.TensorSpec([None, height, width, 3], tf.uint8 if raw else tf.float32, name=INPUT_NAME)
     mean_np = np.asarray(mean if raw else (0.0, 0.0, 0.0), np.float32)
     std_np = np.asarray(std if raw else (1.0, 1.0, 1.0), np.float32)
 
@@ -97,11 +102,11 @@ def write_savedmodel(core, mean, std, multiple: int, folder: str) -> str:
     return folder
 
 
-def onnx_bytes(core, mean, std, multiple: int) -> bytes:
-    """The serving function converted with tf2onnx at ``ONNX_OPSET``; dynamic batch, height and width."""
+def onnx_bytes(core, mean, std, multiple: int, size: tuple[int, int] | None = None) -> bytes:
+    """The serving function converted with tf2onnx at ``ONNX_OPSET``; dynamic batch, height and width unless ``size``."""
     import tf2onnx
 
-    serve = serving_function(core, mean, std, multiple)
+    serve = serving_function(core, mean, std, multiple, size)
     proto, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature, opset=ONNX_OPSET)
     return proto.SerializeToString()
 

@@ -37,13 +37,18 @@ class Converted:
     multiple: int
 
 
-def convert(net) -> Converted:
-    """``net`` (a loaded segray model) as ONNX taking normalised images, padding them to its multiple."""
+def convert(net, size: tuple[int, int] | None = None) -> Converted:
+    """``net`` (a loaded segray model) as ONNX taking normalised images, padding them to its multiple.
+
+    Args:
+        size: ``(H, W)`` every input will have (predict's ``fit`` and ``tile``
+            modes), which converts to a faster graph; None for any size.
+    """
     from segray.export.formats import onnx_bytes
     from segray.export.portable import export_multiple, portable_core
 
     multiple = export_multiple(net)
-    data = onnx_bytes(portable_core(net), None, None, multiple)
+    data = onnx_bytes(portable_core(net), None, None, multiple, size)
     return Converted(data, content_id(data), multiple)
 
 

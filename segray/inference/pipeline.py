@@ -135,7 +135,7 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
     predictor_args: dict[str, Any] = {"num_cpus": 1}
     predictor_kwargs: dict[str, Any] = {"model_uri": spec.uri, "geometry": geometry, "batch_size": cfg.batch_size, "model_id": spec.model_id}
     if cfg.backend == "onnxruntime":
-        converted_model = converted(spec)
+        converted_model = converted(spec, geometry)
         # A reference, not the bytes: Ray warns about large constructor arguments of restartable actors.
         predictor_kwargs.update(onnx_model=ray.put(converted_model.data), onnx_id=converted_model.onnx_id)
     if cfg.gpus_per_worker > 0:
@@ -169,8 +169,10 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
     return done, steady_rate(marks, done)
 
 
-def converted(spec: ModelSpec):
+def converted(spec: ModelSpec, geometry: Geometry):
     """The pinned model converted to ONNX on the driver (``segray.export.session.convert``).
+
+    In ``fit`` and ``tile`` modes every input has one size, which the conversion fixes.
 
     Raises:
         RuntimeError: the file's weights are no longer the pinned ones.
@@ -185,7 +187,8 @@ def converted(spec: ModelSpec):
         net = load_keras(spec.uri)
         if weights_id(net) != spec.model_id:
             raise RuntimeError(f"{spec.uri} changed after predict started (weights {weights_id(net)}, pinned {spec.model_id}); run predict again")
-        return convert(net)
+        size = geometry.size if geometry.mode == "fit" else geometry.tile
+        return convert(net, tuple(size) if size else None)
 
 
 def steady_rate(marks: list[tuple[float, int]], total: int) -> float | None:

@@ -203,7 +203,7 @@ def serve(cfg: ServeConfig) -> Served:
     spec = resolve_model(cfg.run)
     # As segray predict without --tile: fitted to the trained size, else whole images.
     geometry = Geometry("fit", size=tuple(spec.size), fit=spec.fit, multiple=spec.multiple) if spec.size else Geometry("whole", multiple=spec.multiple)
-    converted = convert_pinned(spec) if cfg.backend == "onnxruntime" else None
+    converted = convert_pinned(spec, geometry) if cfg.backend == "onnxruntime" else None
     config, best = run_records(spec.uri)
     multiple = converted.multiple if converted else spec.multiple
     card = model_card(spec, "onnx" if converted else "keras", multiple, config, best, {})
