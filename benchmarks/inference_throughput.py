@@ -2,6 +2,7 @@
 
     python benchmarks/inference_throughput.py [--n 1000,5000] [--size 64] [--batch 32] [--width 16 --depth 3]
     python benchmarks/inference_throughput.py --gpu [--n 512] [--size 512] [--batch 16]
+    python benchmarks/inference_throughput.py --backend tensorflow,onnxruntime [--models unet,segnet,deeplabv3plus] [--n 512]
 
 All three read the same raw layout (images/ + masks/ PNGs) and use the same U-Net:
 
@@ -20,6 +21,11 @@ pages such as the object store's counted once) is printed beside it.
 
 ``--gpu``: a U-Net (depth 4, width 32) at 512x512 in mixed precision, batch 16,
 one actor with one GPU.
+
+``--backend``: for each registered model (``--models``, mid-sized options in
+``BACKEND_OPTIONS``), the naive TensorFlow loop, the same loop on ONNX
+Runtime, and ``segray predict`` with each backend, side by side on the same
+images (target: predict on ONNX Runtime >= 1.5x the naive TensorFlow loop).
 """
 
 from __future__ import annotations
@@ -168,16 +174,110 @@ def baseline_naive_loop(raw: str, run: str, out: str, batch: int) -> float:
     return len(names) / (time.perf_counter() - t0)
 
 
-def run_predict(run: str, raw: str, out: str, batch: int, gpus: float) -> tuple[dict, float, int, int]:
+def run_predict(run: str, raw: str, out: str, batch: int, gpus: float, backend: str = "tensorflow") -> tuple[dict, float, int, int]:
     """(summary, wall images/s, peak RSS, peak PSS) of one segray predict."""
     from segray.config import PredictConfig
     from segray.inference import predict
 
     with MemorySampler() as mem:
         t0 = time.perf_counter()
-        result = predict(PredictConfig(model=run, input=raw, output=out, batch_size=batch, gpus_per_worker=gpus, overlays=0))
+        result = predict(PredictConfig(model=run, input=raw, output=out, batch_size=batch, gpus_per_worker=gpus, overlays=0, backend=backend))
         wall = time.perf_counter() - t0
     return result.summary, result.summary["images"] / wall, mem.peak_rss, mem.peak_pss
+
+
+# Mid-sized variants: big enough that the model, not Python, dominates a 64x64 batch on a CPU.
+BACKEND_OPTIONS = {
+    "unet": {"width": 16, "depth": 3},
+    "segnet": {"width": 16, "depth": 3, "convs_per_stage": 1},
+    "deeplabv3plus": {"width": 16, "blocks_per_stage": 1, "aspp_filters": 64, "low_level_filters": 16, "decoder_filters": 32},
+}
+
+
+def make_run(root: str, name: str, size: int, mean, std) -> str:
+    """A registered model (``BACKEND_OPTIONS``) saved as a training run; returns the run."""
+    import keras
+
+    from segray import models
+    from segray.data.info import default_color
+
+    keras.utils.set_random_seed(0)
+    model = models.build(name, 4, **BACKEND_OPTIONS[name])
+    os.makedirs(os.path.join(root, "model"), exist_ok=True)
+    model.save(os.path.join(root, "model", "model.keras"))
+    pre = {
+        "model": name, "size": [size, size], "fit": "resize", "mean": mean, "std": std, "num_classes": 4,
+        "classes": [{"id": k, "name": f"class_{k}", "color": default_color(k)} for k in range(4)], "ignore_index": 255,
+    }
+    with open(os.path.join(root, "model", "preprocessing.json"), "w") as f:
+        json.dump(pre, f)
+    return root
+
+
+def naive_onnx_loop(raw: str, run: str, out: str, batch: int) -> float:
+    """images/s of the naive loop with the model converted to ONNX and run by ONNX Runtime."""
+    from segray.export.session import OnnxLogits, convert
+    from segray.models.saved import load_keras
+
+    pre = json.load(open(os.path.join(run, "model", "preprocessing.json")))
+    mean, std = np.float32(pre["mean"]), np.float32(pre["std"])
+    forward = OnnxLogits(convert(load_keras(os.path.join(run, "model", "model.keras")), tuple(pre["size"])).data)
+    names = sorted(os.listdir(os.path.join(raw, "images")))
+    forward(np.zeros((batch, pre["size"][0], pre["size"][1], 3), np.float32))
+    t0 = time.perf_counter()
+    for i in range(0, len(names), batch):
+        chunk = names[i : i + batch]
+        images = np.stack([decode_image(storage.read_bytes(os.path.join(raw, "images", n))) for n in chunk])
+        logits = forward((images.astype(np.float32) - mean) / std)
+        for n, pred in zip(chunk, logits.argmax(-1).astype(np.uint8)):
+            storage.write_bytes(os.path.join(out, n), encode_png(pred))
+    return len(names) / (time.perf_counter() - t0)
+
+
+def compare_backends(args: argparse.Namespace) -> None:
+    """``--backend``: each model, both backends, naive loops and segray predict, on the same images."""
+    import ray
+
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    names = [m.strip() for m in (args.models or "unet,segnet,deeplabv3plus").split(",") if m.strip()]
+    n = int((args.n or "512").split(",")[0])
+    size, batch = args.size or 64, args.batch or 32
+    workdir = args.dir or tempfile.mkdtemp(prefix="segray-bench-")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    print(f"{os.cpu_count()} CPUs; {n} images {size}x{size}; batch {batch}; backends {', '.join(backends)}; best of {args.repeats}; in {workdir}")
+    raw = os.path.join(workdir, "raw")
+    synthesize(raw, n=n, size=(size, size), num_classes=4, seed=0, show_progress=False)
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    result: list[str] = []
+    for name in names:
+        run = make_run(os.path.join(workdir, f"run-{name}"), name, size, [110.0, 110.0, 110.0], [40.0, 40.0, 40.0])
+        rates: dict[str, list[float]] = {}
+        for rep in range(args.repeats):
+            rates.setdefault("naive_tensorflow", []).append(baseline_naive_loop(raw, run, os.path.join(workdir, f"naive-tf-{name}-{rep}"), batch))
+            if "onnxruntime" in backends:
+                rates.setdefault("naive_onnxruntime", []).append(naive_onnx_loop(raw, run, os.path.join(workdir, f"naive-ort-{name}-{rep}"), batch))
+            for backend in backends:
+                summary, wall, _, _ = run_predict(run, raw, os.path.join(workdir, f"out-{name}-{backend}-{rep}"), batch, 0.0, backend)
+                rates.setdefault(f"predict_{backend}", []).append(summary["steady_images_per_s"] or wall)
+                rates.setdefault(f"predict_{backend}_whole", []).append(wall)
+        best = {k: max(v) for k, v in rates.items()}
+        print(f"{name} ({', '.join(f'{k}={v}' for k, v in BACKEND_OPTIONS[name].items())}), images/s (best of {args.repeats}; all runs in brackets):")
+        for key, values in rates.items():
+            print(f"  {key:<32} {best[key]:8.1f}  [{', '.join(f'{v:.1f}' for v in values)}]")
+        base = best["naive_tensorflow"]
+        for backend in backends:
+            print(f"  predict {backend} / naive TensorFlow loop: {best[f'predict_{backend}'] / base:.2f} steady state, {best[f'predict_{backend}_whole'] / base:.2f} whole call")
+        if len(backends) > 1:
+            faster = max(backends, key=lambda b: best[f"predict_{b}"])
+            print(f"  faster in segray predict: {faster}")
+        result += [f"{name}_{key}={value:.1f}" for key, value in best.items()]
+        if "onnxruntime" in backends:
+            result.append(f"{name}_ratio_onnxruntime_vs_naive_tf={best['predict_onnxruntime'] / base:.3f}")
+        if "tensorflow" in backends:
+            result.append(f"{name}_ratio_tensorflow_vs_naive_tf={best['predict_tensorflow'] / base:.3f}")
+    print("RESULT " + " ".join(result))
+    ray.shutdown()
 
 
 def main() -> None:
@@ -190,7 +290,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="throughput runs of each method; the best counts (default 2)")
     parser.add_argument("--gpu", action="store_true", help="one GPU, mixed precision, U-Net 512x512")
     parser.add_argument("--dir", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--backend", default=None, help="tensorflow, onnxruntime or both (comma-separated): compare backends per model")
+    parser.add_argument("--models", default=None, help="with --backend: registered models, comma-separated (default all three)")
     args = parser.parse_args()
+    if args.backend:
+        compare_backends(args)
+        return
     gpu = args.gpu
     counts = sorted(int(x) for x in (args.n or ("512" if gpu else "1000,5000")).split(","))
     size = args.size or (512 if gpu else 64)

@@ -11,6 +11,8 @@ The Python API, for notebooks and scripts::
     model = segray.load_model(trained.run_uri)
     segray.report(segray.ReportConfig(out="preds", run=trained.run_uri, output="report.html"))
     segray.query("preds", "SELECT image_id, iou FROM per_image WHERE class_name = 'circle' ORDER BY iou LIMIT 5")
+    segray.export_model(segray.ExportConfig(run=trained.run_uri, format="onnx", output="exported"))
+    served = segray.serve(segray.ServeConfig(run=trained.run_uri, blocking=False))  # served.url, served.shutdown()
 
 The config and result classes are imported on first use and the functions
 import their machinery when called, so ``import segray`` stays cheap (no
@@ -23,7 +25,7 @@ import importlib as _importlib
 
 __version__ = "0.1.0"
 
-from segray.api import evaluate, ingest, load_model, predict, query, report, train
+from segray.api import evaluate, export_model, ingest, load_model, predict, query, report, serve, train
 
 _PUBLIC = {
     "IngestConfig": "segray.config",
@@ -32,14 +34,18 @@ _PUBLIC = {
     "EvaluateConfig": "segray.config",
     "ReportConfig": "segray.config",
     "QueryConfig": "segray.config",
+    "ExportConfig": "segray.config",
+    "ServeConfig": "segray.config",
     "ConfigError": "segray.config",
     "IngestResult": "segray.data.ingest",
     "TrainResult": "segray.training.trainer",
     "PredictResult": "segray.inference.output",
     "ReportResult": "segray.reporting.report",
+    "ExportResult": "segray.export.bundle",
+    "Served": "segray.serving.app",
 }
 
-__all__ = sorted([*_PUBLIC, "evaluate", "ingest", "load_model", "predict", "query", "report", "train"])
+__all__ = sorted([*_PUBLIC, "evaluate", "export_model", "ingest", "load_model", "predict", "query", "report", "serve", "train"])
 
 
 def __getattr__(name: str) -> object:

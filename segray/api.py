@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from segray.config import Config, EvaluateConfig, IngestConfig, PredictConfig, QueryConfig, ReportConfig, TrainConfig
+from segray.config import Config, EvaluateConfig, ExportConfig, IngestConfig, PredictConfig, QueryConfig, ReportConfig, ServeConfig, TrainConfig
 from segray.runtime import DATA_PIPELINE_CPUS, check_fits, init_ray, local_cpus
 
 C = TypeVar("C", bound=Config)
@@ -152,6 +152,38 @@ def query(cfg: QueryConfig | dict[str, Any] | str, sql: str | None = None):
     if cfg.output:
         q.write_result(frame, cfg.output)
     return frame
+def export_model(cfg: ExportConfig | dict[str, Any]):
+    """Writes a run's model as a SavedModel, ONNX or plain Keras file that loads without segray.
+
+    (``export_model``, not ``export``: ``segray.export`` is the package.)
+
+    Args:
+        cfg: an ``ExportConfig`` (or a dict of its fields).
+
+    Returns:
+        ``ExportResult``: ``output``, ``format``, ``files`` and ``card`` (the
+        model card, also in ``OUTPUT/model_card.json``).
+    """
+    from segray.export import export as run_export
+
+    return run_export(_config(ExportConfig, cfg))
+
+
+def serve(cfg: ServeConfig | dict[str, Any]):
+    """Serves a run's model over HTTP on Ray Serve (``POST /segment``, ``GET /healthz``, ``GET /model``).
+
+    Args:
+        cfg: a ``ServeConfig`` (or a dict of its fields). With ``blocking``
+            False it returns once the application answers.
+
+    Returns:
+        ``Served``: ``url``, ``model_id``, ``card``; ``shutdown()`` stops it.
+    """
+    from segray.serving import serve as run_serve
+
+    cfg = _config(ServeConfig, cfg)
+    init_ray()
+    return run_serve(cfg)
 
 
 def load_model(run_uri: str):

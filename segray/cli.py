@@ -19,10 +19,12 @@ from typing import Any
 from segray.config import (
     ConfigError,
     EvaluateConfig,
+    ExportConfig,
     IngestConfig,
     PredictConfig,
     QueryConfig,
     ReportConfig,
+    ServeConfig,
     TrainConfig,
     load_file,
     parse_size,
@@ -141,6 +143,25 @@ def cmd_query(values: dict[str, Any]) -> None:
         sys.stdout.write(to_json(frame))
     else:
         print(format_text(frame))
+def cmd_export(values: dict[str, Any]) -> None:
+    import segray
+
+    print(segray.export_model(ExportConfig.from_dict(values)).describe())
+
+
+def _replicas(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a number of replicas") from None
+
+
+def cmd_serve(values: dict[str, Any]) -> None:
+    import segray
+
+    segray.serve(ServeConfig.from_dict(values))
 
 
 def cmd_models(values: dict[str, Any]) -> None:
@@ -240,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, help="with --tile: fraction shared by neighbouring windows")
     p.add_argument("--overlays", type=int, help="colour overlays for the first K images")
     p.add_argument("--max-pixels", type=int, help="set aside images larger than this (by their header) before decoding")
+    p.add_argument("--backend", choices=["tensorflow", "onnxruntime"], help="run the Keras model, or its ONNX conversion on CPUs")
 
     p = _subparser(sub, "evaluate", cmd_evaluate, "IoU/Dice tables from existing predicted and true masks", EvaluateConfig)
     p.add_argument("--pred", help="folder of predicted <id>.png class-id masks; required")
@@ -262,6 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confused", nargs=2, metavar=("A", "B"), help="images with the most pixels of truth A predicted as B")
     p.add_argument("--format", choices=["table", "csv", "json"], help="what to print (default an aligned table)")
     p.add_argument("--output", help="write the result to a .parquet, .csv or .json file instead")
+    p = _subparser(sub, "export", cmd_export, "write a run's model as a SavedModel, ONNX or plain Keras file that loads without segray", ExportConfig)
+    p.add_argument("run", nargs="?", help="a training run (STORAGE/RUN), its model/ folder or a .keras file")
+    p.add_argument("--format", choices=["savedmodel", "onnx", "keras"])
+    p.add_argument("--output", help="a new or empty folder, local or s3://; required")
+
+    p = _subparser(sub, "serve", cmd_serve, "serve a run's model over HTTP on Ray Serve", ServeConfig)
+    p.add_argument("run", nargs="?", help="a training run (STORAGE/RUN), its model/ folder or a .keras file")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--replicas", type=_replicas, help="auto (autoscaling) or a fixed count")
+    p.add_argument("--min-replicas", type=int, help="with --replicas auto")
+    p.add_argument("--max-replicas", type=int, help="with --replicas auto")
+    p.add_argument("--target-ongoing-requests", type=float, help="with --replicas auto: requests per replica to scale at")
+    p.add_argument("--max-batch", type=int, help="requests per model call at most (1: no batching)")
+    p.add_argument("--batch-wait-ms", type=float, help="how long a replica waits for a batch to fill")
+    p.add_argument("--backend", choices=["tensorflow", "onnxruntime"])
+    p.add_argument("--replica-cpus", type=float, help="CPUs reserved per replica")
+    p.add_argument("--max-pixels", type=int, help="refuse larger images (413) from their header")
 
     p = _subparser(sub, "models", cmd_models, "list models, or show one's parameters and FLOPs")
     p.add_argument("name", nargs="?")

@@ -1,7 +1,8 @@
 """Configuration: frozen dataclasses with strict checks, one per job.
 
 Configuration flows one way: YAML and flags -> one of ``IngestConfig``,
-``TrainConfig``, ``PredictConfig``, ``EvaluateConfig`` (unknown keys, wrong
+``TrainConfig``, ``PredictConfig``, ``EvaluateConfig``, ``ExportConfig``,
+``ServeConfig`` (unknown keys, wrong
 types and bad values raise ``ConfigError`` naming the field) -> ``to_dict``
 into Ray's ``train_loop_config`` or an output's record -> rebuilt with
 ``from_dict`` where it is needed. Field names are the long CLI flags with
@@ -365,6 +366,9 @@ class PredictConfig(Config):
         split: the split of an ingested dataset (``val``, ``train``).
         max_pixels: an image with more pixels (by its header) is set aside
             before it is decoded.
+        backend: ``tensorflow`` runs the Keras model; ``onnxruntime`` runs it
+            converted to ONNX on the driver (``segray export``'s converter),
+            CPU only.
     """
 
     model: str
@@ -378,6 +382,7 @@ class PredictConfig(Config):
     overlap: float = 0.25
     overlays: int = 8
     max_pixels: int = DEFAULT_MAX_PIXELS
+    backend: Literal["tensorflow", "onnxruntime"] = "tensorflow"
 
     def validate(self) -> None:
         _positive(self, "max_pixels")
@@ -391,6 +396,11 @@ class PredictConfig(Config):
         _hw(self, "tile")
         if self.split is not None and (not self.split or "/" in self.split):
             raise ConfigError(f"split: expected a split name such as val, got {self.split!r}", field="split")
+        if self.backend == "onnxruntime" and self.gpus_per_worker > 0:
+            raise ConfigError(
+                f"backend onnxruntime runs on CPUs; `gpus_per_worker` {self.gpus_per_worker:g} needs `backend` tensorflow",
+                field="backend",
+            )
 
 
 @dataclass(frozen=True)
@@ -482,3 +492,72 @@ class ReportConfig(Config):
             raise ConfigError(f"worst must be 0 or more, got {self.worst!r}", field="worst")
         if not self.output.lower().endswith((".html", ".htm")):
             raise ConfigError(f"output {self.output}: expected a file ending in .html", field="output")
+
+
+@dataclass(frozen=True)
+class ExportConfig(Config):
+    """What ``segray export`` writes.
+
+    Attributes:
+        run: a training run (``STORAGE/RUN``), its ``model/`` folder or a ``.keras`` file.
+        format: ``savedmodel``, ``onnx`` or ``keras``.
+        output: a folder (local or s3://) that does not exist yet or is
+            empty; the model and ``model_card.json`` go there.
+    """
+
+    run: str
+    output: str
+    format: Literal["savedmodel", "onnx", "keras"] = "onnx"
+
+    def validate(self) -> None:
+        _uri(self, "run", "output")
+
+
+@dataclass(frozen=True)
+class ServeConfig(Config):
+    """What ``segray serve`` runs on Ray Serve.
+
+    Attributes:
+        run: a training run (``STORAGE/RUN``), its ``model/`` folder or a ``.keras`` file.
+        host: the address the HTTP proxy binds (127.0.0.1: this machine only).
+        port: its port.
+        replicas: ``auto`` (autoscaling between ``min_replicas`` and
+            ``max_replicas`` on ``target_ongoing_requests``) or a fixed count.
+        max_batch: requests one model call takes at most (``@serve.batch``); 1 turns batching off.
+        batch_wait_ms: how long a replica waits for a batch to fill.
+        backend: ``onnxruntime`` (the model converted on start) or ``tensorflow``.
+        replica_cpus: CPUs Ray reserves per replica (fractions allowed).
+        max_pixels: larger images are refused (413) from their header, before decoding.
+        blocking: keep serving until interrupted (the CLI); False returns once it is up.
+    """
+
+    run: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: str | int = "auto"
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    max_batch: int = 16
+    batch_wait_ms: float = 5.0
+    backend: Literal["tensorflow", "onnxruntime"] = "onnxruntime"
+    replica_cpus: float = 0.5
+    max_pixels: int = 25_000_000
+    blocking: bool = True
+
+    def validate(self) -> None:
+        _uri(self, "run")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be 1..65535, got {self.port}", field="port")
+        if isinstance(self.replicas, str) and self.replicas != "auto":
+            raise ConfigError(f"replicas: expected auto or a positive count, got {self.replicas!r}", field="replicas")
+        _positive(self, "min_replicas", "max_replicas", "max_batch", "target_ongoing_requests", "max_pixels")
+        if isinstance(self.replicas, int) and self.replicas <= 0:
+            raise ConfigError(f"replicas must be positive, got {self.replicas}", field="replicas")
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError(f"min_replicas {self.min_replicas} is above `max_replicas` {self.max_replicas}", field="min_replicas")
+        if self.batch_wait_ms < 0 or self.replica_cpus < 0:
+            name = "batch_wait_ms" if self.batch_wait_ms < 0 else "replica_cpus"
+            raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}", field=name)
+        if not self.host:
+            raise ConfigError("host: expected an address such as 127.0.0.1", field="host")

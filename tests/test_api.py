@@ -82,6 +82,20 @@ def test_load_model_needs_no_other_import(example):
     assert done.stdout.split()[-2:] == ["3", "True"]
 
 
+@pytest.mark.slow
+def test_export_of_a_trained_run_carries_its_data_config_and_metrics(example):
+    from segray.export.card import config_hash
+
+    exported, trained = example["exported"], example["trained"]
+    card = json.loads(Path(example["workdir"], "demo", "exported", "model_card.json").read_text())
+    assert card == exported.card and card["format"] == "onnx"
+    config = json.loads(Path(example["workdir"], trained.run_uri, "config.json").read_text())
+    assert card["training"]["data"] == config["data"] == str(Path(example["workdir"], "demo", "data"))
+    assert card["training"]["config_hash"] == config_hash(config)
+    assert card["training"]["epoch"] == trained.best_epoch
+    assert card["validation_metrics"]["val_miou"] == pytest.approx(trained.best["val_miou"])
+
+
 def test_configs_accept_dicts_and_refuse_unknown_fields(tmp_path):
     with pytest.raises(segray.ConfigError, match="unknown config key.*epoch_count"):
         segray.train({"data": "d", "storage": "s", "name": "n", "epoch_count": 3})
@@ -96,6 +110,9 @@ def test_public_surface_is_exactly_the_api_and_documented():
         "ingest", "train", "predict", "evaluate", "report", "query", "load_model",
         "IngestConfig", "TrainConfig", "PredictConfig", "EvaluateConfig", "ReportConfig", "QueryConfig", "ConfigError",
         "IngestResult", "TrainResult", "PredictResult", "ReportResult",
+        "ingest", "train", "predict", "evaluate", "load_model", "export_model", "serve",
+        "IngestConfig", "TrainConfig", "PredictConfig", "EvaluateConfig", "ExportConfig", "ServeConfig", "ConfigError",
+        "IngestResult", "TrainResult", "PredictResult", "ExportResult", "Served",
     }
     assert set(segray.__all__) == expected
     # Nothing else public is defined in segray/__init__.py (submodules aside).

@@ -25,6 +25,14 @@ class BadInput(ValueError):
     """An input file cannot be used; the message says why."""
 
 
+class TooLarge(BadInput):
+    """The header says the image has more pixels than allowed (nothing was decoded)."""
+
+
+class WrongChannels(BadInput):
+    """The image decodes, but with a channel count no model takes (not 1, 3 or 4)."""
+
+
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -80,13 +88,44 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def header_channels(data: bytes) -> int | None:
+    """Samples per pixel from a TIFF header (tag 277), or None for other formats.
+
+    PNG and BMP cannot hold more than four channels; OpenCV turns a TIFF
+    with two into grey and refuses one with five or more, so the count is
+    read here to say why.
+    """
+    try:
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            endian = "<" if data[:2] == b"II" else ">"
+            offset = struct.unpack(endian + "I", data[4:8])[0]
+            count = struct.unpack(endian + "H", data[offset:offset + 2])[0]
+            for k in range(count):
+                entry = data[offset + 2 + 12 * k: offset + 14 + 12 * k]
+                tag, kind = struct.unpack(endian + "HH", entry[:4])
+                if tag == 277:
+                    fmt = "H" if kind == 3 else "I"
+                    return struct.unpack(endian + fmt, entry[8:8 + struct.calcsize(fmt)])[0]
+            return 1  # SamplesPerPixel defaults to 1
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def check_channels(data: bytes) -> None:
+    """Raises WrongChannels when the header declares a channel count no model takes."""
+    channels = header_channels(data)
+    if channels is not None and not 1 <= channels <= 4:
+        raise WrongChannels(f"image has {channels} channels; expected 1 to 4 (grey, grey + alpha, RGB, RGBA)")
+
+
 def check_pixels(data: bytes, max_pixels: int | None) -> None:
     """Raises BadInput when the header says the image has more than ``max_pixels`` pixels."""
     if not max_pixels:
         return
     size = header_size(data)
     if size and size[0] * size[1] > max_pixels:
-        raise BadInput(
+        raise TooLarge(
             f"too large: {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over the limit of {max_pixels:,} "
             "(set aside before decoding; raise max_pixels to accept it)"
         )
@@ -120,11 +159,13 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, keep_
     on the 8-bit scale by ``to_common_range``, unless ``keep_dtype``.
 
     Raises:
-        BadInput: empty, truncated or undecodable bytes, or more pixels than
-            ``max_pixels`` by the header (checked before decoding).
+        BadInput: empty, truncated or undecodable bytes.
+        TooLarge: more pixels than ``max_pixels`` by the header (checked before decoding).
+        WrongChannels: a channel count other than 1 to 4.
     """
     _check_container(data)
     check_pixels(data, max_pixels)
+    check_channels(data)
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None or array.size == 0:
         raise BadInput(f"not a decodable image ({len(data)} bytes)")
@@ -135,7 +176,7 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, keep_
     elif array.shape[2] == 3:
         array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
     else:
-        raise BadInput(f"image has {array.shape[2]} channels; expected 1, 3 or 4")
+        raise WrongChannels(f"image has {array.shape[2]} channels; expected 1, 3 or 4")
     return array if keep_dtype else to_common_range(array)
 
 

@@ -69,9 +69,12 @@ def resolve_geometry(cfg: PredictConfig, spec: ModelSpec) -> Geometry:
     return Geometry("whole", multiple=spec.multiple)
 
 
-def _identity(spec: ModelSpec, source: Source, geometry: Geometry) -> dict[str, Any]:
+def _identity(spec: ModelSpec, source: Source, geometry: Geometry, backend: str) -> dict[str, Any]:
     """What the results depend on; written to OUT/_run.json before anything else."""
+    # The backend is named only when it is not TensorFlow, so OUTs written before it existed still resume.
+    extra = {"backend": backend} if backend != "tensorflow" else {}
     return {
+        **extra,
         "format": FORMAT,
         "model_id": spec.model_id,
         "source": canonical(source.uri),
@@ -130,6 +133,11 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
     reader = ReadDecode(source.kind, geometry, spec.mean, spec.std, spec.num_classes, skip, overlay_ids, cfg.max_pixels)
     writer = WriteResults(cfg.output, spec.ignore_index, [tuple(c.color) for c in spec.classes], run)
     predictor_args: dict[str, Any] = {"num_cpus": 1}
+    predictor_kwargs: dict[str, Any] = {"model_uri": spec.uri, "geometry": geometry, "batch_size": cfg.batch_size, "model_id": spec.model_id}
+    if cfg.backend == "onnxruntime":
+        converted_model = converted(spec, geometry)
+        # A reference, not the bytes: Ray warns about large constructor arguments of restartable actors.
+        predictor_kwargs.update(onnx_model=ray.put(converted_model.data), onnx_id=converted_model.onnx_id)
     if cfg.gpus_per_worker > 0:
         predictor_args["num_gpus"] = cfg.gpus_per_worker
     ds = dataset_of(source, finished, cfg.batch_size)
@@ -139,7 +147,7 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
         ds = ds.map_batches(reader, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS, **retries)
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_uri": spec.uri, "geometry": geometry, "batch_size": cfg.batch_size, "model_id": spec.model_id},
+        fn_constructor_kwargs=predictor_kwargs,
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
@@ -159,6 +167,28 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
             done += len(batch["image_id"])
             marks.append((time.perf_counter(), done))
     return done, steady_rate(marks, done)
+
+
+def converted(spec: ModelSpec, geometry: Geometry):
+    """The pinned model converted to ONNX on the driver (``segray.export.session.convert``).
+
+    In ``fit`` and ``tile`` modes every input has one size, which the conversion fixes.
+
+    Raises:
+        RuntimeError: the file's weights are no longer the pinned ones.
+    """
+    import tensorflow as tf
+
+    from segray.export.session import convert
+    from segray.inference.model import weights_id
+    from segray.models.saved import load_keras
+
+    with tf.device("/CPU:0"):
+        net = load_keras(spec.uri)
+        if weights_id(net) != spec.model_id:
+            raise RuntimeError(f"{spec.uri} changed after predict started (weights {weights_id(net)}, pinned {spec.model_id}); run predict again")
+        size = geometry.size if geometry.mode == "fit" else geometry.tile
+        return convert(net, tuple(size) if size else None)
 
 
 def steady_rate(marks: list[tuple[float, int]], total: int) -> float | None:
@@ -202,7 +232,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
     if not source.ids and not source.errors:
         raise about("input", FileNotFoundError(f"input {cfg.input}: no images found"))
     out = Output(cfg.output)
-    claim(cfg.output, _identity(spec, source, geometry))
+    claim(cfg.output, _identity(spec, source, geometry, cfg.backend))
     storage.write_text(out.classes, json.dumps(class_list(spec.classes), indent=2))
 
     finished = completed(cfg.output)
@@ -235,6 +265,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
         "wall_time_s": round(wall, 3),
         "images_per_s": round(processed / wall, 3) if processed else None,
         "steady_images_per_s": round(steady, 3) if steady else None,
+        "backend": cfg.backend,
         "warnings": list(spec.warnings),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -26,9 +26,31 @@ class Predictor:
         model_id: the weights' hash the driver pinned (``weights_id``); the actor refuses other weights.
         geometry: how images reach the model.
         batch_size: images (or windows) per model call.
+        onnx_model: the model converted on the driver (``segray.export.session.convert``)
+            to run in ONNX Runtime instead of TensorFlow (its bytes, or a Ray
+            object ref to them), or None.
+        onnx_id: the hash of ``onnx_model`` the driver pinned.
     """
 
-    def __init__(self, model_uri: str, geometry: Geometry, batch_size: int, model_id: str | None = None):
+    def __init__(
+        self, model_uri: str, geometry: Geometry, batch_size: int, model_id: str | None = None,
+        onnx_model: Any = None, onnx_id: str | None = None,
+    ):
+        self.geometry = geometry
+        self.batch_size = batch_size
+        # TensorFlow traces one graph per input shape, so short chunks are padded to one shape;
+        # ONNX Runtime runs any batch size as it comes (a served request of one image costs one).
+        self.pad_chunks = onnx_model is None
+        if onnx_model is not None:
+            from segray.export.session import OnnxLogits
+
+            if not isinstance(onnx_model, bytes):
+                import ray
+
+                onnx_model = ray.get(onnx_model)
+            # Converted from the weights the driver pinned; the bytes' hash pins the conversion.
+            self.forward = OnnxLogits(onnx_model, onnx_id)
+            return
         from segray.inference.model import share_gpus, weights_id
         from segray.models.saved import load_keras
 
@@ -41,25 +63,25 @@ class Predictor:
                 f"{model_uri} changed after predict started (weights {weights_id(self.model)}, pinned {model_id}); "
                 "refusing to mix two models in one output: run predict again"
             )
-        self.geometry = geometry
-        self.batch_size = batch_size
+        self.forward = self.model.predict_on_batch
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) float32 -> (N, H, W, C) float32 logits, ``batch_size`` at a time.
 
-        In ``fit`` and ``tile`` modes every input has one shape, and a short
-        last chunk is padded to ``batch_size``: the model then always sees one
-        input shape, so it is traced once and an image's logits do not depend
-        on how many others share its batch (a resumed run gives the same masks).
+        In ``fit`` and ``tile`` modes every input has one shape, and with
+        TensorFlow a short last chunk is padded to ``batch_size``: the model
+        then always sees one input shape, so it is traced once and an image's
+        logits do not depend on how many others share its batch (a resumed run
+        gives the same masks). ONNX Runtime runs each chunk as it is.
         """
-        fixed = self.geometry.mode != "whole"
+        fixed = self.geometry.mode != "whole" and self.pad_chunks
         out = []
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
             n = len(chunk)
             if fixed and n < self.batch_size:
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(self.model.predict_on_batch(chunk), np.float32)[:n])
+            out.append(np.asarray(self.forward(chunk), np.float32)[:n])
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def _predict_groups(self, batch: dict[str, Any], todo: list[int], preds: list, errors: list) -> None:

@@ -1,0 +1,142 @@
+"""``segray export``: a run's model as a SavedModel, ONNX or plain Keras file, with its model card.
+
+The model is rebuilt from standard layers (``portable``), wrapped with the
+run's normalisation and, for SavedModel and ONNX, padding to its multiple
+(``formats``), written to a temporary folder, checked against the original on
+a probe batch, and only then copied to OUTPUT with ``model_card.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from segray import storage
+from segray.config import ExportConfig, about
+from segray.export.card import CARD_FILE, model_card, run_records
+from segray.export.formats import write_keras, write_onnx, write_savedmodel
+
+# The exported model's logits may differ from the original's by float rounding only.
+PARITY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export`` wrote.
+
+    Attributes:
+        output: the folder.
+        format: ``savedmodel``, ``onnx`` or ``keras``.
+        files: every file written, relative to ``output``.
+        card: the model card (as written to ``model_card.json``).
+    """
+
+    output: str
+    format: str
+    files: list[str] = field(default_factory=list)
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        parity = self.card.get("parity", {})
+        return (
+            f"exported {self.card.get('model')} ({self.card.get('model_id')}) as {self.format} to {self.output}: "
+            f"{', '.join(self.files)}\ninput: uint8 RGB (N, H, W, 3), {self.card['input_size']['rule']}\n"
+            f"max |logit difference| vs the original on a probe batch {parity.get('max_abs_logit_diff', float('nan')):.2e}"
+        )
+
+
+def _reference_logits(net, images: np.ndarray, mean, std) -> np.ndarray:
+    x = (images.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.asarray(net.predict_on_batch(x), np.float32)
+
+
+def _exported_logits(fmt: str, path: str, images: np.ndarray) -> np.ndarray:
+    """Runs the written files the way a user would (a fresh load), not the objects in memory."""
+    if fmt == "onnx":
+        from segray.export.session import onnx_session
+
+        with open(path, "rb") as f:
+            return onnx_session(f.read()).run(["logits"], {"images": images})[0]
+    if fmt == "savedmodel":
+        import tensorflow as tf
+
+        return tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))["logits"].numpy()
+    import keras
+
+    return np.asarray(keras.models.load_model(path, safe_mode=True).predict_on_batch(images)["logits"])
+
+
+def _probe(multiple: int, size: tuple[int, int] | None) -> np.ndarray:
+    """Two random uint8 images at the trained size (or 2x the multiple), rounded up to the multiple."""
+    h, w = size or (2 * multiple, 2 * multiple)
+    h, w = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    return np.random.default_rng(0).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+
+
+def _check_output(output: str) -> None:
+    if storage.is_dir(output) and storage.list_files(output):
+        raise about("output", FileExistsError(f"output {output} holds files; export writes to a new or empty folder"))
+    if storage.exists(output) and not storage.is_dir(output):
+        raise about("output", FileExistsError(f"output {output} is a file; export writes to a new or empty folder"))
+
+
+def export(cfg: ExportConfig) -> ExportResult:
+    """Writes ``cfg.run``'s model in ``cfg.format`` to ``cfg.output`` with ``model_card.json``.
+
+    Raises:
+        FileNotFoundError: no model at ``cfg.run``.
+        FileExistsError: ``cfg.output`` holds files.
+        ValueError: the model has a layer with no portable equivalent, or the
+            export's logits differ from the original's beyond ``PARITY_TOLERANCE``.
+    """
+    import tensorflow as tf
+
+    from segray.export.portable import export_multiple, portable_core, portable_model
+    from segray.inference.model import resolve_model
+    from segray.models.saved import load_keras
+
+    _check_output(cfg.output)
+    spec = resolve_model(cfg.run)
+    with tf.device("/CPU:0"):
+        net = load_keras(spec.uri)
+        multiple = export_multiple(net)
+        core = portable_core(net)
+        images = _probe(multiple, spec.size)
+        expected = _reference_logits(net, images, spec.mean, spec.std)
+    config, best = run_records(spec.uri)
+    with tempfile.TemporaryDirectory(prefix="segray-export-") as tmp:
+        if cfg.format == "keras":
+            path = write_keras(portable_model(core, spec.mean, spec.std), tmp)
+        elif cfg.format == "savedmodel":
+            path = write_savedmodel(core, spec.mean, spec.std, multiple, tmp)
+        else:
+            path = write_onnx(core, spec.mean, spec.std, multiple, tmp)
+        got = _exported_logits(cfg.format, path, images)
+        diff = float(np.abs(got - expected).max())
+        if not diff <= PARITY_TOLERANCE:
+            raise ValueError(
+                f"run {cfg.run}: the {cfg.format} export's logits differ from the original's by {diff:.3g} "
+                f"(tolerance {PARITY_TOLERANCE:g}) on a probe batch {images.shape}; nothing written to {cfg.output}"
+            )
+        parity = {
+            "probe_shape": list(images.shape),
+            "max_abs_logit_diff": diff,
+            "mask_agreement": float((got.argmax(-1) == expected.argmax(-1)).mean()),
+        }
+        card = model_card(spec, cfg.format, multiple, config, best, parity)
+        with open(os.path.join(tmp, CARD_FILE), "w") as f:
+            json.dump(card, f, indent=2)
+        files = []
+        for folder, _, names in os.walk(tmp):
+            for name in sorted(names):
+                local = os.path.join(folder, name)
+                relative = os.path.relpath(local, tmp).replace(os.sep, "/")
+                with open(local, "rb") as f:
+                    storage.write_bytes(storage.join(cfg.output, relative), f.read())
+                files.append(relative)
+    return ExportResult(cfg.output, cfg.format, sorted(files), card)
