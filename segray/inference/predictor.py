@@ -1,4 +1,9 @@
-"""The predictor actor: normalised images in, class-id masks at each image's own size out.
+"""The predictor actor: uint8 images in, class-id masks at each image's own size out.
+
+Images arrive as ``ReadDecode`` left them (uint8, or float32 on the 0..255
+scale for 16-bit files); one ``tf.function`` casts, normalises
+(``normalize_tf``) and runs the model, so the saved model keeps taking
+normalised float32 and the object store carries uint8.
 
 One instance per actor of ``ActorPoolStrategy``: it loads the model once and
 keeps it, so the cost of loading TensorFlow and the weights is paid per actor,
@@ -13,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from segray.inference.geometry import Geometry, fitted_content, pad_to, restore, round_up, tiled_argmax
-from segray.inference.sources import columns_of, empty_array
+from segray.inference.sources import columns_of, empty_array, model_image
 
 OUT_COLUMNS = ("image_id", "uri", "error", "height", "width", "pred", "truth", "original")
 
@@ -26,9 +31,17 @@ class Predictor:
         model_id: the weights' hash the driver pinned (``weights_id``); the actor refuses other weights.
         geometry: how images reach the model.
         batch_size: images (or windows) per model call.
+        mean, std: the normalisation applied in the graph before the model
+            (``preprocessing.json``'s).
     """
 
-    def __init__(self, model_uri: str, geometry: Geometry, batch_size: int, model_id: str | None = None):
+    def __init__(
+        self, model_uri: str, geometry: Geometry, batch_size: int, model_id: str | None = None,
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+    ):
+        import tensorflow as tf
+
+        from segray.data.transforms import normalize_tf
         from segray.inference.model import share_gpus, weights_id
         from segray.models.saved import load_keras
 
@@ -43,9 +56,15 @@ class Predictor:
             )
         self.geometry = geometry
         self.batch_size = batch_size
+        self.mean = tuple(float(m) for m in mean)
+        model = self.model
+        # XLA where Keras' own predict would use it (a GPU), so masks match model.predict's.
+        self._forward = tf.function(
+            lambda x: model(normalize_tf(x, mean, std), training=False), reduce_retracing=True, jit_compile=model.jit_compile
+        )
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) float32 -> (N, H, W, C) float32 logits, ``batch_size`` at a time.
+        """(N, H, W, 3) uint8 or float32 (0..255) -> (N, H, W, C) float32 logits, ``batch_size`` at a time.
 
         In ``fit`` and ``tile`` modes every input has one shape, and a short
         last chunk is padded to ``batch_size``: the model then always sees one
@@ -59,19 +78,20 @@ class Predictor:
             n = len(chunk)
             if fixed and n < self.batch_size:
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(self.model.predict_on_batch(chunk), np.float32)[:n])
+            out.append(np.asarray(self._forward(chunk), np.float32)[:n])
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def _predict_groups(self, batch: dict[str, Any], todo: list[int], preds: list, errors: list) -> None:
         g = self.geometry
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        groups: dict[tuple, list[int]] = defaultdict(list)
         inputs: dict[int, np.ndarray] = {}
         for i in todo:
-            image = batch["image"][i]
+            image = model_image(batch, i)
             if g.mode == "whole" and g.multiple > 1:
-                image = pad_to(image, round_up(image.shape[0], g.multiple), round_up(image.shape[1], g.multiple))
+                # Padded with the mean: zeros after normalisation, as before it moved in-graph.
+                image = pad_to(image, round_up(image.shape[0], g.multiple), round_up(image.shape[1], g.multiple), self.mean)
             inputs[i] = image
-            groups[image.shape].append(i)
+            groups[(image.shape, image.dtype.str)].append(i)
         for indices in groups.values():
             try:
                 logits = self.logits(np.stack([inputs[i] for i in indices]))
@@ -92,7 +112,9 @@ class Predictor:
         if self.geometry.mode == "tile":
             for i in todo:
                 try:
-                    preds[i] = tiled_argmax(self.logits, batch["image"][i], self.geometry.tile, self.geometry.overlap, self.batch_size)
+                    preds[i] = tiled_argmax(
+                        self.logits, model_image(batch, i), self.geometry.tile, self.geometry.overlap, self.batch_size, self.mean
+                    )
                 except Exception as e:  # noqa: BLE001
                     errors[i] = f"{batch['uri'][i]}: tiled prediction failed: {type(e).__name__}: {e}"
         else:
