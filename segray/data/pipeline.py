@@ -53,6 +53,27 @@ class PipelineConfig:
     fit: FitMode = "resize"
 
 
+_WORKER_READY = False
+
+
+def _prepare_worker() -> None:
+    """Once per process: one OpenCV thread (Ray already runs a task per core) and Ray's niceness undone.
+
+    OpenCV's own thread pool in every task oversubscribes the cores, and a
+    decode task at Ray's worker niceness 15 loses its core to any nice-0
+    process, while the training step it feeds runs at 0 (``normal_priority``).
+    """
+    global _WORKER_READY
+    if not _WORKER_READY:
+        import cv2
+
+        from segray.runtime import normal_priority
+
+        cv2.setNumThreads(1)
+        normal_priority()
+        _WORKER_READY = True
+
+
 # Draws per image in this worker process. Ray Data re-runs the pipeline every
 # epoch; counting the draws gives each epoch fresh augmentations while a seed
 # still fixes the sequence an image sees within one process.
@@ -74,6 +95,7 @@ class DecodeBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.config
+        _prepare_worker()
         images, masks = [], []
         for image_id, image_bytes, mask_bytes in zip(batch["image_id"], batch["image"], batch["mask"]):
             # Ingest checked every image against its max_pixels before it wrote the shard.
@@ -135,8 +157,15 @@ def read_split(
     shards = [f for f in storage.list_files(uri) if f.uri.endswith(".parquet")]
     if not shards:
         raise FileNotFoundError(f"{dataset}: split {split!r} has no shards under {uri}")
-    ds = read_shards(shards, ["image_id", "image", "mask"], part=part)
     config = PipelineConfig(size=size, crop=crop, augment=augment, seed=seed, fit=fit_mode)
     dtype = image_dtype(info)
     batch_size = batch_size or rows_per_batch(tuple(crop or size), dtype)
-    return ds.map_batches(DecodeBatch(config, dtype), batch_size=batch_size, batch_format="numpy")
+    # Decoded in the read tasks: a separate map operator moved every encoded
+    # row through the object store and ran as a second set of tasks.
+    ds = read_shards(shards, ["image_id", "image", "mask"], part=part, transform=DecodeBatch(config, dtype), rows_per_block=batch_size)
+    # The dataset is one operator: Ray Data's per-operator reservation of CPUs
+    # (meant to keep one stage of several from starving the others) held it to
+    # about one task at a time on 2 cores (steady rate 400 -> 650-1080 images/s
+    # without it in benchmarks/input_pipeline.py's setting).
+    ds.context.op_resource_reservation_enabled = False
+    return ds
