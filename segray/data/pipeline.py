@@ -57,20 +57,19 @@ _WORKER_READY = False
 
 
 def _prepare_worker() -> None:
-    """Once per process: one OpenCV thread (Ray already runs a task per core) and Ray's niceness undone.
+    """Once per process: one OpenCV thread, since Ray already runs a task per core.
 
-    OpenCV's own thread pool in every task oversubscribes the cores, and a
-    decode task at Ray's worker niceness 15 loses its core to any nice-0
-    process, while the training step it feeds runs at 0 (``normal_priority``).
+    The task keeps Ray's worker niceness (15): beside a training worker (at
+    0, ``normal_priority``) decoding takes the cycles the step leaves, and
+    the prefetched batches absorb the difference. At niceness 0 it took them
+    from the step instead (pipeline / step-only 0.905 against 0.976 before,
+    benchmarks/train_throughput.py).
     """
     global _WORKER_READY
     if not _WORKER_READY:
         import cv2
 
-        from segray.runtime import normal_priority
-
         cv2.setNumThreads(1)
-        normal_priority()
         _WORKER_READY = True
 
 
