@@ -161,10 +161,27 @@ def read_split(
     batch_size = batch_size or rows_per_batch(tuple(crop or size), dtype)
     # Decoded in the read tasks: a separate map operator moved every encoded
     # row through the object store and ran as a second set of tasks.
-    ds = read_shards(shards, ["image_id", "image", "mask"], part=part, transform=DecodeBatch(config, dtype), rows_per_block=batch_size)
+    decode = DecodeBatch(config, dtype)
+    if len(shards) < _cluster_cpus():
+        # Fewer shards than cores: decoding in the read tasks (one per shard)
+        # would leave cores idle; a separate operator spreads the rows.
+        ds = read_shards(shards, ["image_id", "image", "mask"], part=part)
+        return ds.map_batches(decode, batch_size=batch_size, batch_format="numpy")
+    ds = read_shards(shards, ["image_id", "image", "mask"], part=part, transform=decode, rows_per_block=batch_size)
     # The dataset is one operator: Ray Data's per-operator reservation of CPUs
     # (meant to keep one stage of several from starving the others) held it to
     # about one task at a time on 2 cores (steady rate 400 -> 650-1080 images/s
     # without it in benchmarks/input_pipeline.py's setting).
     ds.context.op_resource_reservation_enabled = False
     return ds
+
+
+def _cluster_cpus() -> int:
+    """CPUs of the Ray cluster this driver is connected to (this machine's when none is yet)."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1

@@ -32,7 +32,8 @@ def mixed_dataset(tmp_path_factory, ray_cluster):
     """An 8-bit dataset and one holding a 16-bit file beside 8-bit ones."""
     root = tmp_path_factory.mktemp("speed")
     synthesize(str(root / "raw8"), n=12, size=(24, 32), num_classes=3, seed=3, show_progress=False)
-    eight = ingest(IngestConfig(source=str(root / "raw8"), destination=str(root / "ds8"), val_fraction=0.0))
+    # Tiny shards: more shards than the test cluster's 4 CPUs, so read_split decodes in the read tasks.
+    eight = ingest(IngestConfig(source=str(root / "raw8"), destination=str(root / "ds8"), val_fraction=0.0, shard_mb=0.001))
     raw16 = root / "raw16"
     (raw16 / "images").mkdir(parents=True)
     (raw16 / "masks").mkdir()
@@ -46,13 +47,20 @@ def mixed_dataset(tmp_path_factory, ray_cluster):
 
 
 def test_training_batches_are_uint8_up_to_the_worker(mixed_dataset):
+    import ray
+
+    from segray import storage
+
     eight, sixteen, _ = mixed_dataset
+    shards = [f for f in storage.list_files(f"{eight.dst}/train") if f.uri.endswith(".parquet")]
+    assert len(shards) > ray.cluster_resources()["CPU"], "the fused read+decode path is not exercised"
     batches = list(read_split(eight.dst, "train", augment=True, seed=1).iter_batches(batch_size=4, batch_format="numpy"))
     assert sum(len(b["image"]) for b in batches) == 12
     for b in batches:
         assert b["image"].dtype == np.uint8 and b["image"].shape[1:] == (24, 32, 3)
         assert b["mask"].dtype == np.uint8 and b["mask"].shape[1:] == (24, 32)
-    # A dataset with a 16-bit file keeps its fractions: float32 on the 0..255 scale, never rounded to uint8.
+    # A dataset with a 16-bit file (one shard: a separate decode operator) keeps its fractions:
+    # float32 on the 0..255 scale, never rounded to uint8.
     rows = read_split(sixteen.dst, "train").take_all()
     images = np.stack([r["image"] for r in rows])
     assert images.dtype == np.float32 and images.max() <= 255.0
