@@ -83,7 +83,12 @@ def _measure(loop_config):
         for _ in range(steps):
             reduce(g).numpy()
         ar_s = (time.perf_counter() - t0) / steps
-    ray.train.report({"step_s": step_s, "ar_s": ar_s, "params": params})
+    # Ray Train V2 keeps metrics only of reports that carry a checkpoint.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if ray.train.get_context().get_world_rank() == 0 else None
+        ray.train.report({"step_s": step_s, "ar_s": ar_s, "params": params}, checkpoint=checkpoint)
 
 
 def run(workers: int, cfg: TrainConfig, size: int, steps: int, storage: str) -> dict:
@@ -122,7 +127,7 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)  # the trainer's controller needs room beside two workers
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
