@@ -162,9 +162,13 @@ def read_split(
     # Decoded in the read tasks: a separate map operator moved every encoded
     # row through the object store and ran as a second set of tasks.
     decode = DecodeBatch(config, dtype)
-    if len(shards) < _cluster_cpus():
+    cpus = _cluster_cpus()
+    if len(shards) < cpus:
         # Fewer shards than cores: decoding in the read tasks (one per shard)
-        # would leave cores idle; a separate operator spreads the rows.
+        # would leave cores idle; a separate operator spreads the rows, in
+        # batches small enough that every core gets some of a small split.
+        rows = info.splits.get(split, 0) // (part[1] if part else 1)
+        batch_size = max(4, min(batch_size, -(-rows // (2 * cpus)))) if rows else batch_size
         ds = read_shards(shards, ["image_id", "image", "mask"], part=part)
         return ds.map_batches(decode, batch_size=batch_size, batch_format="numpy")
     ds = read_shards(shards, ["image_id", "image", "mask"], part=part, transform=decode, rows_per_block=batch_size)
