@@ -2,8 +2,11 @@
 
 Decoding runs with OpenCV in ``map_batches`` on CPU workers (faster than
 ``read_images``, ray issue 37499), and the result is a Ray Dataset of
-``image`` float32 (H, W, 3), normalised with the dataset's mean and std, and
-``mask`` int32 (H, W), every row of the same size.
+``image`` (H, W, 3) and ``mask`` uint8 (H, W), every row of the same size.
+Images stay uint8 (float32 on the 0..255 scale when the dataset holds 16-bit
+or float files): casting and normalising with the dataset's mean and std
+happen in the training step (``transforms.normalize_tf``), so the object
+store moves a quarter of the bytes of normalised float32.
 """
 
 from __future__ import annotations
@@ -18,7 +21,27 @@ from segray import storage
 from segray.data.imageio import decode_image, decode_mask
 from segray.data.info import DatasetInfo, load_dataset_info
 from segray.data.shards import read_shards, stable_hash
-from segray.data.transforms import FitMode, augment, fit, normalize, random_crop
+from segray.data.transforms import FitMode, augment, fit, random_crop
+
+# Decoded bytes per map_batches batch: large enough that Ray's per-task and
+# per-block overhead is small beside the decoding, small enough to stream.
+BATCH_BYTES = 8 * 2**20
+
+
+def image_dtype(info: DatasetInfo) -> np.dtype:
+    """uint8 when ingest saw only 8-bit files, else float32 (the 0..255 scale keeps 16-bit fractions).
+
+    One dtype per dataset: Ray Data casts a column to one dtype when it joins
+    blocks, so mixing them would silently round 16-bit images to 8 bits.
+    """
+    seen = set((info.extra or {}).get("dtypes", {"uint8": 1}))
+    return np.dtype(np.uint8) if seen <= {"uint8"} else np.dtype(np.float32)
+
+
+def rows_per_batch(size: tuple[int, int], dtype: np.dtype, channels: int = 3) -> int:
+    """Rows of one decode batch from the image size: about ``BATCH_BYTES`` of images and masks, 4 to 256 rows."""
+    per_row = size[0] * size[1] * (channels * np.dtype(dtype).itemsize + 1)
+    return int(min(256, max(4, BATCH_BYTES // per_row)))
 
 
 @dataclass(frozen=True)
@@ -30,6 +53,26 @@ class PipelineConfig:
     fit: FitMode = "resize"
 
 
+_WORKER_READY = False
+
+
+def _prepare_worker() -> None:
+    """Once per process: one OpenCV thread, since Ray already runs a task per core.
+
+    The task keeps Ray's worker niceness (15): beside a training worker (at
+    0, ``normal_priority``) decoding takes the cycles the step leaves, and
+    the prefetched batches absorb the difference. At niceness 0 it took them
+    from the step instead (pipeline / step-only 0.905 against 0.976 before,
+    benchmarks/train_throughput.py).
+    """
+    global _WORKER_READY
+    if not _WORKER_READY:
+        import cv2
+
+        cv2.setNumThreads(1)
+        _WORKER_READY = True
+
+
 # Draws per image in this worker process. Ray Data re-runs the pipeline every
 # epoch; counting the draws gives each epoch fresh augmentations while a seed
 # still fixes the sequence an image sees within one process.
@@ -37,12 +80,11 @@ _DRAWS: dict[tuple[int, str], int] = defaultdict(int)
 
 
 class DecodeBatch:
-    """``map_batches`` body: encoded rows -> decoded, fitted, augmented, normalised rows."""
+    """``map_batches`` body: encoded rows -> decoded, fitted, augmented rows (``dtype`` images, uint8 masks)."""
 
-    def __init__(self, config: PipelineConfig, mean: list[float], std: list[float]):
+    def __init__(self, config: PipelineConfig, dtype: np.dtype = np.dtype(np.uint8)):
         self.config = config
-        self.mean = mean
-        self.std = std
+        self.dtype = np.dtype(dtype)
 
     def _rng(self, image_id: str) -> np.random.Generator:
         key = (self.config.seed, image_id)
@@ -52,10 +94,11 @@ class DecodeBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.config
+        _prepare_worker()
         images, masks = [], []
         for image_id, image_bytes, mask_bytes in zip(batch["image_id"], batch["image"], batch["mask"]):
             # Ingest checked every image against its max_pixels before it wrote the shard.
-            image = decode_image(image_bytes, max_pixels=None).astype(np.float32)
+            image = decode_image(image_bytes, max_pixels=None).astype(self.dtype, copy=False)
             mask = decode_mask(mask_bytes, max_pixels=None)
             image, mask = fit(image, mask, cfg.size, cfg.fit)
             if cfg.augment or cfg.crop:
@@ -64,8 +107,8 @@ class DecodeBatch:
                     image, mask = augment(image, mask, rng)
                 if cfg.crop:
                     image, mask = random_crop(image, mask, cfg.crop, rng)
-            images.append(normalize(image, self.mean, self.std))
-            masks.append(mask.astype(np.int32))
+            images.append(image)
+            masks.append(mask)
         return {"image_id": batch["image_id"], "image": np.stack(images), "mask": np.stack(masks)}
 
 
@@ -82,7 +125,7 @@ def read_split(
     seed: int = 0,
     fit_mode: FitMode = "resize",
     info: DatasetInfo | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     part: tuple[int, int] | None = None,
 ) -> Any:
     """A Ray Dataset of decoded pairs of one split of an ingested dataset.
@@ -93,13 +136,16 @@ def read_split(
         size: (H, W) every pair is fitted to; default the dataset's own size
             when all images share it, else (256, 256).
         crop: (H, W) random crops taken after fitting (training).
+        batch_size: rows per decode task batch; default from the image size
+            (``rows_per_batch``).
         part: (index, count): only the ids whose stable hash modulo ``count``
             is ``index``, filtered before decoding. The parts cover the split
             exactly once, unlike an equal split, which drops the remainder.
 
     Returns:
-        ``ray.data.Dataset`` with ``image_id``, ``image`` float32 (H, W, 3) and
-        ``mask`` int32 (H, W).
+        ``ray.data.Dataset`` with ``image_id``, ``image`` (H, W, 3) uint8
+        (float32 on the 0..255 scale for datasets of 16-bit or float files;
+        see ``image_dtype``), not normalised, and ``mask`` uint8 (H, W).
 
     Raises:
         FileNotFoundError: not an ingested dataset, or the split is empty.
@@ -110,6 +156,36 @@ def read_split(
     shards = [f for f in storage.list_files(uri) if f.uri.endswith(".parquet")]
     if not shards:
         raise FileNotFoundError(f"{dataset}: split {split!r} has no shards under {uri}")
-    ds = read_shards(shards, ["image_id", "image", "mask"], part=part)
     config = PipelineConfig(size=size, crop=crop, augment=augment, seed=seed, fit=fit_mode)
-    return ds.map_batches(DecodeBatch(config, info.mean, info.std), batch_size=batch_size, batch_format="numpy")
+    dtype = image_dtype(info)
+    batch_size = batch_size or rows_per_batch(tuple(crop or size), dtype)
+    # Decoded in the read tasks: a separate map operator moved every encoded
+    # row through the object store and ran as a second set of tasks.
+    decode = DecodeBatch(config, dtype)
+    cpus = _cluster_cpus()
+    if len(shards) < cpus:
+        # Fewer shards than cores: decoding in the read tasks (one per shard)
+        # would leave cores idle; a separate operator spreads the rows, in
+        # batches small enough that every core gets some of a small split.
+        rows = info.splits.get(split, 0) // (part[1] if part else 1)
+        batch_size = max(4, min(batch_size, -(-rows // (2 * cpus)))) if rows else batch_size
+        ds = read_shards(shards, ["image_id", "image", "mask"], part=part)
+        return ds.map_batches(decode, batch_size=batch_size, batch_format="numpy")
+    ds = read_shards(shards, ["image_id", "image", "mask"], part=part, transform=decode, rows_per_block=batch_size)
+    # The dataset is one operator: Ray Data's per-operator reservation of CPUs
+    # (meant to keep one stage of several from starving the others) held it to
+    # about one task at a time on 2 cores (steady rate 400 -> 650-1080 images/s
+    # without it in benchmarks/input_pipeline.py's setting).
+    ds.context.op_resource_reservation_enabled = False
+    return ds
+
+
+def _cluster_cpus() -> int:
+    """CPUs of the Ray cluster this driver is connected to (this machine's when none is yet)."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1

@@ -2,6 +2,9 @@
 
 All functions take and return ``image`` (H, W, 3) and ``mask`` (H, W) arrays;
 randomness comes only from the ``rng`` passed in, so a seed fixes the result.
+Images keep their dtype (uint8, or float32 on the 0..255 scale for 16-bit and
+float files): they travel to the model's worker at that size, and
+``normalize_tf`` casts and normalises them there, in the model's graph.
 """
 
 from __future__ import annotations
@@ -63,10 +66,11 @@ def augment(
     brightness: float = 0.2,
     contrast: float = 0.2,
 ):
-    """Flips, rotate-90, random scale-crop, brightness and contrast; keeps the size.
+    """Flips, rotate-90, random scale-crop, brightness and contrast; keeps the size and dtype.
 
-    ``image`` is float32 in the file's value range; brightness shifts by a
-    fraction of that image's mean, contrast scales around it.
+    ``image`` is uint8 or float32 on the 0..255 scale; brightness shifts by a
+    fraction of that image's mean, contrast scales around it. uint8 results
+    are rounded and saturated to 0..255 (OpenCV's ``saturate_cast``).
     """
     h, w = mask.shape
     if rng.random() < 0.5:
@@ -82,12 +86,28 @@ def augment(
         image = cv2.resize(np.ascontiguousarray(image), (sw, sh), interpolation=cv2.INTER_LINEAR)
         mask = cv2.resize(np.ascontiguousarray(mask), (sw, sh), interpolation=cv2.INTER_NEAREST)
         image, mask = random_crop(image, mask, (h, w), rng)
-    level = float(image.mean())
+    image = np.ascontiguousarray(image)
+    level = float(np.mean(cv2.mean(image)[: image.shape[2] if image.ndim == 3 else 1]))
     alpha = 1.0 + float(rng.uniform(-contrast, contrast))
     beta = float(rng.uniform(-brightness, brightness)) * level
-    image = (image - level) * alpha + level + beta
-    return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(mask)
+    # (image - level) * alpha + level + beta in one OpenCV pass, in the image's dtype.
+    image = cv2.addWeighted(image, alpha, image, 0.0, (1.0 - alpha) * level + beta)
+    return image, np.ascontiguousarray(mask)
 
 
 def normalize(image: np.ndarray, mean, std) -> np.ndarray:
+    """(image - mean) / std in float32, with numpy (the reference for ``normalize_tf``)."""
     return ((image.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+
+
+def normalize_tf(images, mean, std):
+    """``normalize`` inside a TensorFlow graph: (B, H, W, 3) uint8 or float32 -> float32.
+
+    The training step and the predictor apply it before the model, so images
+    cross Ray's object store as uint8 (a quarter of float32's bytes) and the
+    saved model keeps taking normalised float32 input.
+    """
+    import tensorflow as tf
+
+    x = tf.cast(images, tf.float32)
+    return (x - tf.constant(np.asarray(mean, np.float32))) / tf.constant(np.asarray(std, np.float32))

@@ -69,12 +69,24 @@ def fit_image(image: np.ndarray, size: tuple[int, int], mode: FitMode) -> np.nda
     return fitted
 
 
-def pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pads (H, W, C) at the bottom and right with zeros (the mean, after normalisation)."""
+def pad_to(image: np.ndarray, height: int, width: int, fill=None) -> np.ndarray:
+    """Pads (H, W, C) at the bottom and right.
+
+    Args:
+        fill: per-channel values of the padding; None pads with zeros (the
+            mean of a normalised image). An image not yet normalised is padded
+            with its normalisation's mean, as float32, so that it becomes the
+            same zeros after normalisation.
+    """
     pad_h, pad_w = height - image.shape[0], width - image.shape[1]
     if pad_h <= 0 and pad_w <= 0:
         return image
-    return np.pad(image, ((0, max(pad_h, 0)), (0, max(pad_w, 0)), (0, 0)))
+    if fill is None:
+        return np.pad(image, ((0, max(pad_h, 0)), (0, max(pad_w, 0)), (0, 0)))
+    out = np.empty((max(height, image.shape[0]), max(width, image.shape[1]), image.shape[2]), np.float32)
+    out[...] = np.asarray(fill, np.float32)
+    out[: image.shape[0], : image.shape[1]] = image
+    return out
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -139,6 +151,7 @@ def tiled_logits(
     tile: tuple[int, int],
     overlap: tuple[int, int],
     batch_size: int,
+    fill=None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Blended sliding-window logits of one normalised image, strip by strip.
 
@@ -147,18 +160,19 @@ def tiled_logits(
     memory holds about two window rows of logits, not the whole image's.
 
     Args:
-        predict: ``(N, th, tw, 3) float32 -> (N, th, tw, C)`` logits.
-        image: normalised ``(H, W, 3)`` float32.
+        predict: ``(N, th, tw, 3) -> (N, th, tw, C)`` logits.
+        image: ``(H, W, 3)``, as ``predict`` takes it.
         tile: ``(th, tw)`` window.
         overlap: ``(oh, ow)`` pixels shared by neighbouring windows.
         batch_size: windows per ``predict`` call.
+        fill: padding of images smaller than a tile (see ``pad_to``).
 
     Yields:
         ``(row, logits)``: blended logits ``(h, W, C)`` of rows ``row .. row + h``.
     """
     height, width = image.shape[:2]
     th, tw = tile
-    padded = pad_to(image, max(height, th), max(width, tw))
+    padded = pad_to(image, max(height, th), max(width, tw), fill)
     ys = window_starts(padded.shape[0], th, overlap[0])
     xs = window_starts(padded.shape[1], tw, overlap[1])
     wy, wx = window_weights(ys, th), window_weights(xs, tw)
@@ -201,9 +215,10 @@ def tiled_argmax(
     tile: tuple[int, int],
     overlap: tuple[int, int],
     batch_size: int,
+    fill=None,
 ) -> np.ndarray:
     """The (H, W) uint8 class map of ``tiled_logits``."""
     out = np.empty(image.shape[:2], np.uint8)
-    for row, logits in tiled_logits(predict, image, tile, overlap, batch_size):
+    for row, logits in tiled_logits(predict, image, tile, overlap, batch_size, fill):
         out[row : row + logits.shape[0]] = logits.argmax(axis=-1)
     return out

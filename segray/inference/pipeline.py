@@ -1,7 +1,7 @@
 """``segray predict``: a Ray Data streaming pipeline from storage to masks and tables.
 
-    list (driver, names only) -> read + decode + fit + normalise (CPU tasks)
-      -> predict + map back to each image's size (actor pool, GPUs if any)
+    list (driver, names only) -> read + decode + fit, uint8 (CPU tasks)
+      -> normalise in-graph + predict + map back to each image's size (actor pool, GPUs if any)
       -> overlays, masks, one record part per batch (CPU tasks)
     then, on the driver: merge the parts into the tables and summary.json.
 
@@ -39,7 +39,7 @@ FORMAT = "segray-predict/1"
 # actor: a few batches queued ahead of each model, never the dataset.
 BATCHES_IN_FLIGHT = 8
 MIN_IN_FLIGHT_BYTES = 64 * 2**20
-UNKNOWN_IMAGE_BYTES = 1024 * 1024 * 13  # an image of unknown size: 1024x1024 float32 RGB + mask
+UNKNOWN_IMAGE_BYTES = 1024 * 1024 * 13  # an image of unknown size: 1024x1024 float32 RGB (16-bit files) + mask
 
 # Read/decode and write tasks ask for half a CPU: they are light next to the
 # model, and a resource request different from the predictor's keeps Ray Data
@@ -109,7 +109,7 @@ def in_flight_bytes(cfg: PredictConfig, geometry: Geometry) -> int:
     """The object-store budget of the pipeline: it bounds memory whatever the number of images."""
     if geometry.mode == "fit":
         h, w = geometry.size
-        per_image = h * w * 13  # float32 RGB input + uint8 truth, at about the model's size
+        per_image = h * w * 13  # RGB input (float32 for 16-bit files, else uint8) + uint8 truth, at about the model's size
     else:
         per_image = UNKNOWN_IMAGE_BYTES
     return max(MIN_IN_FLIGHT_BYTES, BATCHES_IN_FLIGHT * cfg.batch_size * cfg.workers * per_image)
@@ -130,10 +130,13 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
     _check_gpus(cfg)
     overlay_ids = frozenset(source.ids[: cfg.overlays])
     skip = frozenset(finished) if source.kind == SHARDS else frozenset()
-    reader = ReadDecode(source.kind, geometry, spec.mean, spec.std, spec.num_classes, skip, overlay_ids, cfg.max_pixels)
+    reader = ReadDecode(source.kind, geometry, spec.num_classes, skip, overlay_ids, cfg.max_pixels)
     writer = WriteResults(cfg.output, spec.ignore_index, [tuple(c.color) for c in spec.classes], run)
     predictor_args: dict[str, Any] = {"num_cpus": 1}
-    predictor_kwargs: dict[str, Any] = {"model_uri": spec.uri, "geometry": geometry, "batch_size": cfg.batch_size, "model_id": spec.model_id}
+    predictor_kwargs: dict[str, Any] = {
+        "model_uri": spec.uri, "geometry": geometry, "batch_size": cfg.batch_size, "model_id": spec.model_id,
+        "mean": tuple(spec.mean), "std": tuple(spec.std),
+    }
     if cfg.backend == "onnxruntime":
         converted_model = converted(spec, geometry)
         # A reference, not the bytes: Ray warns about large constructor arguments of restartable actors.

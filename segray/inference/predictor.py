@@ -1,4 +1,9 @@
-"""The predictor actor: normalised images in, class-id masks at each image's own size out.
+"""The predictor actor: uint8 images in, class-id masks at each image's own size out.
+
+Images arrive as ``ReadDecode`` left them (uint8, or float32 on the 0..255
+scale for 16-bit files); one ``tf.function`` casts, normalises
+(``normalize_tf``) and runs the model, so the saved model keeps taking
+normalised float32 and the object store carries uint8.
 
 One instance per actor of ``ActorPoolStrategy``: it loads the model once and
 keeps it, so the cost of loading TensorFlow and the weights is paid per actor,
@@ -13,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from segray.inference.geometry import Geometry, fitted_content, pad_to, restore, round_up, tiled_argmax
-from segray.inference.sources import columns_of, empty_array
+from segray.inference.sources import columns_of, empty_array, model_image
 
 OUT_COLUMNS = ("image_id", "uri", "error", "height", "width", "pred", "truth", "original")
 
@@ -30,14 +35,17 @@ class Predictor:
             to run in ONNX Runtime instead of TensorFlow (its bytes, or a Ray
             object ref to them), or None.
         onnx_id: the hash of ``onnx_model`` the driver pinned.
+        mean, std: the normalisation applied in the graph before the model
+            (``preprocessing.json``'s).
     """
 
     def __init__(
         self, model_uri: str, geometry: Geometry, batch_size: int, model_id: str | None = None,
-        onnx_model: Any = None, onnx_id: str | None = None,
+        onnx_model: Any = None, onnx_id: str | None = None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
     ):
         self.geometry = geometry
         self.batch_size = batch_size
+        self.mean = tuple(float(m) for m in mean)
         # TensorFlow traces one graph per input shape, so short chunks are padded to one shape;
         # ONNX Runtime runs any batch size as it comes (a served request of one image costs one).
         self.pad_chunks = onnx_model is None
@@ -49,8 +57,13 @@ class Predictor:
 
                 onnx_model = ray.get(onnx_model)
             # Converted from the weights the driver pinned; the bytes' hash pins the conversion.
-            self.forward = OnnxLogits(onnx_model, onnx_id)
+            onnx = OnnxLogits(onnx_model, onnx_id)
+            mean_np, std_np = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+            self.forward = lambda x: onnx((np.asarray(x, np.float32) - mean_np) / std_np)
             return
+        import tensorflow as tf
+
+        from segray.data.transforms import normalize_tf
         from segray.inference.model import share_gpus, weights_id
         from segray.models.saved import load_keras
 
@@ -63,10 +76,14 @@ class Predictor:
                 f"{model_uri} changed after predict started (weights {weights_id(self.model)}, pinned {model_id}); "
                 "refusing to mix two models in one output: run predict again"
             )
-        self.forward = self.model.predict_on_batch
+        model = self.model
+        # XLA where Keras' own predict would use it (a GPU), so masks match model.predict's.
+        self.forward = tf.function(
+            lambda x: model(normalize_tf(x, mean, std), training=False), reduce_retracing=True, jit_compile=model.jit_compile
+        )
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) float32 -> (N, H, W, C) float32 logits, ``batch_size`` at a time.
+        """(N, H, W, 3) uint8 or float32 (0..255) -> (N, H, W, C) float32 logits, ``batch_size`` at a time.
 
         In ``fit`` and ``tile`` modes every input has one shape, and with
         TensorFlow a short last chunk is padded to ``batch_size``: the model
@@ -86,14 +103,15 @@ class Predictor:
 
     def _predict_groups(self, batch: dict[str, Any], todo: list[int], preds: list, errors: list) -> None:
         g = self.geometry
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        groups: dict[tuple, list[int]] = defaultdict(list)
         inputs: dict[int, np.ndarray] = {}
         for i in todo:
-            image = batch["image"][i]
+            image = model_image(batch, i)
             if g.mode == "whole" and g.multiple > 1:
-                image = pad_to(image, round_up(image.shape[0], g.multiple), round_up(image.shape[1], g.multiple))
+                # Padded with the mean: zeros after normalisation, as before it moved in-graph.
+                image = pad_to(image, round_up(image.shape[0], g.multiple), round_up(image.shape[1], g.multiple), self.mean)
             inputs[i] = image
-            groups[image.shape].append(i)
+            groups[(image.shape, image.dtype.str)].append(i)
         for indices in groups.values():
             try:
                 logits = self.logits(np.stack([inputs[i] for i in indices]))
@@ -114,7 +132,9 @@ class Predictor:
         if self.geometry.mode == "tile":
             for i in todo:
                 try:
-                    preds[i] = tiled_argmax(self.logits, batch["image"][i], self.geometry.tile, self.geometry.overlap, self.batch_size)
+                    preds[i] = tiled_argmax(
+                        self.logits, model_image(batch, i), self.geometry.tile, self.geometry.overlap, self.batch_size, self.mean
+                    )
                 except Exception as e:  # noqa: BLE001
                     errors[i] = f"{batch['uri'][i]}: tiled prediction failed: {type(e).__name__}: {e}"
         else:

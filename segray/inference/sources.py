@@ -166,6 +166,12 @@ def dataset_of(source: Source, finished: set[str], batch_size: int):
     return read_shards(source.shards, columns, include_path=True)
 
 
+def model_image(batch: dict[str, Any], i: int) -> np.ndarray:
+    """Row ``i``'s image as ``ReadDecode`` left it: uint8, or float32 on the 0..255 scale."""
+    image = batch["image"][i]
+    return image if image.size or "image_float" not in batch else batch["image_float"][i]
+
+
 def empty_array(dtype=np.float32, channels: int | None = 3) -> np.ndarray:
     return np.zeros((0, 0) if channels is None else (0, 0, channels), dtype)
 
@@ -183,20 +189,24 @@ class ReadDecode:
 
     Output columns: ``image_id``, ``uri`` (what a message names), ``error`` (""
     when fine), ``height`` and ``width`` (the image's own size), ``image``
-    (normalised float32 (H, W, 3); in ``fit`` mode at the model's size),
-    ``truth`` (uint8 (H, W), or empty) and ``original`` (uint8 RGB for the
-    overlay ids, else empty).
+    (uint8 (H, W, 3), not normalised; in ``fit`` mode at the model's size;
+    empty for 16-bit and float files), ``image_float`` (those files, float32
+    on the 0..255 scale; else empty), ``truth`` (uint8 (H, W), or empty) and
+    ``original`` (uint8 RGB for the overlay ids, else empty).
+
+    The predictor normalises in its graph (``normalize_tf``). Two image
+    columns, each of one dtype, because Ray Data casts a column to one dtype
+    when it joins blocks: a float image in a uint8 column would silently lose
+    its fractions.
     """
 
     def __init__(
-        self, kind: str, geometry: Geometry, mean, std, num_classes: int, skip: frozenset[str], overlay_ids: frozenset[str],
+        self, kind: str, geometry: Geometry, num_classes: int, skip: frozenset[str], overlay_ids: frozenset[str],
         max_pixels: int | None = None,
     ):
         self.max_pixels = max_pixels
         self.kind = kind
         self.geometry = geometry
-        self.mean = np.asarray(mean, np.float32)
-        self.std = np.asarray(std, np.float32)
         self.classes = [ClassInfo(k, str(k)) for k in range(num_classes)]
         # Ids already done (Parquet sources on a re-run; a raw listing leaves them out itself).
         self.skip = skip
@@ -236,15 +246,16 @@ class ReadDecode:
                 )
         height, width = image.shape[:2]
         original = display_uint8(image) if image_id in self.overlay_ids else empty_array(np.uint8)
-        # Fitted in float32 as the training pipeline does, and normalised here on
-        # the CPU workers; float32 throughout also keeps the column's dtype fixed.
-        model_input = image.astype(np.float32)
+        # Fitted in the image's own dtype, as the training pipeline does.
+        model_input = image
         if self.geometry.mode == "fit":
             model_input = fit_image(model_input, self.geometry.size, self.geometry.fit)
-        model_input = (model_input - self.mean) / self.std
+        is_uint8 = model_input.dtype == np.uint8
         return {
             "image_id": image_id, "uri": image_uri, "error": "", "height": height, "width": width,
-            "image": model_input, "truth": truth, "original": original,
+            "image": model_input if is_uint8 else empty_array(np.uint8),
+            "image_float": empty_array() if is_uint8 else model_input.astype(np.float32, copy=False),
+            "truth": truth, "original": original,
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -260,14 +271,14 @@ class ReadDecode:
         return columns_of(rows, ROW_COLUMNS)
 
 
-ROW_COLUMNS = ("image_id", "uri", "error", "height", "width", "image", "truth", "original")
-ARRAY_COLUMNS = frozenset({"image", "truth", "original", "pred"})
+ROW_COLUMNS = ("image_id", "uri", "error", "height", "width", "image", "image_float", "truth", "original")
+ARRAY_COLUMNS = frozenset({"image", "image_float", "truth", "original", "pred"})
 
 
 def _error_row(image_id: str, uri: str, reason: str) -> dict[str, Any]:
     return {
         "image_id": image_id, "uri": uri, "error": reason, "height": 0, "width": 0,
-        "image": empty_array(), "truth": empty_array(np.uint8, None), "original": empty_array(np.uint8),
+        "image": empty_array(np.uint8), "image_float": empty_array(), "truth": empty_array(np.uint8, None), "original": empty_array(np.uint8),
     }
 
 

@@ -231,27 +231,32 @@ def serve(cfg: ServeConfig) -> Served:
 
         std_logging.getLogger("ray.serve").setLevel(std_logging.WARNING)  # 'Started Serve', 'Application ... is ready'
 
-    ray_serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging)
-    deployment = ray_serve.deployment(_deployment_class(), name="SegmentDeployment", **deployment_options(cfg))
-    app = deployment.bind(settings, converted.data if converted else None)
-    ray_serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging)
-    url = f"http://{cfg.host}:{cfg.port}"
-    _wait_ready(url, READY_TIMEOUT_S)
-    served = Served(url, spec.model_id, settings["card"])
-    if not cfg.blocking:
-        return served
-    print(f"serving {spec.name} ({spec.model_id}, {cfg.backend}) at {url}: POST /segment, GET /healthz, GET /model; Ctrl-C stops")
-
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    # `ray job stop` sends SIGTERM: Serve's actors outlive the driver, so they are shut down here too.
-    signal.signal(signal.SIGTERM, stop)
+    if cfg.blocking:
+        # `ray job stop` sends SIGTERM: Serve's actors outlive the driver, so they
+        # are shut down here too. Set before Serve starts, so that a SIGTERM at
+        # any moment (even while the replicas come up) ends in that shutdown.
+        signal.signal(signal.SIGTERM, stop)
+    started, served = False, None
     try:
+        ray_serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging)
+        started = True
+        deployment = ray_serve.deployment(_deployment_class(), name="SegmentDeployment", **deployment_options(cfg))
+        app = deployment.bind(settings, converted.data if converted else None)
+        ray_serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging)
+        url = f"http://{cfg.host}:{cfg.port}"
+        _wait_ready(url, READY_TIMEOUT_S)
+        served = Served(url, spec.model_id, settings["card"])
+        if not cfg.blocking:
+            return served
+        print(f"serving {spec.name} ({spec.model_id}, {cfg.backend}) at {url}: POST /segment, GET /healthz, GET /model; Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        served.shutdown()
+        if cfg.blocking and started:
+            ray_serve.shutdown()
     return served

@@ -7,6 +7,10 @@ the weighted pixel sum divided by the weight summed over *all* replicas, and
 Keras' optimizer all-reduces (sums) the gradients. Validation confusion
 matrices are summed across workers with one collective per epoch, so every
 worker computes the same mIoU and takes the same early-stopping decision.
+
+Batches arrive as uint8 images and masks (the pipeline keeps the file's
+scale); the step casts and normalises them in its graph (``normalize_tf``),
+so the model and its saved form still take normalised float32.
 """
 
 from __future__ import annotations
@@ -117,6 +121,12 @@ class WorkerLoop:
     def _distributed(self, replica_fn):
         return lambda images, masks: self.strategy.run(replica_fn, args=(images, masks))
 
+    def model_input(self, images):
+        """Pipeline images (uint8, or float32 0..255) -> the model's normalised float32, in-graph."""
+        from segray.data.transforms import normalize_tf
+
+        return normalize_tf(images, self.info.mean, self.info.std)
+
     def _replica_train(self, images, masks):
         import tensorflow as tf
 
@@ -124,6 +134,7 @@ class WorkerLoop:
         from segray.training.losses import masked_cross_entropy, soft_dice_sums
 
         cfg, replica_ctx = self.cfg, tf.distribute.get_replica_context()
+        images, masks = self.model_input(images), tf.cast(masks, tf.int32)
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
             loss_sum, weight_sum = masked_cross_entropy(masks, logits, self.class_weights, IGNORE_INDEX)
@@ -148,6 +159,7 @@ class WorkerLoop:
         from segray.metrics import tf_confusion_matrix
         from segray.training.losses import masked_cross_entropy
 
+        images, masks = self.model_input(images), tf.cast(masks, tf.int32)
         logits = self.model(images, training=False)
         loss_sum, weight_sum = masked_cross_entropy(masks, logits, self.class_weights, IGNORE_INDEX)
         predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
@@ -193,9 +205,10 @@ class WorkerLoop:
         if self.kept is None:
             return None
         images, masks = self.kept
-        pred = tf.argmax(self.model(tf.constant(images), training=False), axis=-1).numpy()
+        normalised = self.model_input(tf.constant(images))
+        pred = tf.argmax(self.model(normalised, training=False), axis=-1).numpy()
         colours = [c.color for c in self.info.classes if c.id != self.info.ignore_index]
-        return preview_strips(images, masks, pred, self.info.mean, self.info.std, colours)
+        return preview_strips(normalised.numpy(), masks, pred, self.info.mean, self.info.std, colours)
 
     def learning_rate(self) -> float:
         lr = self.optimizer.learning_rate

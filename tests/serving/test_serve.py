@@ -141,6 +141,14 @@ def test_it_binds_loopback_and_shuts_down_cleanly(served):
     assert not [name for name in actors if name.startswith("SERVE_")], actors
 
 
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def test_the_cli_serves_until_sigterm_then_leaves_nothing_listening(tmp_path):
     """`segray serve RUN` in its own process (its own local Ray), stopped as `ray job stop` stops a job."""
     import os
@@ -156,22 +164,27 @@ def test_the_cli_serves_until_sigterm_then_leaves_nothing_listening(tmp_path):
         [sys.executable, "-m", "segray.cli", "serve", run, "--port", str(port), "--replicas", "1", "--backend", "tensorflow"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
+    import threading
+
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise AssertionError("segray serve did not answer /healthz within 240 s")
+        # Ready: it answers /healthz and has said where it serves.
+        while time.monotonic() < deadline and not (any(f"at http://127.0.0.1:{port}" in line for line in lines) and _healthy(port)):
+            if process.poll() is not None:
+                break
+            time.sleep(0.5)
+        if not any(f"at http://127.0.0.1:{port}" in line for line in lines):
+            raise AssertionError("segray serve was not ready within 240 s:\n" + "".join(lines)[-3000:])
         image = random_pair(np.random.default_rng(1), 32, 32)[0]
         status, body, _ = post(f"http://127.0.0.1:{port}/segment", encode_png(image))
         assert status == 200 and decode_mask(body).shape == (32, 32)
         process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=120)[0]
+        process.wait(timeout=120)
+        reader.join(timeout=30)
+        output = "".join(lines)
     finally:
         if process.poll() is None:
             process.kill()

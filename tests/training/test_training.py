@@ -244,7 +244,9 @@ def test_worker_matrices_sum_to_single_worker_matrix(shapes, tmp_path):
     keras.utils.set_random_seed(cfg.seed)
     model = models.build("unet", 4, input_shape=(None, None, 3), **TINY_UNET)
     rows = val.take_all()
-    logits = model(np.stack([r["image"] for r in rows]), training=False)
+    from segray.data.transforms import normalize
+
+    logits = model(normalize(np.stack([r["image"] for r in rows]), shapes.info.mean, shapes.info.std), training=False)
     expected = confusion_matrix(np.stack([r["mask"] for r in rows]), np.argmax(logits, -1), 4)
     np.testing.assert_array_equal(matrices[1], expected)
     assert expected.sum() == shapes.info.splits["val"] * 32 * 32
