@@ -47,20 +47,17 @@ class SegmentModel:
 
         self.settings = settings
         self.geometry = settings["geometry"]
-        self.mean = np.asarray(settings["mean"], np.float32)
-        self.std = np.asarray(settings["std"], np.float32)
+        # The predictor normalises (in the graph, or before ONNX Runtime), as in segray predict.
         self.predictor = Predictor(
-            settings["model_uri"], self.geometry, settings["max_batch"], settings["model_id"], onnx_model, settings["onnx_id"]
+            settings["model_uri"], self.geometry, settings["max_batch"], settings["model_id"], onnx_model, settings["onnx_id"],
+            mean=tuple(settings["mean"]), std=tuple(settings["std"]),
         )
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """Decoded RGB -> the model's normalised float32 input (fitted to the trained size as predict does)."""
+        """Decoded RGB -> the predictor's input, as ``ReadDecode`` makes it: the image's own dtype, fitted to the trained size."""
         from segray.inference.geometry import fit_image
 
-        x = image.astype(np.float32)
-        if self.geometry.mode == "fit":
-            x = fit_image(x, self.geometry.size, self.geometry.fit)
-        return (x - self.mean) / self.std
+        return fit_image(image, self.geometry.size, self.geometry.fit) if self.geometry.mode == "fit" else image
 
     def masks(self, items: list[tuple[np.ndarray, int, int]]) -> list[np.ndarray | str]:
         """Class-id masks (or the reason a model call failed) of (prepared image, height, width) items."""
