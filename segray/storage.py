@@ -73,7 +73,9 @@ def transient(error: BaseException) -> str | None:
         return None
     text = f"{type(error).__name__}: {error}"
     match = _TRANSIENT.search(text)
-    if match is None or not isinstance(error, (OSError, ConnectionError, TimeoutError, EOFError)) and "ClientError" not in text and "Connection" not in type(error).__name__:
+    # An I/O error, or botocore's ClientError / ConnectionError (not OSErrors): never a ValueError or the like.
+    storage_error = isinstance(error, (OSError, ConnectionError, TimeoutError, EOFError)) or "ClientError" in text or "Connection" in type(error).__name__
+    if match is None or not storage_error:
         return None
     word = match.group(0).lower()
     if "slow" in word or "503" in word or "unavailable" in word or "throttl" in word or "reduce" in word:
