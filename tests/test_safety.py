@@ -240,30 +240,26 @@ def test_transient_storage_errors_are_retried_and_deterministic_ones_are_not(mon
         return "ok"
 
     assert storage.retrying("reading s3://b/k", flaky) == "ok" and len(calls) == 3
-    calls.clear()
 
-    def missing():
-        calls.append(1)
-        raise FileNotFoundError("s3://b/k: no such key (HTTP status 500 in the text must not matter)")
+    def failing(error: Exception):
+        """A storage call that raises ``error`` every time; its tries are counted in ``calls``."""
+        calls.clear()
 
+        def call():
+            calls.append(1)
+            raise error
+
+        return call
+
+    # Deterministic errors: raised at the first try, whatever their text says.
     with pytest.raises(FileNotFoundError):
-        storage.retrying("reading s3://b/k", missing)
+        storage.retrying("reading s3://b/k", failing(FileNotFoundError("s3://b/k: no such key (HTTP status 500 in the text must not matter)")))
     assert len(calls) == 1
-    calls.clear()
-
-    def denied():
-        calls.append(1)
-        raise OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
-
     with pytest.raises(OSError, match="ACCESS_DENIED"):
-        storage.retrying("reading s3://b/k", denied)
+        storage.retrying("reading s3://b/k", failing(OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied")))
     assert len(calls) == 1
-    calls.clear()
-
-    def down():
-        calls.append(1)
-        raise OSError("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7, Couldn't connect to server")
-
+    # A transient one that never heals: every try, then an error that says so.
+    down = OSError("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7, Couldn't connect to server")
     with pytest.raises(OSError, match="failed 4 times on transient storage errors \\(connection\\)"):
-        storage.retrying("writing s3://b/k", down, attempts=4)
+        storage.retrying("writing s3://b/k", failing(down), attempts=4)
     assert len(calls) == 4
