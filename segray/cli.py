@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, help="resize to H or HxW (default: the dataset's size, else 256)")
     p.add_argument("--crop", type=_size, help="train on random crops of H or HxW")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, help="flips, rotations, scale, brightness (default on)")
+    p.add_argument("--augment-strength", type=float, help="scales the augmentation's magnitudes (default 1; 0: flips and rotations only)")
     p.add_argument("--schedule", choices=["cosine", "plateau", "constant"])
     p.add_argument("--patience", type=int, help="early stopping on val mIoU after N epochs without gain (0: off)")
     p.add_argument("--keep-checkpoints", "--keep", type=int, help="checkpoints kept, best by val mIoU")

@@ -295,6 +295,8 @@ class TrainConfig(Config):
         max_failures: worker failures the run recovers from.
         resume: continue the run NAME from its last checkpoint.
         model_options: keyword options of the model builder (``depth``, ``width`` ...).
+        augment_strength: scales the augmentation's magnitudes (scale range,
+            brightness, contrast); 1 is the default, 0 leaves flips and rotations only.
     """
 
     data: str
@@ -315,6 +317,7 @@ class TrainConfig(Config):
     size: list[int] | None = None
     crop: list[int] | None = None
     augment: bool = True
+    augment_strength: float = 1.0
     schedule: Literal["cosine", "plateau", "constant"] = "cosine"
     patience: int = 0
     keep_checkpoints: int = 2
@@ -332,7 +335,7 @@ class TrainConfig(Config):
             raise ConfigError(f"class_weights {self.class_weights!r}: expected auto, none or w0,w1,...", field="class_weights")
         for name in ("size", "crop"):
             _hw(self, name)
-        for name in ("patience", "max_failures", "dice_weight"):
+        for name in ("patience", "max_failures", "dice_weight", "augment_strength"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}", field=name)
         if self.xla and self.workers > 1 and not self.gpu:

@@ -51,6 +51,7 @@ class PipelineConfig:
     augment: bool = False
     seed: int = 0
     fit: FitMode = "resize"
+    augment_strength: float = 1.0
 
 
 _WORKER_READY = False
@@ -104,7 +105,7 @@ class DecodeBatch:
             if cfg.augment or cfg.crop:
                 rng = self._rng(str(image_id))
                 if cfg.augment:
-                    image, mask = augment(image, mask, rng)
+                    image, mask = augment(image, mask, rng, strength=cfg.augment_strength)
                 if cfg.crop:
                     image, mask = random_crop(image, mask, cfg.crop, rng)
             images.append(image)
@@ -127,6 +128,7 @@ def read_split(
     info: DatasetInfo | None = None,
     batch_size: int | None = None,
     part: tuple[int, int] | None = None,
+    augment_strength: float = 1.0,
 ) -> Any:
     """A Ray Dataset of decoded pairs of one split of an ingested dataset.
 
@@ -136,6 +138,7 @@ def read_split(
         size: (H, W) every pair is fitted to; default the dataset's own size
             when all images share it, else (256, 256).
         crop: (H, W) random crops taken after fitting (training).
+        augment_strength: multiplies the augmentation's magnitudes (``transforms.augment``).
         batch_size: rows per decode task batch; default from the image size
             (``rows_per_batch``).
         part: (index, count): only the ids whose stable hash modulo ``count``
@@ -156,7 +159,7 @@ def read_split(
     shards = [f for f in storage.list_files(uri) if f.uri.endswith(".parquet")]
     if not shards:
         raise FileNotFoundError(f"{dataset}: split {split!r} has no shards under {uri}")
-    config = PipelineConfig(size=size, crop=crop, augment=augment, seed=seed, fit=fit_mode)
+    config = PipelineConfig(size=size, crop=crop, augment=augment, seed=seed, fit=fit_mode, augment_strength=augment_strength)
     dtype = image_dtype(info)
     batch_size = batch_size or rows_per_batch(tuple(crop or size), dtype)
     # Decoded in the read tasks: a separate map operator moved every encoded

@@ -65,8 +65,12 @@ def augment(
     scale_range: tuple[float, float] = (0.75, 1.25),
     brightness: float = 0.2,
     contrast: float = 0.2,
+    strength: float = 1.0,
 ):
     """Flips, rotate-90, random scale-crop, brightness and contrast; keeps the size and dtype.
+
+    ``strength`` multiplies the magnitudes (the scale range's distance from 1,
+    brightness and contrast): 0 leaves flips and rotations only.
 
     ``image`` is uint8 or float32 on the 0..255 scale; brightness shifts by a
     fraction of that image's mean, contrast scales around it. uint8 results
@@ -80,6 +84,8 @@ def augment(
     k = int(rng.integers(0, 4)) if h == w else 2 * int(rng.integers(0, 2))
     if k:
         image, mask = np.rot90(image, k), np.rot90(mask, k)
+    scale_range = (1.0 + (scale_range[0] - 1.0) * strength, 1.0 + (scale_range[1] - 1.0) * strength)
+    brightness, contrast = brightness * strength, contrast * strength
     scale = float(rng.uniform(*scale_range))
     if abs(scale - 1.0) > 1e-3:
         sh, sw = max(1, round(h * scale)), max(1, round(w * scale))

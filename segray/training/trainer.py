@@ -140,7 +140,8 @@ def train(cfg: TrainConfig | ResolvedRun) -> TrainResult:
 
     size = tuple(cfg.size)
     crop = tuple(cfg.crop) if cfg.crop else None
-    datasets = {"train": read_split(cfg.data, "train", size=size, crop=crop, augment=cfg.augment, seed=cfg.seed, info=info)}
+    datasets = {"train": read_split(cfg.data, "train", size=size, crop=crop, augment=cfg.augment, seed=cfg.seed, info=info,
+                                    augment_strength=cfg.augment_strength)}
     # Ray Train splits datasets equally, dropping the remainder: right for training
     # steps that must stay in lockstep, wrong for validation, which must see every
     # image once. Each worker gets its own hash part of the val split instead.

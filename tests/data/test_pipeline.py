@@ -66,6 +66,15 @@ def test_augment_keeps_image_and_mask_aligned(shape):
         np.testing.assert_array_equal(img[..., 0], msk * 50.0)
 
 
+def test_augment_strength_zero_keeps_flips_and_rotations_only():
+    image, mask = _coded_pair()
+    for seed in range(10):
+        full = augment(image, mask, np.random.default_rng(seed), scale_range=(1.0, 1.0), brightness=0, contrast=0)
+        zero = augment(image, mask, np.random.default_rng(seed), strength=0.0)
+        np.testing.assert_array_equal(zero[0], full[0])
+        np.testing.assert_array_equal(zero[1], full[1])
+
+
 def test_augment_is_seeded():
     image, mask = _coded_pair()
     a = augment(image, mask, np.random.default_rng(3))
