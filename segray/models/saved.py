@@ -43,6 +43,10 @@ class Preprocessing:
         mean, std: per-channel normalisation of the RGB pixel values.
         classes: the output classes, ids ``0 .. C-1``.
         ignore_index: truth value that is never counted.
+        window: ``(H, W)`` of the patches the model was trained on, when it was
+            trained on patches of larger images: predict slides a window of this
+            size over each image (after fitting to ``size``, if any). None: the
+            model saw whole images.
     """
 
     model: str
@@ -52,6 +56,7 @@ class Preprocessing:
     std: tuple[float, ...]
     classes: tuple[ClassInfo, ...]
     ignore_index: int = IGNORE_INDEX
+    window: tuple[int, int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -67,6 +72,7 @@ class Preprocessing:
             "num_classes": self.num_classes,
             "classes": class_list(self.classes),
             "ignore_index": self.ignore_index,
+            "window": list(self.window) if self.window else None,
         }
 
     @classmethod
@@ -75,6 +81,8 @@ class Preprocessing:
         raw = from_dict(_PreprocessingFile, data, prefix=f"{source}: ")
         if raw.size is not None and (len(raw.size) != 2 or min(raw.size) <= 0):
             raise ConfigError(f"{source}: size must be [H, W] or null, got {raw.size}")
+        if raw.window is not None and (len(raw.window) != 2 or min(raw.window) <= 0):
+            raise ConfigError(f"{source}: window must be [H, W] or null, got {raw.window}")
         if raw.fit not in ("resize", "pad"):
             raise ConfigError(f"{source}: fit must be 'resize' or 'pad', got {raw.fit!r}")
         if len(raw.mean) != 3 or len(raw.std) != 3 or min(raw.std) <= 0:
@@ -90,6 +98,7 @@ class Preprocessing:
             std=tuple(raw.std),
             classes=tuple(classes),
             ignore_index=raw.ignore_index,
+            window=tuple(raw.window) if raw.window else None,
         )
 
 
@@ -105,6 +114,7 @@ class _PreprocessingFile:
     num_classes: int
     classes: list[dict[str, Any]]
     ignore_index: int = IGNORE_INDEX
+    window: list[int] | None = None
 
 
 def class_list(classes: list[ClassInfo] | tuple[ClassInfo, ...]) -> list[dict[str, Any]]:
