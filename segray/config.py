@@ -362,9 +362,20 @@ class PredictConfig(Config):
         workers: predictor actors (``ActorPoolStrategy(size=workers)``).
         gpus_per_worker: GPUs per actor; 0 predicts on CPUs.
         tile: ``[H, W]`` sliding window at each image's own resolution, for
-            images too large to predict whole; None predicts whole images.
-        overlap: with ``tile``, the fraction of the window shared by
+            images too large to predict whole; None: the model's own
+            ``window`` (``preprocessing.json``, a patch-trained model) slides
+            over each image (fitted to its ``size`` first, if any), else whole
+            (or fitted) images.
+        overlap: with a window, the fraction of the window shared by
             neighbouring windows (0 <= overlap <= 0.9), per axis.
+        weighting: how overlapping windows' logits are blended: ``gaussian``
+            (sigma 1/8 of the window, nnU-Net's) or ``linear`` (ramps across
+            the middle half of each overlap).
+        tta: test-time augmentation: ``none``, ``flip`` (logits averaged over
+            4 mirrored views) or ``flip8`` (and their transposes; needs a
+            square model input).
+        min_component: foreground components smaller than this many pixels
+            (8-connected, per class) become background (class 0); 0: off.
         overlays: colour overlays for the first K images by id (0: none).
         split: the split of an ingested dataset (``val``, ``train``).
         max_pixels: an image with more pixels (by its header) is set aside
@@ -382,16 +393,19 @@ class PredictConfig(Config):
     workers: int = 1
     gpus_per_worker: float = 0.0
     tile: list[int] | None = None
-    overlap: float = 0.25
+    overlap: float = 0.5
     overlays: int = 8
     max_pixels: int = DEFAULT_MAX_PIXELS
     backend: Literal["tensorflow", "onnxruntime"] = "tensorflow"
+    weighting: Literal["gaussian", "linear"] = "gaussian"
+    tta: Literal["none", "flip", "flip8"] = "none"
+    min_component: int = 0
 
     def validate(self) -> None:
         _positive(self, "max_pixels")
         _uri(self, "model", "input", "output")
         _positive(self, "batch_size", "workers")
-        for name in ("overlays", "gpus_per_worker"):
+        for name in ("overlays", "gpus_per_worker", "min_component"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}", field=name)
         if not 0.0 <= self.overlap <= 0.9:

@@ -106,7 +106,7 @@ def export(cfg: ExportConfig) -> ExportResult:
         net = load_keras(spec.uri)
         multiple = export_multiple(net)
         core = portable_core(net)
-        images = _probe(multiple, spec.size)
+        images = _probe(multiple, spec.static_size or spec.size)
         expected = _reference_logits(net, images, spec.mean, spec.std)
     config, best = run_records(spec.uri)
     with tempfile.TemporaryDirectory(prefix="segray-export-") as tmp:

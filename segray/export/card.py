@@ -68,9 +68,13 @@ def model_card(spec, fmt: str, multiple: int, config: dict[str, Any] | None, bes
             "rule": rule,
             "multiple": multiple,
             "trained_size": list(spec.size) if spec.size else None,
+            "window": list(spec.window) if spec.window else None,
             "note": (
                 "segray predict resizes images to the trained size first ('fit': "
                 f"{spec.fit}); feed images at that size to get its results" if spec.size else "segray predict feeds images at their own size"
+            ) + (
+                f"; the model was trained on {spec.window[0]}x{spec.window[1]} patches: segray predict slides that window "
+                "over the image (overlap 0.5, Gaussian weights) and blends the windows' logits" if spec.window else ""
             ),
         },
         "normalisation": {"mean": list(spec.mean), "std": list(spec.std), "formula": "(uint8 RGB - mean) / std, built into the model"},

@@ -8,11 +8,21 @@ Three ways to predict an image (``Geometry.mode``):
 - ``whole``: the model takes any size divisible by its ``multiple``; the image
   is padded at the bottom and right and the logits cropped back.
 - ``tile``: a sliding window of ``tile`` pixels at the image's own
-  resolution, neighbours sharing ``overlap`` pixels, for images too large to
-  predict whole. Window logits are blended with weights that are zero within a
-  quarter of the overlap of an inner window edge and ramp linearly across the
-  middle half, so a model whose receptive field reaches no further than that
-  quarter gives the whole-image logits.
+  resolution, neighbours sharing ``overlap`` pixels: for images too large to
+  predict whole, and for models trained on patches (``preprocessing.json``'s
+  ``window``). ``fit`` with a ``tile`` slides the window over the fitted image.
+
+Window logits are blended per pixel by a weighted mean (weights divided by
+their sum at each pixel). ``gaussian`` (the default, as nnU-Net): each window
+weighs its pixels by a Gaussian centred on the window, sigma 1/8 of the side,
+so a window's borders, where the model sees least context, count least.
+``linear``: weights that are zero within a quarter of the overlap of an inner
+window edge and ramp linearly across the middle half, so a model whose
+receptive field reaches no further than that quarter gives exactly the
+whole-image logits.
+
+Windows stream strip by strip (``tiled_logits``), so an image larger than
+memory allows keeps flat memory.
 
 Only numpy and OpenCV here: the decode tasks use it without TensorFlow.
 """
@@ -29,19 +39,30 @@ import numpy as np
 from segray.data.transforms import FitMode, fit
 
 Mode = Literal["fit", "whole", "tile"]
+Weighting = Literal["gaussian", "linear"]
+TTA = Literal["none", "flip", "flip8"]
+
+# sigma of the Gaussian window weights, as a fraction of the window's side (nnU-Net's 1/8).
+GAUSSIAN_SIGMA = 1 / 8
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """How images reach the model; resolved once on the driver.
+    """How images reach the model and its logits come back as masks; resolved once on the driver.
 
     Attributes:
         mode: ``fit``, ``whole`` or ``tile`` (see the module docstring).
         size: ``(H, W)`` of ``fit``.
         fit: ``resize`` or ``pad`` (``fit`` only).
         multiple: what the model needs height and width divisible by.
-        tile: ``(H, W)`` window (``tile`` only).
+        tile: ``(H, W)`` sliding window (``tile``; ``fit`` of a patch-trained
+            model); None: one model call per (fitted or padded) image.
         overlap: ``(H, W)`` pixels shared by neighbouring windows.
+        weighting: how overlapping window logits are blended (``gaussian`` or ``linear``).
+        tta: test-time augmentation (``segray.inference.tta``): ``none``,
+            ``flip`` (4 mirrored views) or ``flip8`` (and their transposes).
+        min_component: connected components of a foreground class smaller
+            than this many pixels become background (0: off).
     """
 
     mode: Mode
@@ -50,6 +71,29 @@ class Geometry:
     multiple: int = 1
     tile: tuple[int, int] | None = None
     overlap: tuple[int, int] = (0, 0)
+    weighting: Weighting = "gaussian"
+    tta: TTA = "none"
+    min_component: int = 0
+
+    def lineage(self) -> dict:
+        """The JSON-ready settings the masks depend on, for ``_run.json``.
+
+        Settings at the values OUTs written before they existed used are left
+        out (no TTA, no component removal, the weighting without windows), so
+        those OUTs still resume; any other value is named, so a re-run with
+        another TTA or window into the same OUT is refused instead of mixed.
+        """
+        out = {
+            "mode": self.mode, "size": list(self.size) if self.size else None, "fit": self.fit, "multiple": self.multiple,
+            "tile": list(self.tile) if self.tile else None, "overlap": list(self.overlap),
+        }
+        if self.tile is not None:
+            out["weighting"] = self.weighting
+        if self.tta != "none":
+            out["tta"] = self.tta
+        if self.min_component:
+            out["min_component"] = self.min_component
+        return out
 
 
 def fitted_content(height: int, width: int, size: tuple[int, int], mode: FitMode) -> tuple[int, int]:
@@ -121,14 +165,32 @@ def window_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def window_weights(starts: list[int], tile: int) -> list[np.ndarray]:
+def gaussian_profile(tile: int) -> np.ndarray:
+    """(tile,) weights: a Gaussian centred on the window, sigma ``GAUSSIAN_SIGMA`` of its side, peak 1.
+
+    Centred on the window's middle (not a pixel), so the profile is
+    symmetric and a mirrored window weighs its pixels as the original does.
+    The smallest weight (4 sigma out, about 3e-4) stays above zero: a pixel
+    that only a window's border covers still gets that window's logits.
+    """
+    offsets = np.arange(tile, dtype=np.float64) + 0.5 - tile / 2
+    sigma = max(tile * GAUSSIAN_SIGMA, 1e-6)
+    return np.exp(-0.5 * (offsets / sigma) ** 2).astype(np.float32)
+
+
+def window_weights(starts: list[int], tile: int, weighting: Weighting = "gaussian") -> list[np.ndarray]:
     """One (tile,) weight profile per window start along one axis.
 
-    On an edge shared with a neighbour the weight is 0 for the outer quarter
+    ``gaussian``: the same ``gaussian_profile`` for every window. ``linear``:
+    on an edge shared with a neighbour the weight is 0 for the outer quarter
     of the shared pixels and ramps linearly to 1 across the middle half; on
-    an image edge it stays 1. Where two windows share pixels their weights sum
-    to 1.
+    an image edge it stays 1. Where two windows share pixels their linear
+    weights sum to 1.
     """
+    if weighting == "gaussian":
+        return [gaussian_profile(tile)] * len(starts)
+    if weighting != "linear":
+        raise ValueError(f"weighting: expected gaussian or linear, got {weighting!r}")
     centers = np.arange(tile, dtype=np.float64) + 0.5
     profiles = []
     for k, start in enumerate(starts):
@@ -152,6 +214,7 @@ def tiled_logits(
     overlap: tuple[int, int],
     batch_size: int,
     fill=None,
+    weighting: Weighting = "gaussian",
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Blended sliding-window logits of one normalised image, strip by strip.
 
@@ -166,6 +229,7 @@ def tiled_logits(
         overlap: ``(oh, ow)`` pixels shared by neighbouring windows.
         batch_size: windows per ``predict`` call.
         fill: padding of images smaller than a tile (see ``pad_to``).
+        weighting: ``gaussian`` or ``linear`` (see ``window_weights``).
 
     Yields:
         ``(row, logits)``: blended logits ``(h, W, C)`` of rows ``row .. row + h``.
@@ -175,7 +239,7 @@ def tiled_logits(
     padded = pad_to(image, max(height, th), max(width, tw), fill)
     ys = window_starts(padded.shape[0], th, overlap[0])
     xs = window_starts(padded.shape[1], tw, overlap[1])
-    wy, wx = window_weights(ys, th), window_weights(xs, tw)
+    wy, wx = window_weights(ys, th, weighting), window_weights(xs, tw, weighting)
     windows = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
 
     acc: np.ndarray | None = None  # weighted logit sums of rows [top, top + len(acc))
@@ -216,9 +280,23 @@ def tiled_argmax(
     overlap: tuple[int, int],
     batch_size: int,
     fill=None,
+    weighting: Weighting = "gaussian",
 ) -> np.ndarray:
-    """The (H, W) uint8 class map of ``tiled_logits``."""
+    """The (H, W) uint8 class map of ``tiled_logits``, one strip at a time."""
     out = np.empty(image.shape[:2], np.uint8)
-    for row, logits in tiled_logits(predict, image, tile, overlap, batch_size, fill):
+    for row, logits in tiled_logits(predict, image, tile, overlap, batch_size, fill, weighting):
         out[row : row + logits.shape[0]] = logits.argmax(axis=-1)
     return out
+
+
+def tiled_full(
+    predict: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    tile: tuple[int, int],
+    overlap: tuple[int, int],
+    batch_size: int,
+    fill=None,
+    weighting: Weighting = "gaussian",
+) -> np.ndarray:
+    """All (H, W, C) blended logits of ``tiled_logits`` at once: for fitted images, whose size the model's bounds."""
+    return np.concatenate([logits for _, logits in tiled_logits(predict, image, tile, overlap, batch_size, fill, weighting)])

@@ -37,6 +37,9 @@ class ModelSpec:
         multiple: height and width the model needs divisible by.
         static_size: ``(H, W)`` when the model's input shape fixes it.
         warnings: what was assumed, for the summary.
+        window: ``(H, W)`` of the patches the model was trained on
+            (``preprocessing.json``'s ``window``): predict slides it over each
+            image unless told otherwise; None: the model saw whole images.
     """
 
     uri: str
@@ -52,6 +55,7 @@ class ModelSpec:
     multiple: int
     static_size: tuple[int, int] | None
     warnings: tuple[str, ...] = ()
+    window: tuple[int, int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -72,6 +76,7 @@ class ModelSpec:
             "std": list(self.std),
             "ignore_index": self.ignore_index,
             "multiple": self.multiple,
+            "window": list(self.window) if self.window else None,
         }
 
 
@@ -139,18 +144,28 @@ def resolve_model(model: str) -> ModelSpec:
             raise ValueError(f"{pre_uri} declares {pre.num_classes} classes, the model {keras_uri} outputs {channels} channels")
         classes, size = list(pre.classes), pre.size
         fit_mode, mean, std, ignore = pre.fit, pre.mean, pre.std, pre.ignore_index
-        name = pre.model
+        name, window = pre.model, pre.window
     else:
         classes = [ClassInfo(k, f"class_{k}", tuple(default_color(k))) for k in range(channels)]
         size, fit_mode, mean, std, ignore = None, "resize", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), IGNORE_INDEX
-        name = net.name
+        name, window = net.name, None
         note = (
             f"no {PREPROCESSING_FILE} beside {keras_uri}: assuming no normalisation (mean 0, std 1), "
             f"images at their own size, and classes class_0..class_{channels - 1} from the model's {channels} output channels"
         )
         notes.append(note)
         warnings.warn(note, UserWarning, stacklevel=3)
-    if static and size and tuple(size) != static:
+    multiple = required_multiple(net)
+    if window:
+        # The model takes windows: a fixed input shape is the window's, not a size to fit images to.
+        if static and tuple(window) != static:
+            raise ValueError(f"{pre_uri}: window {list(window)} but the model {keras_uri} only takes {static[0]}x{static[1]} inputs")
+        if window[0] % multiple or window[1] % multiple:
+            raise ValueError(f"{pre_uri}: window {list(window)}: the model {keras_uri} needs sides divisible by {multiple}")
+        static_fit = None
+    else:
+        static_fit = static
+    if static and size and tuple(size) != static and not window:
         raise ValueError(f"{pre_uri}: size {list(size)} but the model {keras_uri} only takes {static[0]}x{static[1]} inputs")
     return ModelSpec(
         uri=keras_uri,
@@ -158,12 +173,13 @@ def resolve_model(model: str) -> ModelSpec:
         model_id=weights_id(net),
         name=name,
         classes=tuple(classes),
-        size=size or static,
+        size=size or static_fit,
         fit=fit_mode,
         mean=mean,
         std=std,
         ignore_index=ignore,
-        multiple=required_multiple(net),
+        multiple=multiple,
         static_size=static,
         warnings=tuple(notes),
+        window=tuple(window) if window else None,
     )

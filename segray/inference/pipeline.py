@@ -49,24 +49,61 @@ LIGHT_TASK_CPUS = 0.5
 
 
 def resolve_geometry(cfg: PredictConfig, spec: ModelSpec) -> Geometry:
-    """How images reach the model, from the flags and the model.
+    """How images reach the model, from the flags and the model (``geometry_of``).
 
     Raises:
-        ValueError: ``tile`` does not suit the model, naming the valid sizes.
+        ValueError: ``tile`` or ``tta`` does not suit the model, naming the valid values.
     """
-    if cfg.tile:
-        th, tw = cfg.tile
+    return geometry_of(spec, cfg.tile, cfg.overlap, cfg.weighting, cfg.tta, cfg.min_component)
+
+
+def geometry_of(
+    spec: ModelSpec, tile=None, overlap: float = 0.5, weighting: str = "gaussian", tta: str = "none", min_component: int = 0,
+) -> Geometry:
+    """How images reach the model: shared by predict and serve, so both give the same masks.
+
+    - ``tile`` given: windows of ``tile`` at each image's own resolution.
+    - else the model's ``window`` (a patch-trained model): that window slides
+      over each image, fitted to the trained ``size`` first when there is one.
+    - else fitted to the trained ``size``, or whole images.
+
+    Args:
+        overlap: fraction of a window shared by neighbouring windows, per axis.
+        weighting, tta, min_component: as ``Geometry``'s.
+
+    Raises:
+        ValueError: ``tile`` or ``tta`` does not suit the model, naming the valid values.
+    """
+    m = spec.multiple
+    post = {"weighting": weighting, "tta": tta, "min_component": min_component}
+    if tile:
+        th, tw = tile
         if spec.static_size and (th, tw) != spec.static_size:
             raise about("tile", ValueError(f"tile {th}x{tw}: the model {spec.uri} only takes {spec.static_size[0]}x{spec.static_size[1]} inputs; use `tile` {spec.static_size[0]}x{spec.static_size[1]}"))
-        m = spec.multiple
         if th % m or tw % m:
             near = lambda n: " or ".join(str(v) for v in sorted({max(m, n // m * m), -(-n // m) * m}))  # noqa: E731
             raise about("tile", ValueError(f"tile {th}x{tw}: the model ({spec.name}) needs sides divisible by {m}; nearest valid height {near(th)}, width {near(tw)}"))
-        overlap = (min(th - 1, round(th * cfg.overlap)), min(tw - 1, round(tw * cfg.overlap)))
-        return Geometry("tile", multiple=m, tile=(th, tw), overlap=overlap)
-    if spec.size:
-        return Geometry("fit", size=tuple(spec.size), fit=spec.fit, multiple=spec.multiple)
-    return Geometry("whole", multiple=spec.multiple)
+        geometry = Geometry("tile", multiple=m, tile=(th, tw), overlap=_overlap_pixels((th, tw), overlap), **post)
+    elif spec.window and spec.size and tuple(spec.window) == tuple(spec.size):
+        geometry = Geometry("fit", size=tuple(spec.size), fit=spec.fit, multiple=m, **post)  # one window is the fitted image
+    elif spec.window:
+        window = tuple(spec.window)
+        size = {"size": tuple(spec.size), "fit": spec.fit} if spec.size else {}
+        geometry = Geometry("fit" if spec.size else "tile", multiple=m, tile=window, overlap=_overlap_pixels(window, overlap), **size, **post)
+    elif spec.size:
+        geometry = Geometry("fit", size=tuple(spec.size), fit=spec.fit, multiple=m, **post)
+    else:
+        geometry = Geometry("whole", multiple=m, **post)
+    if tta == "flip8":
+        side = geometry.tile or geometry.size
+        if side and side[0] != side[1]:
+            what = f"{'tile' if geometry.tile else 'size'} {side[0]}x{side[1]}"
+            raise about("tta", ValueError(f"tta flip8: the transposed views need a square model input, the {what} is not; use `tta` flip"))
+    return geometry
+
+
+def _overlap_pixels(window: tuple[int, int], overlap: float) -> tuple[int, int]:
+    return min(window[0] - 1, round(window[0] * overlap)), min(window[1] - 1, round(window[1] * overlap))
 
 
 def _identity(spec: ModelSpec, source: Source, geometry: Geometry, backend: str) -> dict[str, Any]:
@@ -79,7 +116,7 @@ def _identity(spec: ModelSpec, source: Source, geometry: Geometry, backend: str)
         "model_id": spec.model_id,
         "source": canonical(source.uri),
         "source_fingerprint": source.fingerprint,
-        "geometry": json.loads(json.dumps(dataclasses.asdict(geometry))),
+        "geometry": geometry.lineage(),
         "classes": [c.name for c in spec.classes],
         "mean": list(spec.mean),
         "std": list(spec.std),
@@ -175,7 +212,7 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
 def converted(spec: ModelSpec, geometry: Geometry):
     """The pinned model converted to ONNX on the driver (``segray.export.session.convert``).
 
-    In ``fit`` and ``tile`` modes every input has one size, which the conversion fixes.
+    With windows, or in ``fit`` mode, every input has one size, which the conversion fixes.
 
     Raises:
         RuntimeError: the file's weights are no longer the pinned ones.
@@ -190,8 +227,24 @@ def converted(spec: ModelSpec, geometry: Geometry):
         net = load_keras(spec.uri)
         if weights_id(net) != spec.model_id:
             raise RuntimeError(f"{spec.uri} changed after predict started (weights {weights_id(net)}, pinned {spec.model_id}); run predict again")
-        size = geometry.size if geometry.mode == "fit" else geometry.tile
+        size = geometry.tile or geometry.size
         return convert(net, tuple(size) if size else None)
+
+
+def inference_settings(geometry: Geometry) -> dict[str, Any]:
+    """The settings that make the masks, as summary.json's ``inference`` reports them."""
+    from segray.inference.tta import VIEWS
+
+    windowed = geometry.tile is not None
+    return {
+        "mode": geometry.mode,
+        "window": list(geometry.tile) if windowed else None,
+        "overlap": list(geometry.overlap) if windowed else None,
+        "weighting": geometry.weighting if windowed else None,
+        "tta": geometry.tta,
+        "tta_views": len(VIEWS[geometry.tta]),
+        "min_component": geometry.min_component,
+    }
 
 
 def steady_rate(marks: list[tuple[float, int]], total: int) -> float | None:
@@ -264,6 +317,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
         "source_kind": source.kind,
         "has_truth": source.has_truth,
         "config": {**cfg.to_dict(), "resolved": {"geometry": dataclasses.asdict(geometry), "model": spec.describe()}},
+        "inference": inference_settings(geometry),
         "images_this_run": processed,
         "wall_time_s": round(wall, 3),
         "images_per_s": round(processed / wall, 3) if processed else None,

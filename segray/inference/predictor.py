@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from segray.inference.geometry import Geometry, fitted_content, pad_to, restore, round_up, tiled_argmax
+from segray.inference.components import remove_small_components
+from segray.inference.geometry import Geometry, fitted_content, pad_to, restore, round_up, tiled_argmax, tiled_full
 from segray.inference.sources import columns_of, empty_array, model_image
+from segray.inference.tta import mean_of_views
 
 OUT_COLUMNS = ("image_id", "uri", "error", "height", "width", "pred", "truth", "original")
 
@@ -89,17 +91,29 @@ class Predictor:
         TensorFlow a short last chunk is padded to ``batch_size``: the model
         then always sees one input shape, so it is traced once and an image's
         logits do not depend on how many others share its batch (a resumed run
-        gives the same masks). ONNX Runtime runs each chunk as it is.
+        gives the same masks). ONNX Runtime runs each chunk as it is. With
+        ``tta`` each chunk's logits are the mean of its views' (``mean_of_views``).
         """
-        fixed = self.geometry.mode != "whole" and self.pad_chunks
+        fixed = (self.geometry.mode != "whole" or self.geometry.tile is not None) and self.pad_chunks
         out = []
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
             n = len(chunk)
             if fixed and n < self.batch_size:
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(self.forward(chunk), np.float32)[:n])
+            out.append(mean_of_views(self.forward, chunk, self.geometry.tta)[:n])
         return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _windowed(self, batch: dict[str, Any], i: int) -> np.ndarray:
+        """The mask of image ``i`` predicted window by window (``tile``, or ``fit`` with a window)."""
+        g = self.geometry
+        image = model_image(batch, i)
+        if g.mode == "tile":
+            return tiled_argmax(self.logits, image, g.tile, g.overlap, self.batch_size, self.mean, g.weighting)
+        # A fitted image is at most the model's size: its logits fit in memory, and are mapped back whole.
+        logits = tiled_full(self.logits, image, g.tile, g.overlap, self.batch_size, self.mean, g.weighting)
+        height, width = int(batch["height"][i]), int(batch["width"][i])
+        return restore(logits, fitted_content(height, width, g.size, g.fit), height, width).argmax(axis=-1).astype(np.uint8)
 
     def _predict_groups(self, batch: dict[str, Any], todo: list[int], preds: list, errors: list) -> None:
         g = self.geometry
@@ -129,16 +143,18 @@ class Predictor:
         errors = [str(e) for e in batch["error"]]
         preds: list[np.ndarray] = [empty_array(np.uint8, None)] * n
         todo = [i for i in range(n) if not errors[i]]
-        if self.geometry.mode == "tile":
+        if self.geometry.tile is not None:
             for i in todo:
                 try:
-                    preds[i] = tiled_argmax(
-                        self.logits, model_image(batch, i), self.geometry.tile, self.geometry.overlap, self.batch_size, self.mean
-                    )
+                    preds[i] = self._windowed(batch, i)
                 except Exception as e:  # noqa: BLE001
                     errors[i] = f"{batch['uri'][i]}: tiled prediction failed: {type(e).__name__}: {e}"
         else:
             self._predict_groups(batch, todo, preds, errors)
+        if self.geometry.min_component:
+            for i in todo:
+                if not errors[i]:
+                    preds[i] = remove_small_components(preds[i], self.geometry.min_component)
         rows = []
         for i in range(n):
             failed = bool(errors[i])

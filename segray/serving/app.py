@@ -192,14 +192,14 @@ def serve(cfg: ServeConfig) -> Served:
 
     from segray.export.card import model_card, run_records
     from segray.export.formats import ONNX_OPSET
-    from segray.inference.geometry import Geometry
     from segray.inference.model import resolve_model
     from segray.inference.pipeline import converted as convert_pinned
+    from segray.inference.pipeline import geometry_of
     from segray.runtime import is_verbose
 
     spec = resolve_model(cfg.run)
-    # As segray predict without --tile: fitted to the trained size, else whole images.
-    geometry = Geometry("fit", size=tuple(spec.size), fit=spec.fit, multiple=spec.multiple) if spec.size else Geometry("whole", multiple=spec.multiple)
+    # As segray predict without --tile: the model's window if it has one, fitted to the trained size, else whole images.
+    geometry = geometry_of(spec)
     converted = convert_pinned(spec, geometry) if cfg.backend == "onnxruntime" else None
     config, best = run_records(spec.uri)
     multiple = converted.multiple if converted else spec.multiple
@@ -208,6 +208,9 @@ def serve(cfg: ServeConfig) -> Served:
     card["input_size"]["rule"] = "any H and W up to max_pixels; " + (
         f"resized to the trained size {spec.size[0]}x{spec.size[1]} and the mask resized back, as segray predict does"
         if geometry.mode == "fit" else "padded as segray predict does"
+    ) + (
+        f"; a {geometry.tile[0]}x{geometry.tile[1]} window slides over it (overlap {geometry.overlap[0]}x{geometry.overlap[1]} pixels, "
+        f"{geometry.weighting} weights), as segray predict does" if geometry.tile else ""
     )
     card["input"] = {"body": "PNG, JPEG, TIFF or BMP file, or multipart/form-data with a file part", "max_pixels": cfg.max_pixels}
     settings = {

@@ -21,8 +21,9 @@ def classes_json(names: list[str] = CLASS_NAMES) -> list[dict]:
     return [{"id": k, "name": n, "color": default_color(k)} for k, n in enumerate(names)]
 
 
-def preprocessing(size: list[int] | None, names: list[str] = CLASS_NAMES) -> dict:
+def preprocessing(size: list[int] | None, names: list[str] = CLASS_NAMES, window: list[int] | None = None) -> dict:
     return {
+        **({"window": window} if window else {}),
         "model": "unet",
         "size": size,
         "fit": "resize",
@@ -52,10 +53,10 @@ def tiny_unet(num_classes: int = 3, seed: int = 0):
     return models.build("unet", num_classes, width=8, depth=2)
 
 
-def write_run(root: str, size: list[int] | None, seed: int = 0) -> str:
-    """A training run's model/ folder (tiny U-Net + preprocessing.json); returns the run URI."""
+def write_run(root: str, size: list[int] | None, seed: int = 0, window: list[int] | None = None) -> str:
+    """A training run's model/ folder (tiny U-Net + preprocessing.json, with ``window`` if given); returns the run URI."""
     save_keras(tiny_unet(seed=seed), storage.join(root, "model", "model.keras"))
-    storage.write_text(storage.join(root, "model", "preprocessing.json"), json.dumps(preprocessing(size)))
+    storage.write_text(storage.join(root, "model", "preprocessing.json"), json.dumps(preprocessing(size, window=window)))
     return root
 
 

@@ -26,8 +26,8 @@ def box_logits(batch: np.ndarray, radius: int = 1) -> np.ndarray:
     return np.stack([mean[..., 0] - mean[..., 1], mean[..., 2]], axis=-1).astype(np.float32)
 
 
-def assemble(image, predict, tile, overlap, batch):
-    strips = list(tiled_logits(predict, image, tile, overlap, batch))
+def assemble(image, predict, tile, overlap, batch, weighting="linear"):
+    strips = list(tiled_logits(predict, image, tile, overlap, batch, weighting=weighting))
     rows = [r for r, _ in strips]
     assert rows == sorted(rows) and rows[0] == 0
     return np.concatenate([s for _, s in strips])
@@ -38,7 +38,7 @@ def test_windows_cover_and_weights_sum_to_one(length, tile, overlap):
     starts = window_starts(length, tile, overlap)
     assert starts[0] == 0 and starts[-1] + tile == length
     total = np.zeros(length)
-    for s, w in zip(starts, window_weights(starts, tile)):
+    for s, w in zip(starts, window_weights(starts, tile, "linear")):
         total[s : s + tile] += w
     assert (total > 0).all()
     if overlap * 2 <= tile:  # at most two windows share a pixel
@@ -54,7 +54,7 @@ def test_tiled_equals_whole_for_a_receptive_field_inside_the_overlap(shape, batc
     tiled = assemble(image, box_logits, (16, 16), (4, 4), batch)  # RF radius 1 = overlap / 4
     assert tiled.shape == whole.shape
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
-    np.testing.assert_array_equal(tiled_argmax(box_logits, image, (16, 16), (4, 4), batch), whole.argmax(-1))
+    np.testing.assert_array_equal(tiled_argmax(box_logits, image, (16, 16), (4, 4), batch, weighting="linear"), whole.argmax(-1))
 
 
 def test_tiled_keras_model_matches_whole_image():

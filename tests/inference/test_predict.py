@@ -312,3 +312,48 @@ def test_changed_inputs_are_not_mistaken_for_a_resume(tmp_path):
     with pytest.raises(FileExistsError, match=r"holds results of another run \(source_fingerprint"):
         predict(cfg)
     assert first.summary["images"] == 2
+
+
+def test_patch_trained_model_slides_its_window_and_records_it(tmp_path):
+    """preprocessing.json's window is used without --tile (an image smaller than it too), with flip TTA and component removal."""
+    from segray.inference.components import remove_small_components
+    from segray.inference.geometry import tiled_argmax
+    from segray.models.saved import load_keras
+    from tests.inference.helpers import preprocessing
+
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    pairs = write_raw(raw, {"big": (40, 52), "small": (12, 10), "odd": (33, 17)}, seed=4)
+    run = write_run(str(tmp_path / "run"), None, window=[16, 16])
+    cfg = PredictConfig(model=run, input=raw, output=out, batch_size=4, overlays=0, tta="flip", min_component=3)
+    result = predict(cfg)
+    assert result.summary["images"] == 3 and result.summary["errors"] == 0
+    recorded = {"mode": "tile", "window": [16, 16], "overlap": [8, 8], "weighting": "gaussian", "tta": "flip", "tta_views": 4, "min_component": 3}
+    assert result.summary["inference"] == recorded
+    assert json.loads(storage.read_text(f"{out}/summary.json"))["config"]["resolved"]["model"]["window"] == [16, 16]
+    identity = json.loads(storage.read_text(f"{out}/_run.json"))["geometry"]
+    assert (identity["tile"], identity["weighting"], identity["tta"], identity["min_component"]) == ([16, 16], "gaussian", "flip", 3)
+
+    # An oracle from the Keras model: normalised by hand, views flipped by hand, 16x16 windows.
+    model = load_keras(f"{run}/model/model.keras")
+    pre = preprocessing(None)
+    mean, std = np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32)
+    run_model = lambda x: np.asarray(model.predict_on_batch(x))  # noqa: E731
+
+    def flipped(x):
+        return (run_model(x) + run_model(x[:, :, ::-1])[:, :, ::-1] + run_model(x[:, ::-1])[:, ::-1] + run_model(x[:, ::-1, ::-1])[:, ::-1, ::-1]) / 4
+
+    wrong = total = 0
+    for image_id, (image, _) in pairs.items():
+        x = (image.astype(np.float32) - mean) / std
+        want = remove_small_components(tiled_argmax(flipped, x, (16, 16), (8, 8), 4), 3)
+        got = read_mask(f"{out}/masks/{image_id}.png")
+        assert got.shape == image.shape[:2], image_id
+        wrong, total = wrong + int((got != want).sum()), total + got.size
+        if image_id == "big":  # 40x52 fits the model whole: the windows give other masks, so the check can fail
+            assert (tiled_argmax(flipped, x, (16, 16), (8, 8), 4) != run_model(x[None])[0].argmax(-1)).any()
+    assert wrong <= total // 1000, (wrong, total)
+
+    before = sorted(os.listdir(f"{out}/masks"))
+    with pytest.raises(FileExistsError, match=r"holds results of another run \(geometry"):
+        predict(dataclasses.replace(cfg, tta="none"))
+    assert sorted(os.listdir(f"{out}/masks")) == before
