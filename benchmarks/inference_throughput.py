@@ -3,6 +3,7 @@
     python benchmarks/inference_throughput.py [--n 1000,5000] [--size 64] [--batch 32] [--width 16 --depth 3]
     python benchmarks/inference_throughput.py --gpu [--n 512] [--size 512] [--batch 16]
     python benchmarks/inference_throughput.py --backend tensorflow,onnxruntime [--models unet,segnet,deeplabv3plus] [--n 512]
+    python benchmarks/inference_throughput.py --n 1000 --tta flip      # and the cost of test-time augmentation
 
 All three read the same raw layout (images/ + masks/ PNGs) and use the same U-Net:
 
@@ -27,6 +28,10 @@ one actor with one GPU.
 ``BACKEND_OPTIONS``), the naive TensorFlow loop, the same loop on ONNX
 Runtime, and ``segray predict`` with each backend, side by side on the same
 images (target: predict on ONNX Runtime >= 1.5x the naive TensorFlow loop).
+
+``--tta flip`` (or ``flip8``): one more predict of the smallest count with
+that TTA; its steady-state rate against plain predict's is the TTA's cost
+(4 or 8 model calls per image: about 4x or 8x where the model dominates).
 """
 
 from __future__ import annotations
@@ -188,14 +193,14 @@ def baseline_naive_loop(raw: str, run: str, out: str, batch: int) -> float:
     return len(names) / (time.perf_counter() - t0)
 
 
-def run_predict(run: str, raw: str, out: str, batch: int, gpus: float, backend: str = "tensorflow") -> tuple[dict, float, int, int]:
+def run_predict(run: str, raw: str, out: str, batch: int, gpus: float, backend: str = "tensorflow", tta: str = "none") -> tuple[dict, float, int, int]:
     """(summary, wall images/s, peak RSS, peak PSS) of one segray predict."""
     from segray.config import PredictConfig
     from segray.inference import predict
 
     with MemorySampler() as mem:
         t0 = time.perf_counter()
-        result = predict(PredictConfig(model=run, input=raw, output=out, batch_size=batch, gpus_per_worker=gpus, overlays=0, backend=backend))
+        result = predict(PredictConfig(model=run, input=raw, output=out, batch_size=batch, gpus_per_worker=gpus, overlays=0, backend=backend, tta=tta))
         wall = time.perf_counter() - t0
     return result.summary, result.summary["images"] / wall, mem.peak_rss, mem.peak_pss
 
@@ -306,6 +311,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--backend", default=None, help="tensorflow, onnxruntime or both (comma-separated): compare backends per model")
     parser.add_argument("--models", default=None, help="with --backend: registered models, comma-separated (default all three)")
+    parser.add_argument("--tta", choices=["none", "flip", "flip8"], default="none", help="also time predict with this TTA (default none: not timed)")
     args = parser.parse_args()
     if args.backend:
         compare_backends(args)
@@ -374,9 +380,15 @@ def main() -> None:
             f"peak memory {big} vs {small} images: RSS {memory[big][0] / memory[small][0]:.2f}x, "
             f"PSS {memory[big][1] / memory[small][1]:.2f}x (target <= 1.2)"
         )
+    tta_result = ""
+    if args.tta != "none":
+        summary, wall_rate, _, _ = run_predict(run, inputs[n], os.path.join(workdir, f"out-{n}-tta"), batch, gpus, tta=args.tta)
+        tta_rate = summary["steady_images_per_s"] or wall_rate
+        print(f"segray predict --tta {args.tta}, steady state: {tta_rate:.1f} images/s; {best['steady'] / tta_rate:.2f}x the time of plain predict")
+        tta_result = f" tta={args.tta} tta_images_per_s={tta_rate:.1f} tta_cost={best['steady'] / tta_rate:.2f}"
     print(
         f"RESULT predict_images_per_s={best['steady']:.1f} model_predict_images_per_s={best['model']:.1f} naive_images_per_s={best['naive']:.1f} "
-        f"ratio_model={best['steady'] / best['model']:.3f} ratio_naive={best['steady'] / best['naive']:.3f}"
+        f"ratio_model={best['steady'] / best['model']:.3f} ratio_naive={best['steady'] / best['naive']:.3f}{tta_result}"
     )
     ray.shutdown()
 
