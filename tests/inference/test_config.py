@@ -37,6 +37,9 @@ def cfg(**kw) -> PredictConfig:
         ({"overlays": -1}, "overlays"),
         ({"split": "a/b"}, "split"),
         ({"model": ""}, "model"),
+        ({"min_component": -1}, "min_component"),
+        ({"tta": "flips"}, "tta"),
+        ({"weighting": "box"}, "weighting"),
     ],
 )
 def test_bad_values_raise_naming_the_field(kw, field):
