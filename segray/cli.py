@@ -26,6 +26,7 @@ from segray.config import (
     ReportConfig,
     ServeConfig,
     TrainConfig,
+    TuneConfig,
     load_file,
     parse_size,
 )
@@ -108,6 +109,24 @@ def cmd_train(values: dict[str, Any]) -> None:
     print(f"trained {cfg.model} for {len(h)} epoch(s); best val mIoU {best['val_miou']:.4f} at epoch {result.best_epoch + 1}")
     print(h[["epoch", "train_loss", "val_loss", "val_pixel_accuracy", "val_miou", "val_mean_dice", "seconds"]].to_string(index=False))
     print(f"run: {result.run_uri} (model/model.keras, history.parquet, curves.png, config.json, tensorboard/)")
+
+
+def _duration(text: str) -> float:
+    """'90', '90s', '30m', '1.5h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1].lower()) if text and text[-1].lower() in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds or a duration such as 90s, 30m, 2h") from None
+    return seconds
+
+
+def cmd_tune(values: dict[str, Any]) -> None:
+    import segray
+
+    result = segray.tune(TuneConfig.from_dict(values))
+    print(result.describe())
 
 
 def cmd_predict(values: dict[str, Any]) -> None:
@@ -250,8 +269,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-options", "--model-option", type=_model_option, action="append", help="KEY=VALUE for the model builder (repeat)")
     p.add_argument("--resume", action="store_true", help="continue the run NAME from its last checkpoint")
 
+    p = _subparser(sub, "tune", cmd_tune, "search hyperparameters on Ray Tune: trials of `segray train`, poor ones stopped by ASHA", TuneConfig)
+    p.add_argument("--data", help="ingested dataset (local or s3://); required")
+    p.add_argument("--storage", help="where searches live (local or s3://); required")
+    p.add_argument("--name", help="search name: results go to STORAGE/NAME; required")
+    p.add_argument("--trials", type=int, help="trials sampled from the space (each grid value this many times)")
+    p.add_argument("--time-budget", type=_duration, help="stop the search after this long: seconds, or 30m, 2h")
+    p.add_argument("--search-space", help="YAML file of the space (default: lr, loss, class weights, model, width, augment strength)")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers of each trial")
+    p.add_argument("--cpus-per-worker", type=int)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs hold)")
+    p.add_argument("--epochs", type=int, help="epochs of a trial that is never stopped")
+    p.add_argument("--grace-epochs", type=int, help="epochs every trial runs before ASHA may stop it")
+    p.add_argument("--reduction-factor", type=float, help="ASHA keeps the best 1/F of trials at each rung")
+    p.add_argument("--seed", type=int, help="seeds the sampling of the space")
+    p.add_argument("--resume", action="store_true", help="continue the search NAME; finished trials are not run again")
+
     p = _subparser(sub, "predict", cmd_predict, "segment images with a trained model; evaluate where masks exist", PredictConfig)
-    p.add_argument("--model", help="a training run (STORAGE/RUN) or a .keras file; required")
+    p.add_argument("--model", help="a training run (STORAGE/RUN), a search (STORAGE/NAME: its best trial) or a .keras file; required")
     p.add_argument("--input", help="raw layout (images/ [+ masks/]) or an ingested split, local or s3://; required")
     p.add_argument("--output", help="where masks and tables go; required")
     p.add_argument("--split", help="with an ingested dataset as --input: the split (e.g. val)")
