@@ -1,10 +1,16 @@
-"""Ray job entrypoint: search hyperparameters on Ray Tune (every trial a Ray Train run).
+"""`ray job submit ... -- python jobs/tune.py ARGS`: the same arguments as `segray tune`.
 
-    ray job submit --working-dir . -- python jobs/tune.py --data s3://bucket/data/shapes \
-        --storage s3://bucket/searches --name s1 --trials 16 --time-budget 2h
+Runs on the cluster the job was submitted to (Ray sets RAY_ADDRESS): trials
+run as many at once as the cluster's CPUs (GPUs) hold, or `--max-concurrent`.
+Exits non-zero with a one-line reason when an argument or the space is wrong.
 """
 
-from segray.cli import job
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from segray.cli import job  # noqa: E402
 
 if __name__ == "__main__":
     job("tune")
