@@ -186,7 +186,39 @@ def cmd_serve(values: dict[str, Any]) -> None:
 def cmd_models(values: dict[str, Any]) -> None:
     from segray import models
 
+    if values.get("benchmark"):
+        cmd_models_benchmark(values)
+        return
+    for flag in ("data", "output", "epochs", "repeats"):
+        if flag in values:
+            raise ConfigError(f"{flag}: only with --benchmark", field=flag)
     print(models.describe(values.get("name"), size=tuple(values.get("size", (256, 256))), num_classes=values.get("num_classes", 2)))
+
+
+def cmd_models_benchmark(values: dict[str, Any]) -> None:
+    from segray import models
+    from segray.models import benchmark as bench
+
+    name = values.get("name")
+    if name is not None and name not in models.available():
+        raise ConfigError(f"name {name!r}: unknown model; choose from {', '.join(models.available())}", field="name")
+    data = values.get("data")
+    if data is not None:
+        from segray.data.info import load_dataset_info
+        from segray.runtime import init_ray
+
+        load_dataset_info(data)  # a wrong path fails here, before any model is timed
+        init_ray()
+    size = tuple(values.get("size", (256, 256)))
+    frame = bench.benchmark(
+        [name] if name else models.available(), size=size, num_classes=values.get("num_classes", 2), data=data,
+        epochs=values.get("epochs", 3), repeats=values.get("repeats", 20),
+    )
+    print(bench.format_table(frame))
+    if not bench.gpu_available():
+        print("no GPU found: the gpu_ and gpu_fp16_ columns are left out")
+    written = bench.write_report(frame, values.get("output", "."))
+    print("wrote " + ", ".join(written))
 
 
 def cmd_demo(values: dict[str, Any]) -> None:
@@ -340,10 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-cpus", type=float, help="CPUs reserved per replica")
     p.add_argument("--max-pixels", type=int, help="refuse larger images (413) from their header")
 
-    p = _subparser(sub, "models", cmd_models, "list models, or show one's parameters and FLOPs")
+    p = _subparser(sub, "models", cmd_models, "list models, show one's parameters and FLOPs, or benchmark speed against accuracy")
     p.add_argument("name", nargs="?")
-    p.add_argument("--size", type=_size, help="H or HxW for FLOPs (default 256)")
+    p.add_argument("--size", type=_size, help="H or HxW for FLOPs and the benchmark (default 256)")
     p.add_argument("--num-classes", type=int, help="default 2")
+    p.add_argument("--benchmark", action="store_true", help="params, GFLOPs, CPU latency p50/p95 and throughput per model (fp16 on a GPU)")
+    p.add_argument("--data", help="with --benchmark: an ingested dataset; adds val mIoU after --epochs of training")
+    p.add_argument("--epochs", type=int, help="with --data: the training budget of every model (default 3)")
+    p.add_argument("--repeats", type=int, help="with --benchmark: timed batch-1 calls (default 20)")
+    p.add_argument("--output", help="with --benchmark: folder for speed_accuracy.parquet and .png (default .)")
 
     p = _subparser(sub, "demo", cmd_demo, "run the whole pipeline on a local synthetic dataset")
     p.add_argument("--dir", help="working folder (default ./segray-demo; an earlier demo's files there are replaced, anything else is refused)")
