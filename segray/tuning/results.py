@@ -9,7 +9,9 @@
   driver stopped, these three cover its part since), ``stopped_early`` (ASHA
   stopped it before its last epoch), ``stopped_after`` (the epochs it had
   done then, 0 if not stopped; its workers may finish one more before they
-  stop, which ``epochs`` counts), ``status``, ``error`` and ``run_uri`` (a
+  stop, which ``epochs`` counts), ``complete`` (it trained all its epochs or
+  ASHA stopped it; not: cut short by the time budget, or failed), ``status``,
+  ``error`` and ``run_uri`` (a
   segray run: ``segray predict --model RUN_URI``).
 - ``best.json``: the best trial by val mIoU: ``trial_id``, ``run_uri``,
   ``val_miou``, ``val_mean_dice``, ``epoch``, ``params`` (its sampled values)
@@ -53,17 +55,21 @@ class TuneResult:
 
     @property
     def trials_per_hour(self) -> float:
-        """Trials that ended (finished or stopped early) per hour of this driver's search."""
-        done = int((self.trials["status"] == "TERMINATED").sum()) if len(self.trials) else 0
+        """Complete trials (all their epochs, or stopped early by ASHA) per hour of this driver's search."""
+        done = int(self.trials["complete"].sum()) if len(self.trials) else 0
         return done * 3600.0 / self.seconds if self.seconds > 0 else float("nan")
 
     def describe(self) -> str:
         t = self.trials
         stopped = int(t["stopped_early"].sum()) if len(t) else 0
-        lines = [f"{len(t)} trial(s), {stopped} stopped early by ASHA, in {self.seconds:.0f} s ({self.trials_per_hour:.1f} trials/hour)"]
+        complete = int(t["complete"].sum()) if len(t) else 0
+        lines = [
+            f"{len(t)} trial(s): {complete} complete, {stopped} of them stopped early by ASHA, {len(t) - complete} cut short "
+            f"(time budget or error); {self.seconds:.0f} s ({self.trials_per_hour:.1f} complete trials/hour)"
+        ]
         if len(t):
             varied = [c for c in param_columns(t) if t[c].astype(str).nunique() > 1]  # the sampled ones
-            shown = [c for c in ("trial_id", *varied, "best_val_miou", "best_val_dice", "epochs", "seconds", "stopped_early", "status") if c in t]
+            shown = [c for c in ("trial_id", *varied, "best_val_miou", "best_val_dice", "epochs", "seconds", "stopped_early", "complete", "status") if c in t]
             lines.append(t.sort_values("best_val_miou", ascending=False, na_position="last")[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         if self.best:
             lines.append(f"best: trial {self.best['trial_id']}, val mIoU {self.best['val_miou']:.4f} at epoch {self.best['epoch'] + 1}; run {self.best['run_uri']}")
@@ -121,6 +127,8 @@ def trial_rows(grid, runs_uri: str, stopped: dict[str, int]) -> tuple[pd.DataFra
         else:
             row.update(best_val_miou=math.nan, best_val_dice=math.nan, best_epoch=-1)
         row["epochs"] = 0 if history is None else len(history)
+        planned = _planned_epochs(run_uri)
+        row["complete"] = error is None and (trial_id in stopped or (planned is not None and row["epochs"] >= planned))
         row["train_seconds"] = 0.0 if history is None else float(history["seconds"].sum())
         frame = _reports(result)
         seconds = float(result.metrics.get("time_total_s", math.nan)) if result.metrics else math.nan
@@ -147,6 +155,12 @@ def trial_rows(grid, runs_uri: str, stopped: dict[str, int]) -> tuple[pd.DataFra
         table = table.sort_values("trial_id").reset_index(drop=True)
     curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["trial_id", "epoch", "val_miou", "minutes"])
     return table, curve
+
+
+def _planned_epochs(run_uri: str) -> int | None:
+    from segray.training.artifacts import CONFIG_FILE, read_config
+
+    return int(read_config(run_uri)["epochs"]) if storage.exists(storage.join(run_uri, CONFIG_FILE)) else None
 
 
 def _param_value(value: Any) -> Any:
