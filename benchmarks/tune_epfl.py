@@ -57,23 +57,27 @@ def main() -> None:
     from segray.config import IngestConfig
     from segray.tuning.space import DEFAULT_SPACE
 
+    from segray.runtime import init_ray, local_cpus
+    from segray.tuning.search import concurrent_trials, ray_cpus
+
     with tempfile.TemporaryDirectory(prefix="segray-tune-epfl-") as tmp:
-        storage_dir = args.storage or os.path.join(tmp, "searches")
-        t0 = time.time()
-        common = dict(layout="per-class", images_dir="slices", class_order=ORDER, priority=PRIORITY)
-        ingested = segray.ingest(IngestConfig(source=os.path.join(args.data, "train"), destination=os.path.join(tmp, "train"), val_fraction=0.15, **common))
-        print(f"ingested {ingested.info.splits} slices in {time.time() - t0:.0f} s")
         space = {**DEFAULT_SPACE, "size": list(args.size), "crop": list(args.crop), "batch_size": args.batch}
         space_file = os.path.join(tmp, "space.yaml")
         with open(space_file, "w") as f:
             yaml.safe_dump(space, f)
-        print("search space:\n  " + yaml.safe_dump(space, default_flow_style=True, width=200).strip())
-        result = segray.tune(
-            segray.TuneConfig(
-                data=ingested.dst, storage=storage_dir, name=f"epfl-{int(time.time())}", trials=args.trials,
-                time_budget=args.time_budget, search_space=space_file, epochs=args.epochs, grace_epochs=args.grace_epochs,
-            )
+        cfg = segray.TuneConfig(
+            data=os.path.join(tmp, "train"), storage=args.storage or os.path.join(tmp, "searches"), name=f"epfl-{int(time.time())}",
+            trials=args.trials, time_budget=args.time_budget, search_space=space_file, epochs=args.epochs, grace_epochs=args.grace_epochs,
         )
+        # One Ray for the ingest and the search, started as `segray tune` starts its own.
+        concurrent = concurrent_trials(cfg, float(os.cpu_count() or 1), 0.0, args.trials, local=True)
+        init_ray(num_cpus=local_cpus(ray_cpus(cfg, concurrent)))
+        t0 = time.time()
+        common = dict(layout="per-class", images_dir="slices", class_order=ORDER, priority=PRIORITY)
+        ingested = segray.ingest(IngestConfig(source=os.path.join(args.data, "train"), destination=cfg.data, val_fraction=0.15, **common))
+        print(f"ingested {ingested.info.splits} slices in {time.time() - t0:.0f} s; {concurrent} trial(s) at once")
+        print("search space:\n  " + yaml.safe_dump(space, default_flow_style=True, width=200).strip())
+        result = segray.tune(cfg)
         print(result.describe())
         t = result.trials
         best = result.best["val_miou"] if result.best else float("nan")

@@ -97,13 +97,14 @@ def tune(cfg: TuneConfig | dict[str, Any]):
     cfg = _config(TuneConfig, cfg)
     prepared = search.prepare(cfg)
     trials = search.trial_count(prepared)
-    local = not os.environ.get("RAY_ADDRESS")
-    if local:
+    if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
         concurrent = search.concurrent_trials(cfg, float(os.cpu_count() or 1), _local_gpus() if cfg.gpu else 0.0, trials, local=True)
         init_ray(num_cpus=local_cpus(search.ray_cpus(cfg, concurrent)))
     else:
+        # A cluster, or a Ray this process started before (a notebook's, an earlier call's):
+        # its CPUs are what they are, so each trial's data pipeline must find one among them.
         init_ray()
-        have = cluster_limits() or ray.cluster_resources()
+        have = (cluster_limits() if os.environ.get("RAY_ADDRESS") else None) or ray.cluster_resources()
         concurrent = search.concurrent_trials(cfg, have.get("CPU", 0.0), have.get("GPU", 0.0), trials, local=False)
     per_trial = cfg.workers_per_trial * cfg.cpus_per_worker + DATA_PIPELINE_CPUS
     what = f"a trial of {cfg.workers_per_trial} worker(s) of {cfg.cpus_per_worker} CPU(s)"

@@ -30,6 +30,8 @@ MODEL_DIR = "model"
 MODEL_FILE = "model.keras"
 PREPROCESSING_FILE = "preprocessing.json"
 BEST_FILE = "best.json"
+# A search of `segray tune` (STORAGE/NAME) names its best trial's run in a file of the same name.
+SEARCH_BEST_FILE = BEST_FILE
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ def locate(model: str) -> tuple[str, str | None]:
     raise about(
         "model",
         FileNotFoundError(
-            f"model {model}: expected a training run (with {MODEL_DIR}/{MODEL_FILE}), a {MODEL_DIR}/ folder, a search (with {BEST_FILE}) or a .keras file; "
+            f"model {model}: expected a training run (with {MODEL_DIR}/{MODEL_FILE}), a {MODEL_DIR}/ folder, a search (with {SEARCH_BEST_FILE}) or a .keras file; "
             f"found neither {storage.join(model, MODEL_DIR, MODEL_FILE)} nor {storage.join(model, MODEL_FILE)}"
         ),
     )
@@ -165,7 +167,7 @@ def locate(model: str) -> tuple[str, str | None]:
 
 def _search_best_run(model: str) -> str | None:
     """The run of the best trial when ``model`` is a search folder (its best.json names a ``run_uri``), else None."""
-    uri = storage.join(model, BEST_FILE)
+    uri = storage.join(model, SEARCH_BEST_FILE)
     if not storage.exists(uri):
         return None
     try:

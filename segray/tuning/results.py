@@ -31,9 +31,9 @@ from typing import Any
 import pandas as pd
 
 from segray import storage
+from segray.models.saved import SEARCH_BEST_FILE as BEST_FILE  # run file names are spelled in saved.py
 
 TRIALS_FILE = "trials.parquet"
-BEST_FILE = "best.json"
 PLOT_FILE = "search.png"
 
 

@@ -102,9 +102,10 @@ def trial_count(search: Search) -> int:
 def concurrent_trials(cfg: TuneConfig, cpus: float, gpus: float, trials: int, local: bool) -> int:
     """How many trials run at once: as many as the CPUs (and GPUs) hold, at most ``max_concurrent``.
 
-    Locally ``cpus`` is the machine's: the trials' workers share its cores and
-    each trial's data pipeline gets a logical CPU beside them (``local_cpus``).
-    On a cluster the data pipelines need real CPUs, so they count.
+    ``local``: ``cpus`` is this machine's cores, and the Ray about to start
+    gets a logical CPU per trial for its data pipeline beside the workers
+    (``ray_cpus``). Otherwise ``cpus`` is what a running Ray (a cluster, or
+    one started earlier) has, and each trial's data pipeline needs one of them.
 
     Raises:
         ConfigError: locally, ``max_concurrent`` trials whose workers need more CPUs (GPUs) than there are.
