@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+")
     parser.add_argument("--output", default=".")
     args = parser.parse_args()
+    from segray.runtime import quiet_logging
+
+    quiet_logging()
 
     from segray import models
     from segray.models import benchmark as bench

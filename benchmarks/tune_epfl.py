@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--storage", help="where the search goes (default: a temporary folder, removed)")
     parser.add_argument("--data", default=EPFL)
     args = parser.parse_args()
+    from segray.runtime import quiet_logging
+
+    quiet_logging()
     if not os.path.isdir(args.data):
         print(f"skipped: {args.data} is absent")
         return
