@@ -6,6 +6,7 @@ The Python API, for notebooks and scripts::
 
     segray.ingest(segray.IngestConfig(source="raw/shapes", destination="data/shapes"))
     trained = segray.train(segray.TrainConfig(data="data/shapes", storage="runs", name="unet", epochs=5))
+    searched = segray.tune(segray.TuneConfig(data="data/shapes", storage="searches", name="s1", trials=8))  # searched.best["run_uri"]
     result = segray.predict(segray.PredictConfig(model=trained.run_uri, input="data/shapes", split="val", output="preds"))
     result.per_class          # a pandas DataFrame
     model = segray.load_model(trained.run_uri)
@@ -17,7 +18,7 @@ The Python API, for notebooks and scripts::
 The config and result classes are imported on first use and the functions
 import their machinery when called, so ``import segray`` stays cheap (no
 TensorFlow, no Ray). The submodules (``segray.data``, ``segray.models``,
-``segray.metrics``, ``segray.training``, ``segray.inference``,
+``segray.metrics``, ``segray.training``, ``segray.tuning``, ``segray.inference``,
 ``segray.reporting``, ``segray.storage``) hold the machinery.
 """
 
@@ -25,11 +26,12 @@ import importlib as _importlib
 
 __version__ = "0.1.0"
 
-from segray.api import evaluate, export_model, ingest, load_model, predict, query, report, serve, train
+from segray.api import evaluate, export_model, ingest, load_model, predict, query, report, serve, train, tune
 
 _PUBLIC = {
     "IngestConfig": "segray.config",
     "TrainConfig": "segray.config",
+    "TuneConfig": "segray.config",
     "PredictConfig": "segray.config",
     "EvaluateConfig": "segray.config",
     "ReportConfig": "segray.config",
@@ -39,13 +41,14 @@ _PUBLIC = {
     "ConfigError": "segray.config",
     "IngestResult": "segray.data.ingest",
     "TrainResult": "segray.training.trainer",
+    "TuneResult": "segray.tuning.results",
     "PredictResult": "segray.inference.output",
     "ReportResult": "segray.reporting.report",
     "ExportResult": "segray.export.bundle",
     "Served": "segray.serving.app",
 }
 
-__all__ = sorted([*_PUBLIC, "evaluate", "export_model", "ingest", "load_model", "predict", "query", "report", "serve", "train"])
+__all__ = sorted([*_PUBLIC, "evaluate", "export_model", "ingest", "load_model", "predict", "query", "report", "serve", "train", "tune"])
 
 
 def __getattr__(name: str) -> object:

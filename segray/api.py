@@ -10,8 +10,21 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from segray.config import Config, EvaluateConfig, ExportConfig, IngestConfig, PredictConfig, QueryConfig, ReportConfig, ServeConfig, TrainConfig
-from segray.runtime import DATA_PIPELINE_CPUS, check_fits, init_ray, local_cpus
+import os
+
+from segray.config import (
+    Config,
+    EvaluateConfig,
+    ExportConfig,
+    IngestConfig,
+    PredictConfig,
+    QueryConfig,
+    ReportConfig,
+    ServeConfig,
+    TrainConfig,
+    TuneConfig,
+)
+from segray.runtime import DATA_PIPELINE_CPUS, check_fits, cluster_limits, init_ray, local_cpus
 
 C = TypeVar("C", bound=Config)
 
@@ -61,6 +74,52 @@ def train(cfg: TrainConfig | dict[str, Any]):
     init_ray(num_cpus=local_cpus(cpus))
     check_fits(cpus, c.workers if c.gpu else 0, "workers", f"training with {c.workers} worker(s) of {c.cpus_per_worker} CPU(s)")
     return run_train(run)
+
+
+def tune(cfg: TuneConfig | dict[str, Any]):
+    """Searches hyperparameters on Ray Tune: every trial a Ray Train run, poor trials stopped by ASHA.
+
+    The search space and every trial it can make are checked before Ray
+    starts (a bad key or value is named). Locally, as many trials run at once
+    as the machine's cores hold workers, each with a CPU for its data pipeline.
+
+    Args:
+        cfg: a ``TuneConfig`` (or a dict of its fields).
+
+    Returns:
+        ``TuneResult``: ``uri`` (``STORAGE/NAME``), ``trials`` (DataFrame, one
+        row per trial, as ``trials.parquet``), ``best`` (``best.json``) and ``seconds``.
+    """
+    import ray
+
+    from segray.tuning import search
+
+    cfg = _config(TuneConfig, cfg)
+    prepared = search.prepare(cfg)
+    trials = search.trial_count(prepared)
+    if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        concurrent = search.concurrent_trials(cfg, float(os.cpu_count() or 1), _local_gpus() if cfg.gpu else 0.0, trials, local=True)
+        init_ray(num_cpus=local_cpus(search.ray_cpus(cfg, concurrent)))
+    else:
+        # A cluster, or a Ray this process started before (a notebook's, an earlier call's):
+        # its CPUs are what they are, so each trial's data pipeline must find one among them.
+        init_ray()
+        have = (cluster_limits() if os.environ.get("RAY_ADDRESS") else None) or ray.cluster_resources()
+        concurrent = search.concurrent_trials(cfg, have.get("CPU", 0.0), have.get("GPU", 0.0), trials, local=False)
+    per_trial = cfg.workers_per_trial * cfg.cpus_per_worker + DATA_PIPELINE_CPUS
+    what = f"a trial of {cfg.workers_per_trial} worker(s) of {cfg.cpus_per_worker} CPU(s)"
+    check_fits(per_trial, cfg.workers_per_trial if cfg.gpu else 0, "workers_per_trial", what)
+    return search.run(prepared, concurrent)
+
+
+def _local_gpus() -> float:
+    """GPUs on this machine (what a local Ray would find), without starting Ray."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        return float(get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators())
+    except Exception:  # noqa: BLE001 - no way to count: assume none
+        return 0.0
 
 
 def predict(cfg: PredictConfig | dict[str, Any]):

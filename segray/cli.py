@@ -26,6 +26,7 @@ from segray.config import (
     ReportConfig,
     ServeConfig,
     TrainConfig,
+    TuneConfig,
     load_file,
     parse_size,
 )
@@ -110,6 +111,24 @@ def cmd_train(values: dict[str, Any]) -> None:
     print(f"run: {result.run_uri} (model/model.keras, history.parquet, curves.png, config.json, tensorboard/)")
 
 
+def _duration(text: str) -> float:
+    """'90', '90s', '30m', '1.5h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1].lower()) if text and text[-1].lower() in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds or a duration such as 90s, 30m, 2h") from None
+    return seconds
+
+
+def cmd_tune(values: dict[str, Any]) -> None:
+    import segray
+
+    result = segray.tune(TuneConfig.from_dict(values))
+    print(result.describe())
+
+
 def cmd_predict(values: dict[str, Any]) -> None:
     import segray
 
@@ -167,7 +186,39 @@ def cmd_serve(values: dict[str, Any]) -> None:
 def cmd_models(values: dict[str, Any]) -> None:
     from segray import models
 
+    if values.get("benchmark"):
+        cmd_models_benchmark(values)
+        return
+    for flag in ("data", "output", "epochs", "repeats"):
+        if flag in values:
+            raise ConfigError(f"{flag}: only with --benchmark", field=flag)
     print(models.describe(values.get("name"), size=tuple(values.get("size", (256, 256))), num_classes=values.get("num_classes", 2)))
+
+
+def cmd_models_benchmark(values: dict[str, Any]) -> None:
+    from segray import models
+    from segray.models import benchmark as bench
+
+    name = values.get("name")
+    if name is not None and name not in models.available():
+        raise ConfigError(f"name {name!r}: unknown model; choose from {', '.join(models.available())}", field="name")
+    data = values.get("data")
+    if data is not None:
+        from segray.data.info import load_dataset_info
+        from segray.runtime import init_ray
+
+        load_dataset_info(data)  # a wrong path fails here, before any model is timed
+        init_ray()
+    size = tuple(values.get("size", (256, 256)))
+    frame = bench.benchmark(
+        [name] if name else models.available(), size=size, num_classes=values.get("num_classes", 2), data=data,
+        epochs=values.get("epochs", 3), repeats=values.get("repeats", 20),
+    )
+    print(bench.format_table(frame))
+    if not bench.gpu_available():
+        print("no GPU found: the gpu_ and gpu_fp16_ columns are left out")
+    written = bench.write_report(frame, values.get("output", "."))
+    print("wrote " + ", ".join(written))
 
 
 def cmd_demo(values: dict[str, Any]) -> None:
@@ -250,8 +301,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-options", "--model-option", type=_model_option, action="append", help="KEY=VALUE for the model builder (repeat)")
     p.add_argument("--resume", action="store_true", help="continue the run NAME from its last checkpoint")
 
+    p = _subparser(sub, "tune", cmd_tune, "search hyperparameters on Ray Tune: trials of `segray train`, poor ones stopped by ASHA", TuneConfig)
+    p.add_argument("--data", help="ingested dataset (local or s3://); required")
+    p.add_argument("--storage", help="where searches live (local or s3://); required")
+    p.add_argument("--name", help="search name: results go to STORAGE/NAME; required")
+    p.add_argument("--trials", type=int, help="trials sampled from the space (each grid value this many times)")
+    p.add_argument("--time-budget", type=_duration, help="stop the search after this long: seconds, or 30m, 2h")
+    p.add_argument("--search-space", help="YAML file of the space (default: lr, loss, class weights, model, width, augment strength)")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers of each trial")
+    p.add_argument("--cpus-per-worker", type=int)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs hold)")
+    p.add_argument("--epochs", type=int, help="epochs of a trial that is never stopped")
+    p.add_argument("--grace-epochs", type=int, help="epochs every trial runs before ASHA may stop it")
+    p.add_argument("--reduction-factor", type=float, help="ASHA keeps the best 1/F of trials at each rung")
+    p.add_argument("--seed", type=int, help="seeds the sampling of the space")
+    p.add_argument("--resume", action="store_true", help="continue the search NAME; finished trials are not run again")
+
     p = _subparser(sub, "predict", cmd_predict, "segment images with a trained model; evaluate where masks exist", PredictConfig)
-    p.add_argument("--model", help="a training run (STORAGE/RUN) or a .keras file; required")
+    p.add_argument("--model", help="a training run (STORAGE/RUN), a search (STORAGE/NAME: its best trial) or a .keras file; required")
     p.add_argument("--input", help="raw layout (images/ [+ masks/]) or an ingested split, local or s3://; required")
     p.add_argument("--output", help="where masks and tables go; required")
     p.add_argument("--split", help="with an ingested dataset as --input: the split (e.g. val)")
@@ -307,10 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-cpus", type=float, help="CPUs reserved per replica")
     p.add_argument("--max-pixels", type=int, help="refuse larger images (413) from their header")
 
-    p = _subparser(sub, "models", cmd_models, "list models, or show one's parameters and FLOPs")
+    p = _subparser(sub, "models", cmd_models, "list models, show one's parameters and FLOPs, or benchmark speed against accuracy")
     p.add_argument("name", nargs="?")
-    p.add_argument("--size", type=_size, help="H or HxW for FLOPs (default 256)")
+    p.add_argument("--size", type=_size, help="H or HxW for FLOPs and the benchmark (default 256)")
     p.add_argument("--num-classes", type=int, help="default 2")
+    p.add_argument("--benchmark", action="store_true", help="params, GFLOPs, CPU latency p50/p95 and throughput per model (fp16 on a GPU)")
+    p.add_argument("--data", help="with --benchmark: an ingested dataset; adds val mIoU after --epochs of training")
+    p.add_argument("--epochs", type=int, help="with --data: the training budget of every model (default 3)")
+    p.add_argument("--repeats", type=int, help="with --benchmark: timed batch-1 calls (default 20)")
+    p.add_argument("--output", help="with --benchmark: folder for speed_accuracy.parquet and .png (default .)")
 
     p = _subparser(sub, "demo", cmd_demo, "run the whole pipeline on a local synthetic dataset")
     p.add_argument("--dir", help="working folder (default ./segray-demo; an earlier demo's files there are replaced, anything else is refused)")

@@ -1,7 +1,7 @@
 """Configuration: frozen dataclasses with strict checks, one per job.
 
 Configuration flows one way: YAML and flags -> one of ``IngestConfig``,
-``TrainConfig``, ``PredictConfig``, ``EvaluateConfig``, ``ExportConfig``,
+``TrainConfig``, ``TuneConfig``, ``PredictConfig``, ``EvaluateConfig``, ``ExportConfig``,
 ``ServeConfig`` (unknown keys, wrong
 types and bad values raise ``ConfigError`` naming the field) -> ``to_dict``
 into Ray's ``train_loop_config`` or an output's record -> rebuilt with
@@ -345,6 +345,58 @@ class TrainConfig(Config):
                 "use `workers` 1, add `gpu`, or drop `xla`",
                 field="xla",
             )
+
+
+@dataclass(frozen=True)
+class TuneConfig(Config):
+    """What ``segray tune`` searches: trials of ``segray train`` on Ray Tune, poor ones stopped early.
+
+    Attributes:
+        data: an ingested dataset (holds dataset.json).
+        storage: where searches live; the search goes to ``STORAGE/NAME``
+            (each trial's run to ``STORAGE/NAME/runs/TRIAL``).
+        name: the search's name, without '/'.
+        trials: trials sampled from the space (each grid value is tried this many times).
+        time_budget: seconds after which the search stops, running trials included; None: no limit.
+        search_space: a YAML file of the space (see ``segray.tune.space``); None: the default space.
+        workers_per_trial: Ray Train workers of each trial.
+        cpus_per_worker: CPUs each worker reserves.
+        gpu: one GPU per worker.
+        max_concurrent: trials at once; None: as many as the CPUs (GPUs) hold.
+        epochs: epochs of a trial that is never stopped (ASHA's max_t).
+        grace_epochs: epochs every trial runs before it may be stopped.
+        reduction_factor: ASHA keeps the best 1 / reduction_factor of trials at each rung.
+        seed: seeds the sampling of the space (the same seed samples the same trials).
+        resume: continue the search NAME after its driver stopped; finished trials stay done.
+    """
+
+    data: str
+    storage: str
+    name: str
+    trials: int = 8
+    time_budget: float | None = None
+    search_space: str | None = None
+    workers_per_trial: int = 1
+    cpus_per_worker: int = 1
+    gpu: bool = False
+    max_concurrent: int | None = None
+    epochs: int = 10
+    grace_epochs: int = 1
+    reduction_factor: float = 2.0
+    seed: int = 0
+    resume: bool = False
+
+    def validate(self) -> None:
+        _uri(self, "data", "storage")
+        if self.search_space is not None:
+            _uri(self, "search_space")
+        _positive(self, "trials", "time_budget", "workers_per_trial", "cpus_per_worker", "max_concurrent", "epochs", "grace_epochs")
+        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"name {self.name!r}: expected a plain search name (no '/', not '.' or '..')", field="name")
+        if self.grace_epochs > self.epochs:
+            raise ConfigError(f"grace_epochs {self.grace_epochs} is above `epochs` {self.epochs}", field="grace_epochs")
+        if self.reduction_factor <= 1:
+            raise ConfigError(f"reduction_factor must be above 1, got {self.reduction_factor!r}", field="reduction_factor")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Which model predicts, and how its inputs are prepared.
 
 MODEL is a training run (``STORAGE/RUN`` with ``model/model.keras`` and
-``model/preprocessing.json``), its ``model/`` folder, or a ``.keras`` file
-(``preprocessing.json`` beside it is used when present). The driver loads the
+``model/preprocessing.json``), its ``model/`` folder, a ``.keras`` file
+(``preprocessing.json`` beside it is used when present), or a search of
+``segray tune`` (its best trial's run, named in ``best.json``). The driver loads the
 model once to check it against the flags and to hash its weights; each
 predictor actor loads it again from the same URI.
 """

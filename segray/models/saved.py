@@ -30,6 +30,8 @@ MODEL_DIR = "model"
 MODEL_FILE = "model.keras"
 PREPROCESSING_FILE = "preprocessing.json"
 BEST_FILE = "best.json"
+# A search of `segray tune` (STORAGE/NAME) names its best trial's run in a file of the same name.
+SEARCH_BEST_FILE = BEST_FILE
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,9 @@ def read_preprocessing(uri: str) -> Preprocessing:
 def locate(model: str) -> tuple[str, str | None]:
     """(the .keras file, its preprocessing.json or None) for MODEL.
 
-    MODEL is a training run (``STORAGE/RUN``), its ``model/`` folder, or a
-    ``.keras`` file (``preprocessing.json`` beside it is used when present).
+    MODEL is a training run (``STORAGE/RUN``), its ``model/`` folder, a
+    ``.keras`` file (``preprocessing.json`` beside it is used when present),
+    or a search (``segray tune``'s ``STORAGE/NAME``): its best trial's run.
 
     Raises:
         FileNotFoundError: nothing that looks like a model at ``model``.
@@ -150,13 +153,29 @@ def locate(model: str) -> tuple[str, str | None]:
         if storage.exists(keras_file):
             pre = storage.join(folder, PREPROCESSING_FILE)
             return keras_file, (pre if storage.exists(pre) else None)
+    best_run = _search_best_run(model)
+    if best_run is not None:
+        return locate(best_run)
     raise about(
         "model",
         FileNotFoundError(
-            f"model {model}: expected a training run (with {MODEL_DIR}/{MODEL_FILE}), a {MODEL_DIR}/ folder or a .keras file; "
+            f"model {model}: expected a training run (with {MODEL_DIR}/{MODEL_FILE}), a {MODEL_DIR}/ folder, a search (with {SEARCH_BEST_FILE}) or a .keras file; "
             f"found neither {storage.join(model, MODEL_DIR, MODEL_FILE)} nor {storage.join(model, MODEL_FILE)}"
         ),
     )
+
+
+def _search_best_run(model: str) -> str | None:
+    """The run of the best trial when ``model`` is a search folder (its best.json names a ``run_uri``), else None."""
+    uri = storage.join(model, SEARCH_BEST_FILE)
+    if not storage.exists(uri):
+        return None
+    try:
+        best = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as e:
+        raise about("model", ValueError(f"model {model}: {uri} is not valid JSON ({e})")) from None
+    run = best.get("run_uri") if isinstance(best, dict) else None
+    return run if isinstance(run, str) and run and run.rstrip("/") != model.rstrip("/") else None
 
 
 def load_keras(uri: str):

@@ -120,12 +120,14 @@ def data_config(workers: int):
     return ray.train.DataConfig(datasets_to_split=["train"] if workers > 1 else [])
 
 
-def train(cfg: TrainConfig | ResolvedRun) -> TrainResult:
+def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> TrainResult:
     """Trains ``cfg.model`` on ``cfg.data`` with Ray Train (on the Ray this process is connected to).
 
     Args:
         cfg: the config, or the ``resolve`` of it when the caller checked it
             already (``segray.train`` does, before it starts Ray).
+        callbacks: Ray Train callbacks added to the run (``segray.tune`` passes
+            Ray Tune's ``TuneReportCallback``, so each epoch reaches the search).
     """
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
@@ -162,6 +164,7 @@ def train(cfg: TrainConfig | ResolvedRun) -> TrainResult:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
+            callbacks=callbacks,
             storage_path=path,
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
