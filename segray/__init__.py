@@ -5,6 +5,7 @@ The Python API, for notebooks and scripts::
     import segray
 
     segray.ingest(segray.IngestConfig(source="raw/shapes", destination="data/shapes"))
+    print(segray.plan({"data": "data/shapes", "time_budget": 600}).table())  # data/shapes/plan.json
     trained = segray.train(segray.TrainConfig(data="data/shapes", storage="runs", name="unet", epochs=5))
     result = segray.predict(segray.PredictConfig(model=trained.run_uri, input="data/shapes", split="val", output="preds"))
     result.per_class          # a pandas DataFrame
@@ -25,7 +26,7 @@ import importlib as _importlib
 
 __version__ = "0.1.0"
 
-from segray.api import evaluate, export_model, ingest, load_model, predict, query, report, serve, train
+from segray.api import evaluate, export_model, ingest, load_model, plan, predict, query, report, serve, train
 
 _PUBLIC = {
     "IngestConfig": "segray.config",
@@ -36,7 +37,9 @@ _PUBLIC = {
     "QueryConfig": "segray.config",
     "ExportConfig": "segray.config",
     "ServeConfig": "segray.config",
+    "PlanConfig": "segray.config",
     "ConfigError": "segray.config",
+    "Plan": "segray.planning.plan",
     "IngestResult": "segray.data.ingest",
     "TrainResult": "segray.training.trainer",
     "PredictResult": "segray.inference.output",
@@ -45,7 +48,7 @@ _PUBLIC = {
     "Served": "segray.serving.app",
 }
 
-__all__ = sorted([*_PUBLIC, "evaluate", "export_model", "ingest", "load_model", "predict", "query", "report", "serve", "train"])
+__all__ = sorted([*_PUBLIC, "evaluate", "export_model", "ingest", "load_model", "plan", "predict", "query", "report", "serve", "train"])
 
 
 def __getattr__(name: str) -> object:
