@@ -34,9 +34,15 @@ def make_plan(data: str, time_budget: float | None = None, gpu: bool = False, ma
     Raises:
         ConfigError: one class only, or an empty train split (naming ``data``).
     """
+    import os
+
     from segray.data.info import load_dataset_info
 
     info = load_dataset_info(data)
+    if machine is None and os.environ.get("RAY_ADDRESS"):
+        from segray.runtime import init_ray
+
+        init_ray()  # a job on a cluster: fit the plan to the cluster's nodes, not the submitting process's machine
     fp = fingerprint(data, info, max_images=max_images)
     warn_missing(fp, data)
     choices = plan_choices(fp, info.num_classes, time_budget, gpu, machine or Machine.detect())
