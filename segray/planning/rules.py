@@ -138,13 +138,16 @@ def patch_rule(fp: Fingerprint, gpu: bool, num_classes: int) -> Choice:
     # Sides divisible by the U-Net's stride (a smaller image is padded up to it).
     m = 16
     ph, pw = max(_multiple(ph, m), min(MIN_PATCH, _multiple(h, m))), max(_multiple(pw, m), min(MIN_PATCH, _multiple(w, m)))
+    sized = [c for c in fp.classes[1:] if c.object_size_p90 > 0]
+    largest = max(sized, key=lambda c: c.object_size_p90) if sized else None
+    objects = f"; largest objects: {largest.name}, 90th percentile {largest.object_size_p90:.0f} px a side" if largest else ""
     if gpu:
         why = f"median image {h}x{w}, shrunk until a batch of 2 at width 32 fits {GPU_MEMORY_BYTES / 1e9:.0f} GB (nnU-Net)"
     elif (ph, pw) == (h, w):
         why = f"the whole median image {h}x{w} (at most {CPU_MAX_PATCH} px a side on CPU)"
     else:
         why = f"median image {h}x{w} capped at {CPU_MAX_PATCH} px a side: a larger CPU step leaves too few steps in the budget"
-    return [ph, pw], why
+    return [ph, pw], why + objects
 
 
 def batch_rule(fp: Fingerprint, patch: list[int], gpu: bool) -> Choice:
