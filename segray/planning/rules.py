@@ -207,7 +207,14 @@ def patches_rule(fp: Fingerprint, patch: list[int]) -> Choice:
 
 
 def class_weights_rule(fp: Fingerprint) -> Choice:
-    return "none", "soft Dice over present classes plus foreground oversampling balance the classes (nnU-Net weights none)"
+    # nnU-Net weights none. On the EPFL val split (10-minute runs) the inverse
+    # square root weights took PSD (0.4% of pixels) from IoU 0.00 to 0.20 and
+    # val mIoU from 0.487 to 0.498; so below 1% a class gets them.
+    seen = [c for c in fp.classes if c.frequency > 0]
+    rarest = min(seen, key=lambda c: c.frequency) if seen else None
+    if rarest is not None and rarest.frequency < 0.01:
+        return "auto", f"inverse square root of frequency: {rarest.name} is {rarest.frequency:.2%} of pixels (below 1%: chosen on val data)"
+    return "none", "no class below 1% of pixels: soft Dice over present classes and oversampling balance them (nnU-Net weights none)"
 
 
 def plan_choices(fp: Fingerprint, num_classes: int, budget_s: float | None, gpu: bool, machine: Machine) -> dict[str, Choice]:

@@ -26,6 +26,7 @@ def test_rarer_classes_raise_foreground_oversampling(rare, expected_at_least):
     share, reason = oversample_rule(fp([0.8 - rare, 0.2, rare]))
     assert share >= expected_at_least and share >= common
     assert "c2" in reason  # names the rarest class
+    assert plan_choices(fp([0.8 - rare, 0.2, rare]), 3, 600.0, False, TWO_CORES)["class_weights"][0] == ("auto" if rare < 0.01 else "none")
     # Monotone: the rarer the rarest class, the larger the share.
     assert oversample_rule(fp([0.79, 0.2, 0.0001]))[0] > oversample_rule(fp([0.7, 0.2, 0.1]))[0]
 
