@@ -5,6 +5,7 @@ The Python API, for notebooks and scripts::
     import segray
 
     segray.ingest(segray.IngestConfig(source="raw/shapes", destination="data/shapes"))
+    print(segray.plan({"data": "data/shapes", "time_budget": 600}).table())  # data/shapes/plan.json
     trained = segray.train(segray.TrainConfig(data="data/shapes", storage="runs", name="unet", epochs=5))
     searched = segray.tune(segray.TuneConfig(data="data/shapes", storage="searches", name="s1", trials=8))  # searched.best["run_uri"]
     result = segray.predict(segray.PredictConfig(model=trained.run_uri, input="data/shapes", split="val", output="preds"))
@@ -26,7 +27,7 @@ import importlib as _importlib
 
 __version__ = "0.1.0"
 
-from segray.api import evaluate, export_model, ingest, load_model, predict, query, report, serve, train, tune
+from segray.api import evaluate, export_model, ingest, load_model, plan, predict, query, report, serve, train, tune
 
 _PUBLIC = {
     "IngestConfig": "segray.config",
@@ -38,7 +39,9 @@ _PUBLIC = {
     "QueryConfig": "segray.config",
     "ExportConfig": "segray.config",
     "ServeConfig": "segray.config",
+    "PlanConfig": "segray.config",
     "ConfigError": "segray.config",
+    "Plan": "segray.planning.plan",
     "IngestResult": "segray.data.ingest",
     "TrainResult": "segray.training.trainer",
     "TuneResult": "segray.tuning.results",
@@ -48,7 +51,7 @@ _PUBLIC = {
     "Served": "segray.serving.app",
 }
 
-__all__ = sorted([*_PUBLIC, "evaluate", "export_model", "ingest", "load_model", "predict", "query", "report", "serve", "train", "tune"])
+__all__ = sorted([*_PUBLIC, "evaluate", "export_model", "ingest", "load_model", "plan", "predict", "query", "report", "serve", "train", "tune"])
 
 
 def __getattr__(name: str) -> object:

@@ -17,6 +17,7 @@ from segray.config import (
     EvaluateConfig,
     ExportConfig,
     IngestConfig,
+    PlanConfig,
     PredictConfig,
     QueryConfig,
     ReportConfig,
@@ -55,11 +56,34 @@ def ingest(cfg: IngestConfig | dict[str, Any], command: str = ""):
     return run_ingest(cfg, command=command)
 
 
+def plan(cfg: PlanConfig | dict[str, Any]):
+    """Fingerprints a dataset's train split and writes ``plan.json``: every training choice with its reason; no Ray needed.
+
+    Args:
+        cfg: a ``PlanConfig`` (or a dict of its fields): ``data``,
+            ``time_budget`` (seconds), ``gpu``, ``output`` (default DATA/plan.json).
+
+    Returns:
+        ``Plan``: ``choices`` (entry -> value and reason), ``fingerprint``; ``table()`` prints it.
+
+    Raises:
+        ConfigError: one class only or an empty train split (named).
+    """
+    from segray.planning import make_plan, plan_uri, write_plan
+
+    cfg = _config(PlanConfig, cfg)
+    made = make_plan(cfg.data, cfg.time_budget, cfg.gpu, max_images=cfg.max_images)
+    write_plan(made, cfg.output or plan_uri(cfg.data))
+    return made
+
+
 def train(cfg: TrainConfig | dict[str, Any]):
     """Trains a model with Ray Train; every value is checked before Ray starts.
 
     Args:
-        cfg: a ``TrainConfig`` (or a dict of its fields).
+        cfg: a ``TrainConfig`` (used as it is), or a dict of the fields to
+            set: the dataset's plan (DATA/plan.json, or one made now) fills
+            the others (``segray.training.config_from``).
 
     Returns:
         ``TrainResult``: ``run_uri``, ``history`` (DataFrame, one row per
@@ -68,6 +92,10 @@ def train(cfg: TrainConfig | dict[str, Any]):
     from segray.training import resolve
     from segray.training import train as run_train
 
+    from segray.training import config_from
+
+    if isinstance(cfg, dict):
+        cfg = config_from(cfg)
     run = resolve(_config(TrainConfig, cfg))
     c = run.config
     cpus = c.workers * c.cpus_per_worker + DATA_PIPELINE_CPUS

@@ -17,7 +17,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from segray.config import (
+    AUGMENTATIONS,
     ConfigError,
+    PlanConfig,
     EvaluateConfig,
     ExportConfig,
     IngestConfig,
@@ -28,11 +30,19 @@ from segray.config import (
     TrainConfig,
     TuneConfig,
     load_file,
+    parse_duration,
     parse_size,
 )
 from segray.runtime import quiet_logging
 
 Handler = Callable[[dict[str, Any]], None]
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _size(text: str) -> list[int]:
@@ -100,10 +110,24 @@ def cmd_ingest(values: dict[str, Any]) -> None:
             print(f"  {reason}")
 
 
+def cmd_plan(values: dict[str, Any]) -> None:
+    import segray
+    from segray.planning.plan import plan_uri
+
+    made = segray.plan(PlanConfig.from_dict(values))
+    print(made.table())
+    print(f"plan: {values.get('output') or plan_uri(made.data)}")
+
+
 def cmd_train(values: dict[str, Any]) -> None:
     import segray
+    from segray.training import config_from
 
-    cfg = TrainConfig.from_dict(values)
+    cfg = config_from(values)
+    if cfg.plan:
+        p = cfg.plan
+        print(f"following the plan ({p['source']}): {', '.join(sorted(p['applied'])) or 'nothing'} from it"
+              + (f"; given over it: {', '.join(sorted(p['overridden']))}" if p["overridden"] else ""))
     result = segray.train(cfg)
     h, best = result.history, result.best
     print(f"trained {cfg.model} for {len(h)} epoch(s); best val mIoU {best['val_miou']:.4f} at epoch {result.best_epoch + 1}")
@@ -273,7 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DESTINATION if segray ingested it (only the files it wrote)")
     p.add_argument("--max-pixels", type=int, help="set aside images larger than this (by their header) before decoding")
 
-    p = _subparser(sub, "train", cmd_train, "train a model on an ingested dataset with Ray Train", TrainConfig)
+    p = _subparser(sub, "plan", cmd_plan, "fingerprint a dataset and write plan.json: every training choice with its reason", PlanConfig)
+    p.add_argument("data", nargs="?", help="an ingested dataset (local or s3://)")
+    p.add_argument("--time-budget", type=_duration, help="training time to plan for (90s, 30m, 1.5h; default 30m)")
+    p.add_argument("--gpu", action="store_true", help="plan for GPU workers")
+    p.add_argument("--output", "--out", help="where plan.json goes (default DATA/plan.json)")
+    p.add_argument("--max-images", type=int, help="train images decoded for the fingerprint at most (default 64)")
+
+    p = _subparser(sub, "train", cmd_train, "train a model on an ingested dataset with Ray Train; the dataset's plan fills what no flag sets", TrainConfig)
     p.add_argument("--data", help="ingested dataset (local or s3://); required")
     p.add_argument("--storage", help="where runs live (local or s3://); required")
     p.add_argument("--name", help="run name: results go to STORAGE/NAME; required")
@@ -293,7 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=_size, help="train on random crops of H or HxW")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, help="flips, rotations, scale, brightness (default on)")
     p.add_argument("--augment-strength", type=float, help="scales the augmentation's magnitudes (default 1; 0: flips and rotations only)")
-    p.add_argument("--schedule", choices=["cosine", "plateau", "constant"])
+    p.add_argument("--schedule", choices=["cosine", "plateau", "constant", "poly"])
+    p.add_argument("--optimizer", choices=["adam", "sgd"])
+    p.add_argument("--warmup", type=float, help="share of training with a linear learning-rate warm-up (poly)")
+    p.add_argument("--augment-set", type=_names, help="augmentations, comma-separated: " + ",".join(AUGMENTATIONS))
+    p.add_argument("--patches-per-image", type=int, help="with --crop: patches cut from each image per epoch")
+    p.add_argument("--foreground-oversample", type=float, help="with --crop: share of patches centred on a present class")
+    p.add_argument("--time-budget", type=_duration, help="stop training cleanly after this long (90s, 30m, 1.5h)")
     p.add_argument("--patience", type=int, help="early stopping on val mIoU after N epochs without gain (0: off)")
     p.add_argument("--keep-checkpoints", "--keep", type=int, help="checkpoints kept, best by val mIoU")
     p.add_argument("--max-failures", type=int, help="worker failures to recover from")

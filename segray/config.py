@@ -274,6 +274,52 @@ class IngestConfig(Config):
         _positive(self, "shard_mb", "num_classes")
 
 
+# What TrainConfig.augment_set may hold (see segray/data/transforms.py).
+AUGMENTATIONS = ("flip", "rot90", "scale", "brightness", "contrast", "rotate", "elastic", "gamma", "noise", "blur")
+BASIC_AUGMENTATIONS = AUGMENTATIONS[:5]
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'30m' -> 1800.0, '90s' -> 90.0, '1.5h' -> 5400.0, '45' (seconds) -> 45.0."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        t = str(text).strip().lower()
+        unit = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+        try:
+            value = float(t[:-1] if unit else t) * (unit or 1)
+        except ValueError:
+            raise ConfigError(f"duration {text!r}: expected seconds or a number with s, m or h, e.g. 90s, 30m, 1.5h") from None
+    if value <= 0:
+        raise ConfigError(f"duration {text!r}: must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class PlanConfig(Config):
+    """What ``segray plan`` fingerprints and for which budget.
+
+    Attributes:
+        data: an ingested dataset (holds dataset.json).
+        time_budget: training seconds to plan for (None: 30 minutes).
+        gpu: plan for GPU workers.
+        output: where plan.json goes (default ``DATA/plan.json``).
+        max_images: train images decoded for the fingerprint at most.
+    """
+
+    data: str
+    time_budget: float | None = None
+    gpu: bool = False
+    output: str | None = None
+    max_images: int = 64
+
+    def validate(self) -> None:
+        _uri(self, "data")
+        if self.output:
+            _uri(self, "output")
+        _positive(self, "time_budget", "max_images")
+
+
 @dataclass(frozen=True)
 class TrainConfig(Config):
     """What ``segray train`` runs; ``to_dict`` of it travels to every worker.
@@ -297,6 +343,19 @@ class TrainConfig(Config):
         model_options: keyword options of the model builder (``depth``, ``width`` ...).
         augment_strength: scales the augmentation's magnitudes (scale range,
             brightness, contrast); 1 is the default, 0 leaves flips and rotations only.
+        augment_set: the augmentations drawn, of ``AUGMENTATIONS``; the default is
+            the first five. ``rot90`` also turns on vertical flips.
+        patches_per_image: with ``crop``: patches cut from each image per epoch.
+        foreground_oversample: with ``crop``: share of patches centred on a
+            pixel of a class (other than class 0) chosen at random among those
+            present in the image (nnU-Net oversamples a third).
+        optimizer: ``adam``, or ``sgd`` (Nesterov momentum 0.99, nnU-Net's).
+        warmup: share of training (of the steps, or of ``time_budget``) over
+            which the learning rate rises linearly from 0.
+        time_budget: seconds of training; stops cleanly (a last validation,
+            the best model kept) when the next step would pass it.
+        plan: set by ``segray.training.config_from``: the plan followed, the
+            fields it set and those given over it ({} when no plan was used).
     """
 
     data: str
@@ -318,17 +377,30 @@ class TrainConfig(Config):
     crop: list[int] | None = None
     augment: bool = True
     augment_strength: float = 1.0
-    schedule: Literal["cosine", "plateau", "constant"] = "cosine"
+    augment_set: list[str] = field(default_factory=lambda: list(BASIC_AUGMENTATIONS))
+    patches_per_image: int = 1
+    foreground_oversample: float = 0.0
+    optimizer: Literal["adam", "sgd"] = "adam"
+    schedule: Literal["cosine", "plateau", "constant", "poly"] = "cosine"
+    warmup: float = 0.0
+    time_budget: float | None = None
     patience: int = 0
     keep_checkpoints: int = 2
     max_failures: int = 2
     seed: int = 0
     resume: bool = False
     model_options: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         _uri(self, "data", "storage")
-        _positive(self, "epochs", "batch_size", "workers", "cpus_per_worker", "lr", "keep_checkpoints")
+        _positive(self, "epochs", "batch_size", "workers", "cpus_per_worker", "lr", "keep_checkpoints", "patches_per_image", "time_budget")
+        unknown = [a for a in self.augment_set if a not in AUGMENTATIONS]
+        if unknown:
+            raise ConfigError(f"augment_set: unknown augmentation(s) {', '.join(unknown)}; known: {', '.join(AUGMENTATIONS)}", field="augment_set")
+        for name in ("foreground_oversample", "warmup"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be a share in [0, 1], got {getattr(self, name)!r}", field=name)
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
             raise ConfigError(f"name {self.name!r}: expected a plain run name (no '/', not '.' or '..')", field="name")
         if isinstance(self.class_weights, str) and self.class_weights not in ("auto", "none"):

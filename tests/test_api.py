@@ -113,6 +113,7 @@ def test_public_surface_is_exactly_the_api_and_documented():
         "ingest", "train", "predict", "evaluate", "load_model", "export_model", "serve",
         "IngestConfig", "TrainConfig", "PredictConfig", "EvaluateConfig", "ExportConfig", "ServeConfig", "ConfigError",
         "IngestResult", "TrainResult", "PredictResult", "ExportResult", "Served",
+        "plan", "PlanConfig", "Plan",
     }
     assert set(segray.__all__) == expected
     # Nothing else public is defined in segray/__init__.py (submodules aside).

@@ -117,3 +117,142 @@ def normalize_tf(images, mean, std):
 
     x = tf.cast(images, tf.float32)
     return (x - tf.constant(np.asarray(mean, np.float32))) / tf.constant(np.asarray(std, np.float32))
+
+
+# --- patch sampling (the plan's recipe) ----------------------------------------------
+# Magnitudes at strength 1, nnU-Net's (Isensee et al. 2021, supplementary
+# "data augmentation"): scale 0.7-1.4, rotation, gamma 0.7-1.5, Gaussian
+# noise and blur, each drawn with its own probability.
+SCALE_RANGE = (0.7, 1.4)
+ROTATE_SMALL = 15.0  # degrees, for natural images (no 90-degree turns)
+ELASTIC_P, ELASTIC_ALPHA = 0.2, 0.04  # displacement up to 4% of the patch side
+GAMMA_RANGE, GAMMA_P = (0.7, 1.5), 0.3
+NOISE_P, NOISE_SIGMA = 0.15, 0.04  # sigma up to 4% of the 0..255 scale
+BLUR_P, BLUR_SIGMA = 0.2, (0.5, 1.0)
+
+
+def patch_centre(mask: np.ndarray, rng: np.random.Generator, oversample: float, foreground: list[np.ndarray] | None = None):
+    """(y, x) of a patch centre: with probability ``oversample`` a random pixel of a random present class (ids 1.., not ignored), else anywhere.
+
+    ``foreground``: the flat pixel indices of each present class (from
+    ``class_pixels``), computed once per image for all its patches.
+    """
+    h, w = mask.shape
+    if oversample > 0 and rng.random() < oversample:
+        if foreground is None:
+            foreground = class_pixels(mask)
+        if foreground:
+            pixels = foreground[int(rng.integers(0, len(foreground)))]
+            flat = int(pixels[int(rng.integers(0, len(pixels)))])
+            return flat // w, flat % w
+    return int(rng.integers(0, h)), int(rng.integers(0, w))
+
+
+def class_pixels(mask: np.ndarray) -> list[np.ndarray]:
+    """Flat indices of the pixels of each class present in ``mask``, other than class 0 and ``IGNORE_INDEX``."""
+    flat = mask.ravel()
+    ids = [int(k) for k in np.unique(flat) if k != 0 and k != IGNORE_INDEX]
+    return [np.flatnonzero(flat == k) for k in ids]
+
+
+def _elastic_field(shape: tuple[int, int], rng: np.random.Generator, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random displacement field (dy, dx) in pixels: a coarse 4x4 grid of draws, bicubically upsampled."""
+    h, w = shape
+    coarse = rng.normal(0.0, 1.0, size=(2, 4, 4)).astype(np.float32) * alpha * max(h, w)
+    dy = cv2.resize(coarse[0], (w, h), interpolation=cv2.INTER_CUBIC)
+    dx = cv2.resize(coarse[1], (w, h), interpolation=cv2.INTER_CUBIC)
+    return dy, dx
+
+
+def sample_patch(
+    image: np.ndarray,
+    mask: np.ndarray,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    augment_set: tuple[str, ...] = (),
+    strength: float = 1.0,
+    oversample: float = 0.0,
+    foreground: list[np.ndarray] | None = None,
+):
+    """One (H, W) training patch of a full-size pair: centre, then scale, rotation and elastic in one remap.
+
+    The centre comes from ``patch_centre``. Scale, rotation and elastic
+    deformation map each patch pixel to a point of the whole image, so one
+    ``cv2.remap`` (linear for the image, nearest for the mask) cuts and
+    deforms at once, with the image's own content, mirrored, beyond its
+    border. Flips and 90-degree turns follow, then the intensity
+    augmentations (``augment_intensity``). ``strength`` scales every magnitude.
+
+    Returns:
+        ``image`` (H, W, C) in the input's dtype, ``mask`` (H, W) uint8.
+    """
+    ph, pw = size
+    cy, cx = patch_centre(mask, rng, oversample, foreground)
+    s = set(augment_set)
+    scale = 1.0
+    if "scale" in s and strength > 0:
+        lo, hi = (1.0 + (v - 1.0) * strength for v in SCALE_RANGE)
+        scale = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    angle = 0.0
+    if "rotate" in s and strength > 0:
+        limit = 180.0 if "rot90" in s else ROTATE_SMALL
+        angle = float(rng.uniform(-limit, limit) * min(1.0, strength)) * np.pi / 180
+    ys, xs = np.mgrid[0:ph, 0:pw].astype(np.float32)
+    # Integer offsets: without scale, rotation and elastic the remap is an exact crop.
+    ys -= ph // 2
+    xs -= pw // 2
+    if "elastic" in s and strength > 0 and rng.random() < ELASTIC_P:
+        dy, dx = _elastic_field((ph, pw), rng, ELASTIC_ALPHA * strength)
+        ys, xs = ys + dy, xs + dx
+    # scale > 1 zooms in (objects larger): a patch pixel covers 1/scale image pixels.
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    map_y = (cy + sin * xs + cos * ys).astype(np.float32)
+    map_x = (cx + cos * xs - sin * ys).astype(np.float32)
+    patch = cv2.remap(np.ascontiguousarray(image), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    if patch.ndim == 2:
+        patch = patch[..., None]
+    labels = cv2.remap(np.ascontiguousarray(mask), map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+    if "flip" in s and rng.random() < 0.5:
+        patch, labels = patch[:, ::-1], labels[:, ::-1]
+    if "rot90" in s:
+        if rng.random() < 0.5:
+            patch, labels = patch[::-1], labels[::-1]
+        k = int(rng.integers(0, 4)) if ph == pw else 2 * int(rng.integers(0, 2))
+        if k:
+            patch, labels = np.rot90(patch, k), np.rot90(labels, k)
+    patch = augment_intensity(np.ascontiguousarray(patch), rng, s, strength)
+    return patch, np.ascontiguousarray(labels)
+
+
+def augment_intensity(image: np.ndarray, rng: np.random.Generator, augment_set: set[str] | tuple[str, ...], strength: float = 1.0) -> np.ndarray:
+    """Brightness, contrast, gamma, Gaussian noise and blur, each if in ``augment_set``; keeps shape and dtype.
+
+    Works in float32 on the 0..255 scale; uint8 results are rounded and clipped.
+    """
+    s = set(augment_set)
+    if strength <= 0 or not s & {"brightness", "contrast", "gamma", "noise", "blur"}:
+        return image
+    x = image.astype(np.float32)
+    level = float(x.mean())
+    if "contrast" in s:
+        alpha = 1.0 + float(rng.uniform(-0.25, 0.25)) * strength
+        x = (x - level) * alpha + level
+    if "brightness" in s:
+        x = x * (1.0 + float(rng.uniform(-0.25, 0.25)) * strength)
+    if "gamma" in s and rng.random() < GAMMA_P:
+        lo, hi = (1.0 + (v - 1.0) * strength for v in GAMMA_RANGE)
+        gamma = float(rng.uniform(lo, hi))
+        x_min, x_max = float(x.min()), float(x.max())
+        span = max(x_max - x_min, 1e-6)
+        x = ((x - x_min) / span) ** gamma * span + x_min
+    if "blur" in s and rng.random() < BLUR_P:
+        sigma = float(rng.uniform(*BLUR_SIGMA)) * max(strength, 0.1)
+        x = cv2.GaussianBlur(x, (0, 0), sigmaX=sigma)
+        if x.ndim == 2:
+            x = x[..., None]
+    if "noise" in s and rng.random() < NOISE_P:
+        sigma = float(rng.uniform(0, NOISE_SIGMA * 255.0 * strength))
+        x = x + rng.normal(0.0, sigma, size=x.shape).astype(np.float32)
+    if image.dtype == np.uint8:
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return x.astype(image.dtype)

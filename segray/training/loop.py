@@ -32,9 +32,13 @@ from segray.training.report import PREVIEW_IMAGES, epoch_line, preview_strips
 
 def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
     """What a predictor needs besides the weights: normalisation, size, classes."""
+    # Trained on patches of larger images: predict slides a window of the
+    # patch's size over each full-size image, as it saw them in training.
+    window = tuple(cfg.crop) if cfg.crop and cfg.size and tuple(cfg.crop) != tuple(cfg.size) else None
     return Preprocessing(
         model=cfg.model,
         size=tuple(cfg.size) if cfg.size else None,
+        window=window,
         fit="resize",
         mean=tuple(info.mean),
         std=tuple(info.std),
@@ -90,7 +94,14 @@ class WorkerLoop:
         if cfg.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
         self.num_classes = info.num_classes
-        self.steps_per_epoch = max(1, (info.splits["train"] // world_size) // cfg.batch_size)
+        self.world_size = world_size
+        patches = cfg.patches_per_image if cfg.crop else 1
+        self.steps_per_epoch = max(1, (info.splits["train"] * patches // world_size) // cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.steps_done = 0
+        self.started = time.time()
+        self.last_val_seconds = 0.0
+        self.out_of_time = False
         # One worker has nobody to all-reduce with: the default strategy runs the
         # same step without MWMS's collective ops on every gradient.
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy() if world_size > 1 else tf.distribute.get_strategy()
@@ -98,9 +109,14 @@ class WorkerLoop:
             self.model = models.build(cfg.model, self.num_classes, input_shape=(None, None, 3), **cfg.model_options)
             if cfg.schedule == "cosine":
                 lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=cfg.epochs * self.steps_per_epoch, alpha=0.01)
+            elif cfg.schedule == "poly":
+                lr = self.poly_lr(0.0)  # a variable, set before every step (``before_step``)
             else:
                 lr = cfg.lr
-            optimizer = keras.optimizers.Adam(learning_rate=lr)
+            if cfg.optimizer == "sgd":
+                optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=0.99, nesterov=True)
+            else:
+                optimizer = keras.optimizers.Adam(learning_rate=lr)
             if cfg.mixed_precision:
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             optimizer.build(self.model.trainable_variables)
@@ -118,6 +134,38 @@ class WorkerLoop:
             lambda v: self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(tf.identity, args=(v,)), axis=None)
         )
 
+    def poly_lr(self, progress: float) -> float:
+        """nnU-Net's poly decay ``lr * (1 - progress)^0.9`` after a linear warm-up over the first ``warmup`` of training."""
+        cfg = self.cfg
+        if cfg.warmup > 0 and progress < cfg.warmup:
+            return cfg.lr * max(progress / cfg.warmup, 0.01)
+        rest = (progress - cfg.warmup) / max(1e-9, 1.0 - cfg.warmup)
+        return cfg.lr * max(0.0, 1.0 - rest) ** 0.9
+
+    def elapsed(self) -> float:
+        """Seconds since this loop started, the same on every worker (their mean: one collective with several workers)."""
+        local = time.time() - self.started
+        if self.world_size == 1:
+            return local
+        return float(self.global_sum(np.array([local]))[0]) / self.world_size
+
+    def before_step(self) -> bool:
+        """Sets a poly schedule's learning rate; False when ``time_budget`` says to stop (every worker agrees)."""
+        cfg = self.cfg
+        if cfg.time_budget is None and cfg.schedule != "poly":
+            return True
+        elapsed = self.elapsed() if cfg.time_budget is not None or self.world_size == 1 else 0.0
+        if cfg.time_budget is not None and self.steps_done > 0 and elapsed + self.last_val_seconds >= cfg.time_budget:
+            # Room is kept for the validation pass that follows.
+            self.out_of_time = True
+            return False
+        if cfg.schedule == "poly":
+            progress = self.steps_done / max(1, self.total_steps)
+            if cfg.time_budget is not None:
+                progress = max(progress, elapsed / cfg.time_budget)
+            self.optimizer.learning_rate = self.poly_lr(min(progress, 1.0))
+        return True
+
     def _distributed(self, replica_fn):
         return lambda images, masks: self.strategy.run(replica_fn, args=(images, masks))
 
@@ -131,7 +179,7 @@ class WorkerLoop:
         import tensorflow as tf
 
         from segray.metrics import tf_confusion_matrix
-        from segray.training.losses import masked_cross_entropy, soft_dice_sums
+        from segray.training.losses import masked_cross_entropy, present_class_dice_loss, soft_dice_sums, truth_counts
 
         cfg, replica_ctx = self.cfg, tf.distribute.get_replica_context()
         images, masks = self.model_input(images), tf.cast(masks, tf.int32)
@@ -143,9 +191,12 @@ class WorkerLoop:
             loss = loss_sum / tf.maximum(global_weight, 1.0)
             if cfg.loss == "ce+dice":
                 inter, denom = soft_dice_sums(masks, logits, self.num_classes, IGNORE_INDEX)
+                truth = truth_counts(masks, self.num_classes, IGNORE_INDEX)
                 inter = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, inter)
                 denom = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, denom)
-                dice_loss = 1.0 - tf.reduce_mean((2.0 * inter + 1.0) / (denom + 1.0))
+                truth = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, truth)
+                # Over the global batch and the classes present in it (nnU-Net's batch Dice).
+                dice_loss = present_class_dice_loss(inter, denom, truth)
                 loss = loss + cfg.dice_weight * dice_loss / self.strategy.num_replicas_in_sync
             scaled = self.optimizer.scale_loss(loss) if cfg.mixed_precision else loss
         grads = tape.gradient(scaled, self.model.trainable_variables)
@@ -187,6 +238,8 @@ class WorkerLoop:
         loss_sum, weight_sum, cm, images = 0.0, 0.0, np.zeros((C, C), np.int64), 0
         t0 = time.time()
         for batch in shard.iter_batches(batch_size=self.cfg.batch_size, drop_last=train, batch_format="numpy", prefetch_batches=2):
+            if train and not self.before_step():
+                break
             if keep_preview and self.kept is None:
                 self.kept = (np.array(batch["image"][:PREVIEW_IMAGES]), np.array(batch["mask"][:PREVIEW_IMAGES]))
             ls, ws, c = step(tf.constant(batch["image"]), tf.constant(batch["mask"]))
@@ -194,9 +247,14 @@ class WorkerLoop:
             weight_sum += float(ws)
             cm += c.numpy()
             images += len(batch["image"])
+            if train:
+                self.steps_done += 1
         seconds = time.time() - t0
-        total = self.global_sum(np.concatenate([[loss_sum, weight_sum, images], cm.ravel()]))
-        return float(total[0]), float(total[1]), np.rint(total[3:]).astype(np.int64).reshape(C, C), int(total[2]), seconds
+        total = self.global_sum(np.concatenate([[loss_sum, weight_sum, images, seconds], cm.ravel()]))
+        seconds = float(total[3]) / self.world_size  # the same on every worker
+        if not train:
+            self.last_val_seconds = seconds
+        return float(total[0]), float(total[1]), np.rint(total[4:]).astype(np.int64).reshape(C, C), int(total[2]), seconds
 
     def preview(self) -> np.ndarray | None:
         """image | truth | prediction of the kept validation images with the current weights (rank 0 only)."""
@@ -242,6 +300,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard(val_dataset_name(rank))
 
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.time_budget is not None and epoch > start_epoch and worker.elapsed() + worker.last_val_seconds >= cfg.time_budget:
+            if rank == 0:
+                print(f"time budget {cfg.time_budget:g} s reached after {epoch} epoch(s); the best model is kept", file=sys.__stdout__, flush=True)
+            break
         t0 = time.time()
         loss_sum, weight_sum, cm, images, train_seconds = worker.run_epoch(train_shard, train=True)
         metrics = epoch_metrics("train", loss_sum, weight_sum, cm, info.class_names)
@@ -274,4 +336,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics, checkpoint=None)
         if cfg.patience and stale >= cfg.patience:
+            break
+        if worker.out_of_time:
+            if rank == 0:
+                print(f"time budget {cfg.time_budget:g} s reached after {epoch + 1} epoch(s); the best model is kept", file=sys.__stdout__, flush=True)
             break

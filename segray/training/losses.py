@@ -18,6 +18,8 @@ import tensorflow as tf
 __all__ = [
     "class_weights_from_frequency",
     "masked_cross_entropy",
+    "present_class_dice_loss",
+    "truth_counts",
     "soft_dice_loss",
     "soft_dice_sums",
 ]
@@ -101,6 +103,28 @@ def soft_dice_sums(
     intersection = tf.reduce_sum(probs * onehot, axis=axes)
     denominator = tf.reduce_sum(probs, axis=axes) + tf.reduce_sum(onehot, axis=axes)
     return intersection, denominator
+
+
+def truth_counts(labels: tf.Tensor, num_classes: int, ignore_index: int | None = 255) -> tf.Tensor:
+    """Counted pixels of each class in ``labels``: float32 ``(C,)``, summable over replicas."""
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    if ignore_index is not None:
+        labels = tf.boolean_mask(labels, tf.not_equal(labels, ignore_index))
+    return tf.cast(tf.math.bincount(labels, minlength=num_classes, maxlength=num_classes), tf.float32)
+
+
+def present_class_dice_loss(intersection: tf.Tensor, denominator: tf.Tensor, truth: tf.Tensor, smooth: float = 1.0) -> tf.Tensor:
+    """``1 - mean of (2 I + smooth) / (D + smooth)`` over the classes present in the batch's truth.
+
+    nnU-Net's batch Dice: sums over the whole (global) batch, then a mean
+    over the classes that have truth pixels in it, so a class the batch
+    lacks neither scores a free 1 nor pulls towards predicting nothing.
+    Every argument is a ``(C,)`` sum over the batch (``soft_dice_sums``,
+    ``truth_counts``); with no class present the loss is 0.
+    """
+    present = tf.cast(truth > 0, tf.float32)
+    dice = (2.0 * intersection + smooth) / (denominator + smooth)
+    return tf.reduce_sum((1.0 - dice) * present) / tf.maximum(tf.reduce_sum(present), 1.0)
 
 
 def soft_dice_loss(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -15,7 +16,7 @@ from segray.training.artifacts import read_config, read_history, run_exists, wri
 # What a resumed run may change: how long it goes on and how failures are handled.
 # Anything else (data, model, loss, sizes, learning rate ...) would make its
 # checkpoints and history a mix of two runs.
-RESUMABLE_FIELDS = frozenset({"epochs", "patience", "max_failures", "resume"})
+RESUMABLE_FIELDS = frozenset({"epochs", "patience", "max_failures", "resume", "time_budget"})
 
 
 @dataclass(frozen=True)
@@ -140,10 +141,15 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
     if not write_config(run_uri, cfg.to_dict(), info.to_dict(), exclusive=not cfg.resume):
         raise about("name", FileExistsError(f"name {cfg.name}: the run {run_uri} was started by another process a moment ago; choose another `name`"))
 
+    if cfg.plan:
+        from segray.planning.plan import PLAN_FILE
+
+        storage.write_text(storage.join(run_uri, PLAN_FILE), json.dumps(cfg.plan, indent=2) + "\n")
     size = tuple(cfg.size)
     crop = tuple(cfg.crop) if cfg.crop else None
     datasets = {"train": read_split(cfg.data, "train", size=size, crop=crop, augment=cfg.augment, seed=cfg.seed, info=info,
-                                    augment_strength=cfg.augment_strength)}
+                                    augment_strength=cfg.augment_strength, augment_set=cfg.augment_set,
+                                    patches_per_image=cfg.patches_per_image, foreground_oversample=cfg.foreground_oversample)}
     # Ray Train splits datasets equally, dropping the remainder: right for training
     # steps that must stay in lockstep, wrong for validation, which must see every
     # image once. Each worker gets its own hash part of the val split instead.

@@ -41,6 +41,7 @@ class Search:
     space: SearchSpace
     base: dict[str, Any]
     uri: str
+    plan: Any = None  # (Plan, source): the dataset's plan beneath every trial
 
 
 def trial_base(cfg: TuneConfig, uri: str) -> dict[str, Any]:
@@ -70,15 +71,19 @@ def prepare(cfg: TuneConfig) -> Search:
         FileExistsError: the search exists and ``resume`` is off.
         FileNotFoundError: ``resume`` without a search, or ``data`` is not a dataset.
     """
+    from segray.planning.apply import plan_for
     from segray.training import resolve
 
     space = load_space(cfg.search_space)
     uri = storage.join(cfg.storage, cfg.name)
     base = trial_base(cfg, uri)
     check_space(space, {**base, "name": "check"})
+    # Made once here (DATA/plan.json when it is for this device, else fingerprinted now),
+    # so every trial starts from the same plan without a pass over the data of its own.
+    plan = plan_for({"data": cfg.data, "gpu": cfg.gpu})
     for params in probes(space):
         try:
-            resolve(trial_config({**base, "name": "check"}, params))
+            resolve(trial_config({**base, "name": "check"}, params, plan))
         except ConfigError as e:
             shown = ", ".join(f"{k}={v!r}" for k, v in params.items() if k in space.domains)
             raise ConfigError(f"search_space {space.source}: a trial with {shown or 'its values'}: {e}", field="search_space") from None
@@ -87,7 +92,7 @@ def prepare(cfg: TuneConfig) -> Search:
         raise about("name", FileExistsError(f"name {cfg.name}: the search {uri} already exists; set `resume` to continue it or choose another `name`"))
     if cfg.resume and not exists:
         raise about("resume", FileNotFoundError(f"resume: there is no search at {uri} to continue"))
-    return Search(cfg, space, base, uri)
+    return Search(cfg, space, base, uri, plan)
 
 
 def trial_count(search: Search) -> int:
@@ -155,7 +160,7 @@ def run(search: Search, concurrent: int):
 
     cfg = search.config
     fs, path = storage.filesystem(cfg.storage)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=search.base), {"cpu": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=search.base, plan=search.plan), {"cpu": TRIAL_DRIVER_CPUS})
     if cfg.resume:
         tuner = tune.Tuner.restore(
             storage.filesystem(search.uri)[1], trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs

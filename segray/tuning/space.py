@@ -166,8 +166,12 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any]) -> TrainConfig:
+def trial_config(base: dict[str, Any], params: dict[str, Any], plan=None) -> TrainConfig:
     """The TrainConfig of one trial: the search's ``base`` fields, then the trial's sampled ``params``.
+
+    With ``plan`` (``(Plan, source)``, the dataset's plan the search made
+    once), the plan fills the fields that neither sets, as for ``segray
+    train`` (``segray.training.config_from``); the run's config.json records it.
 
     ``params`` keys that are not TrainConfig fields are model options and go
     into ``model_options`` (over a fixed ``model_options`` mapping, if any).
@@ -185,6 +189,10 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> TrainConfig:
             options[key] = value
     if options:
         values["model_options"] = options
+    if plan is not None:
+        from segray.planning.apply import config_from
+
+        return config_from(values, plan)
     return TrainConfig.from_dict(values)
 
 

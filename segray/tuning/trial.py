@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -23,19 +22,21 @@ class EpochReport(TuneReportCallback):
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
+def run_trial(params: dict[str, Any], base: dict[str, Any], plan=None) -> None:
     """Tune's function trainable: the segray training run of ``params`` over ``base``, named by the trial id.
 
     A trial that ran before the search's driver stopped finds its run in
     storage and continues it from its last checkpoint (Ray Train restores a
-    run of the same storage and name).
+    run of the same storage and name). It is then rebuilt from that run's
+    own config.json (``config_from`` with ``resume``), so a plan made again
+    by the resumed driver cannot differ from the one the run started with.
     """
     import ray.tune
 
     from segray.training import train
     from segray.training.artifacts import run_exists
 
-    cfg = trial_config({**base, "name": ray.tune.get_context().get_trial_id()}, params)
-    if run_exists(storage.join(cfg.storage, cfg.name)):
-        cfg = replace(cfg, resume=True)
+    name = ray.tune.get_context().get_trial_id()
+    again = {"resume": True} if run_exists(storage.join(base["storage"], name)) else {}
+    cfg = trial_config({**base, "name": name, **again}, params, plan)
     train(cfg, callbacks=[EpochReport()])

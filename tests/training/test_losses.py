@@ -155,3 +155,19 @@ def test_class_weights_from_frequency():
 def test_class_weights_from_frequency_rejects_bad_input(freq):
     with pytest.raises(ValueError):
         class_weights_from_frequency(freq)
+
+
+def test_present_class_dice_leaves_out_classes_absent_from_the_truth():
+    from segray.training.losses import present_class_dice_loss, soft_dice_sums, truth_counts
+
+    labels = tf.constant([[[0, 0], [1, 255]]])  # class 2 absent, one pixel ignored
+    logits = tf.constant([[[[9.0, 0, 0], [9.0, 0, 0]], [[0, 9.0, 0], [0, 0, 9.0]]]])
+    inter, denom = soft_dice_sums(labels, logits, 3)
+    truth = truth_counts(labels, 3)
+    np.testing.assert_allclose(truth.numpy(), [2, 1, 0])
+    # Classes 0 and 1 are predicted right (Dice ~1); class 2 would score a free 1 in an all-class mean.
+    assert float(present_class_dice_loss(inter, denom, truth)) < 1e-3
+    wrong = tf.constant([[[[0, 0, 9.0], [0, 0, 9.0]], [[0, 0, 9.0], [0, 0, 9.0]]]])
+    inter, denom = soft_dice_sums(labels, wrong, 3)
+    assert float(present_class_dice_loss(inter, denom, truth)) > 0.5  # (1 - 1/3) and (1 - 1/2), averaged
+    assert float(present_class_dice_loss(inter, denom, tf.zeros(3))) == 0.0

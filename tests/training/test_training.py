@@ -268,7 +268,7 @@ def test_config_round_trip_and_strictness():
     [
         (["--model", "vit"], "--model 'vit' is unknown"),
         (["--epochs", "0"], "--epochs must be positive"),
-        (["--batch-size", "100"], "larger than the train split"),
+        (["--batch-size", "500"], "larger than the train split"),
         (["--class-weights", "1,2"], "gives 2 weights, the dataset has 4 classes"),
         (["--size", "30"], "--size 30x30 with --model unet"),
         (["--model", "segnet", "--xla", "--workers", "1"], "--xla with --model segnet: its MaxPoolWithArgmax"),
@@ -307,7 +307,7 @@ def test_resume_refuses_fields_that_alter_the_run(shapes, tmp_path, capsys):
             "--schedule", "constant"]
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
-    assert "--resume: the run" in err and "--model 'unet' there, 'segnet' now" in err and "--epochs, --max-failures, --patience may change" in err, err
+    assert "--resume: the run" in err and "--model 'unet' there, 'segnet' now" in err and "--epochs, --max-failures, --patience, --time-budget may change" in err, err
 
 
 def test_a_run_that_can_never_fit_is_refused_at_once(shapes, tmp_path):

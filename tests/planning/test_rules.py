@@ -1,0 +1,55 @@
+"""The plan's rules on synthetic fingerprints: no dataset, no Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from segray.planning.fingerprint import ClassFingerprint, Fingerprint
+from segray.planning.rules import BYTES_PER_PIXEL_WIDTH, GPU_MEMORY_BYTES, Machine, oversample_rule, patch_rule, plan_choices
+
+TWO_CORES = Machine(nodes=1, cpus=2, gpus=0)
+
+
+def fp(frequencies: list[float], size: tuple[int, int] = (256, 256), images: int = 40, grey: bool = True) -> Fingerprint:
+    classes = [ClassFingerprint(name=f"c{i}", frequency=f, images=1.0 if f else 0.0, object_size=10.0, object_size_p90=20.0)
+               for i, f in enumerate(frequencies)]
+    shift = 0.0 if grey else 30.0
+    return Fingerprint(
+        train_images=images, sampled_images=images, median_size=list(size), min_size=list(size), max_size=list(size), channels=3,
+        percentiles=[[10.0 + i * shift, 100.0, 250.0 - i * shift] for i in range(3)], mean=[100.0] * 3, std=[40.0] * 3, classes=classes,
+    )
+
+
+@pytest.mark.parametrize("rare, expected_at_least", [(0.1, 0.33), (0.005, 0.5), (0.0005, 0.66)])
+def test_rarer_classes_raise_foreground_oversampling(rare, expected_at_least):
+    common = oversample_rule(fp([0.6, 0.2, 0.2]))[0]
+    share, reason = oversample_rule(fp([0.8 - rare, 0.2, rare]))
+    assert share >= expected_at_least and share >= common
+    assert "c2" in reason  # names the rarest class
+    assert plan_choices(fp([0.8 - rare, 0.2, rare]), 3, 600.0, False, TWO_CORES)["class_weights"][0] == ("auto" if rare < 0.01 else "none")
+    # Monotone: the rarer the rarest class, the larger the share.
+    assert oversample_rule(fp([0.79, 0.2, 0.0001]))[0] > oversample_rule(fp([0.7, 0.2, 0.1]))[0]
+
+
+def test_bigger_images_give_bigger_patches_within_memory():
+    for gpu in (False, True):
+        small, _ = patch_rule(fp([0.5, 0.5], size=(96, 128)), gpu, 2)
+        big, _ = patch_rule(fp([0.5, 0.5], size=(2048, 3072)), gpu, 2)
+        assert small == [96, 128], small  # a small image is one whole patch
+        assert big[0] * big[1] > small[0] * small[1]
+        assert big[0] <= 2048 and big[1] <= 3072
+        if gpu:  # a batch of 2 at width 32 fits the memory target
+            assert big[0] * big[1] * 32 * 2 * BYTES_PER_PIXEL_WIDTH <= GPU_MEMORY_BYTES
+    assert patch_rule(fp([0.5, 0.5], size=(2048, 3072)), True, 2)[0] > patch_rule(fp([0.5, 0.5], size=(2048, 3072)), False, 2)[0]
+
+
+def test_every_choice_has_a_reason_and_a_longer_budget_affords_a_larger_model():
+    short = plan_choices(fp([0.7, 0.25, 0.05], size=(512, 512)), 3, 120.0, False, TWO_CORES)
+    long = plan_choices(fp([0.7, 0.25, 0.05], size=(512, 512)), 3, 7200.0, False, TWO_CORES)
+    assert all(isinstance(why, str) and why for _, why in short.values())
+    assert long["model_options"][0]["width"] > short["model_options"][0]["width"]
+    assert short["time_budget"][0] == 120.0 and short["workers"][0] == 1 and short["cpus_per_worker"][0] == 2
+    # Colour images keep their up and down: no 90-degree turns, no elastic.
+    colour = plan_choices(fp([0.7, 0.3], grey=False), 2, 600.0, False, TWO_CORES)["augment_set"][0]
+    assert "rot90" not in colour and "elastic" not in colour and "flip" in colour
+    assert "rot90" in short["augment_set"][0]
