@@ -114,6 +114,7 @@ def test_public_surface_is_exactly_the_api_and_documented():
         "IngestConfig", "TrainConfig", "PredictConfig", "EvaluateConfig", "ExportConfig", "ServeConfig", "ConfigError",
         "IngestResult", "TrainResult", "PredictResult", "ExportResult", "Served",
         "plan", "PlanConfig", "Plan",
+        "tune", "TuneConfig", "TuneResult",
     }
     assert set(segray.__all__) == expected
     # Nothing else public is defined in segray/__init__.py (submodules aside).
