@@ -222,9 +222,17 @@ def test_an_ingest_that_stopped_half_way_can_be_replaced(raw, tmp_path):
         "format": marker["format"], "kind": "dataset", "files": [], "complete": False,
         "patterns": [rf"(train|val)/part-\d+-{run_id}\.parquet", r"_errors\.parquet", r"dataset\.json"],
     }))
+    # A kill during a shard's write leaves the temporary file it was renamed from: ours, deleted too.
+    (dst / "train" / f"part-00009-{run_id}.parquet.tmp-{'0f' * 16}").write_bytes(b"PAR1")
+    # A temporary-looking file whose name is not one of ours stays foreign.
+    stranger = dst / "train" / f"notes.txt.tmp-{'ab' * 16}"
+    stranger.write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="notes.txt.tmp-"):
+        ingest(IngestConfig(source=src, destination=str(dst), overwrite=True))
+    stranger.unlink()
     result = ingest(IngestConfig(source=src, destination=str(dst), overwrite=True))
     assert result.info.splits["train"] + result.info.splits["val"] == 8
-    assert not [f for f in tree(dst) if run_id in f], "the stopped run's shards are replaced"
+    assert not [f for f in tree(dst) if run_id in f], "the stopped run's shards and their temporary files are replaced"
 
 
 def test_transient_storage_errors_are_retried_and_deterministic_ones_are_not(monkeypatch):
