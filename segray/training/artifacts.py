@@ -107,7 +107,7 @@ class RunArtifacts:
         last = history[-1]
         with self._writer.as_default():
             for key, value in last.items():
-                if key != "epoch" and isinstance(value, (int, float)) and np.isfinite(value):
+                if key not in ("epoch", "ended_at") and isinstance(value, (int, float)) and np.isfinite(value):
                     tf.summary.scalar(key, value, step=int(last["epoch"]))
             if preview is not None and len(preview):
                 tf.summary.image(PREVIEW_TAG, preview, step=int(last["epoch"]), max_outputs=len(preview))

@@ -308,7 +308,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss_sum, weight_sum, cm, images, train_seconds = worker.run_epoch(train_shard, train=True)
         metrics = epoch_metrics("train", loss_sum, weight_sum, cm, info.class_names)
         metrics.update(epoch_metrics("val", *worker.run_epoch(val_shard, train=False, keep_preview=rank == 0)[:3], info.class_names))
-        metrics.update(epoch=epoch, lr=worker.learning_rate(), seconds=time.time() - t0, train_images_per_s=images / max(train_seconds, 1e-9))
+        ended_at = time.time()
+        metrics.update(epoch=epoch, lr=worker.learning_rate(), seconds=ended_at - t0, ended_at=ended_at,
+                       train_images_per_s=images / max(train_seconds, 1e-9))
         history.append(metrics)
         val_miou = metrics["val_miou"] if np.isfinite(metrics["val_miou"]) else 0.0
         improved = val_miou > best

@@ -6,7 +6,8 @@
   ``epochs`` (trained), ``train_seconds`` (its epochs' time), ``seconds``
   (its wall-clock time in Tune, start-up included), ``started`` and ``ended``
   (Unix times: its start, its last epoch; for a trial resumed after the
-  driver stopped, these three cover its part since), ``stopped_early`` (ASHA
+  driver stopped, these three cover its part since; for a trial whose
+  reports Tune lost with a killed driver, its run's first and last epoch), ``stopped_early`` (ASHA
   stopped it before its last epoch), ``stopped_after`` (the epochs it had
   done then, 0 if not stopped; its workers may finish one more before they
   stop, which ``epochs`` counts), ``complete`` (it trained all its epochs or
@@ -136,6 +137,11 @@ def trial_rows(grid, runs_uri: str, stopped: dict[str, int]) -> tuple[pd.DataFra
         if frame is not None and len(frame):
             first = frame.iloc[0]
             started, ended = float(first["timestamp"] - first["time_total_s"]), float(frame["timestamp"].iloc[-1])
+        elif history is not None and len(history) and "ended_at" in history:
+            # No reports in Tune's state (a driver killed before it saved them): the run's own
+            # epoch times, training only (start-up not counted).
+            started = float(history["ended_at"].iloc[0] - history["seconds"].iloc[0])
+            ended = float(history["ended_at"].iloc[-1])
         row.update(
             seconds=seconds,
             started=started,

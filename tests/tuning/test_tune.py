@@ -228,6 +228,7 @@ def test_two_cores_run_at_most_two_trials_at_once(search):
     if (os.cpu_count() or 1) != 2:
         pytest.skip("the limit under test is the one of a 2-core machine")
     table = trials_table(search.uri)
+    assert table["started"].notna().all() and table["ended"].notna().all(), table[["trial_id", "started", "ended"]]
     events = sorted([(t, 1) for t in table["started"]] + [(t, -1) for t in table["ended"]], key=lambda e: (e[0], e[1]))
     running, most = 0, 0
     for _, step in events:
