@@ -30,6 +30,12 @@ from segray.training.artifacts import RunArtifacts, load_state, save_state
 from segray.training.report import PREVIEW_IMAGES, epoch_line, preview_strips
 
 
+# A worker keeps its part of the val split in memory after the first pass when
+# it fits this many bytes: the split is the same every epoch (no augmentation),
+# and a new streaming pass costs Ray Data's start-up each epoch (seconds on a small split).
+VAL_CACHE_BYTES = 512 * 2**20
+
+
 def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
     """What a predictor needs besides the weights: normalisation, size, classes."""
     # Trained on patches of larger images: predict slides a window of the
@@ -101,6 +107,8 @@ class WorkerLoop:
         self.steps_done = 0
         self.started = time.time()
         self.last_val_seconds = 0.0
+        # This worker's val batches after one streamed pass, if they fit VAL_CACHE_BYTES; False: too big.
+        self.val_batches: list[dict[str, np.ndarray]] | bool | None = None
         self.out_of_time = False
         # One worker has nobody to all-reduce with: the default strategy runs the
         # same step without MWMS's collective ops on every gradient.
@@ -237,7 +245,20 @@ class WorkerLoop:
         step = self._train_step if train else self._eval_step
         loss_sum, weight_sum, cm, images = 0.0, 0.0, np.zeros((C, C), np.int64), 0
         t0 = time.time()
-        for batch in shard.iter_batches(batch_size=self.cfg.batch_size, drop_last=train, batch_format="numpy", prefetch_batches=2):
+        cached = not train and isinstance(self.val_batches, list)
+        keep = not train and self.val_batches is None
+        kept_batches, kept_bytes = [], 0
+        batches = self.val_batches if cached else shard.iter_batches(
+            batch_size=self.cfg.batch_size, drop_last=train, batch_format="numpy", prefetch_batches=2
+        )
+        for batch in batches:
+            if keep:
+                kept_bytes += batch["image"].nbytes + batch["mask"].nbytes
+                keep = kept_bytes <= VAL_CACHE_BYTES
+                if keep:
+                    kept_batches.append({"image": np.array(batch["image"]), "mask": np.array(batch["mask"])})
+                else:
+                    kept_batches = []  # too big to keep: streamed every epoch
             if train and not self.before_step():
                 break
             if keep_preview and self.kept is None:
@@ -249,6 +270,8 @@ class WorkerLoop:
             images += len(batch["image"])
             if train:
                 self.steps_done += 1
+        if not train and self.val_batches is None:
+            self.val_batches = kept_batches if keep else False
         seconds = time.time() - t0
         total = self.global_sum(np.concatenate([[loss_sum, weight_sum, images, seconds], cm.ravel()]))
         seconds = float(total[3]) / self.world_size  # the same on every worker

@@ -192,16 +192,23 @@ def _validation_matrix(loop_config):
     import ray.train
 
     from segray.data.info import DatasetInfo
+    from segray.training import loop
     from segray.training.loop import WorkerLoop
 
+    if loop_config.get("val_cache_bytes") is not None:
+        loop.VAL_CACHE_BYTES = loop_config["val_cache_bytes"]
     cfg = TrainConfig.from_dict(loop_config["config"])
     info = DatasetInfo.from_json(loop_config["dataset_info"])
     from segray.training.loop import val_dataset_name
 
     ctx = ray.train.get_context()
     worker = WorkerLoop(cfg, info, ctx.get_world_size())
-    loss_sum, weight_sum, cm, images, _ = worker.run_epoch(ray.train.get_dataset_shard(val_dataset_name(ctx.get_world_rank())), train=False)
-    metrics = {"cm": cm.tolist(), "images": images, "loss_sum": loss_sum, "weight_sum": weight_sum}
+    shard = ray.train.get_dataset_shard(val_dataset_name(ctx.get_world_rank()))
+    loss_sum, weight_sum, cm, images, _ = worker.run_epoch(shard, train=False)
+    # The next epoch's pass: from memory when the part fitted, streamed again when not; the same either way.
+    again = worker.run_epoch(shard, train=False)
+    metrics = {"cm": cm.tolist(), "images": images, "loss_sum": loss_sum, "weight_sum": weight_sum,
+               "again": [again[0], again[1], again[2].tolist(), again[3]], "kept": isinstance(worker.val_batches, list)}
     # Train V2 keeps the metrics of reported checkpoints: rank 0 reports one.
     if ray.train.get_context().get_world_rank() == 0:
         import tempfile
@@ -229,7 +236,8 @@ def test_worker_matrices_sum_to_single_worker_matrix(shapes, tmp_path):
         parts = {f"val_{k}": read_split(shapes.dst, "val", part=(k, workers)) for k in range(workers)}
         trainer = TensorflowTrainer(
             _validation_matrix,
-            train_loop_config={"config": cfg.to_dict(), "dataset_info": shapes.info.to_json()},
+            # One worker streams every pass (a part too big to keep), two keep theirs in memory.
+            train_loop_config={"config": cfg.to_dict(), "dataset_info": shapes.info.to_json(), "val_cache_bytes": 0 if workers == 1 else None},
             scaling_config=ray.train.ScalingConfig(num_workers=workers),
             run_config=ray.train.RunConfig(name=f"cm{workers}", storage_path=str(tmp_path)),
             datasets=parts,
@@ -237,6 +245,10 @@ def test_worker_matrices_sum_to_single_worker_matrix(shapes, tmp_path):
         )
         metrics = trainer.fit().metrics
         assert metrics["images"] == shapes.info.splits["val"]
+        assert metrics["kept"] == (workers == 2)
+        loss_sum, weight_sum, cm, images = metrics["again"]
+        assert cm == metrics["cm"] and images == metrics["images"]
+        assert (loss_sum, weight_sum) == pytest.approx((metrics["loss_sum"], metrics["weight_sum"]), rel=1e-5)
         matrices[workers] = np.asarray(metrics["cm"], np.int64)
     np.testing.assert_array_equal(matrices[1], matrices[2])
     # And both equal one pass on the driver with the same seeded model.
