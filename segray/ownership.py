@@ -19,9 +19,6 @@ from segray.config import about
 
 MARKER = "_segray.json"
 FORMAT = "segray-owned/1"
-# storage.write_bytes / write_parquet write to NAME.tmp-<uuid hex> and rename it
-# into place; a process killed in between leaves that temporary file behind.
-_TEMPORARY = re.compile(r"(?P<name>.+)\.tmp-[0-9a-f]{32}")
 
 
 def canonical(uri: str) -> str:
@@ -108,7 +105,7 @@ def owned(marker: dict, present: set[str]) -> set[str]:
         return f in files or any(p.fullmatch(f) for p in patterns)
 
     # A file of ours, or the temporary file that one of ours was being written to.
-    return {f for f in present if mine(f) or ((t := _TEMPORARY.fullmatch(f)) is not None and mine(t["name"]))}
+    return {f for f in present if mine(f) or ((t := storage.TEMPORARY.fullmatch(f)) is not None and mine(t["name"]))}
 
 
 def clear_owned(folder: str, kind: str, field: str, required: tuple[str, ...] = ()) -> int:

@@ -269,6 +269,16 @@ def read_bytes(uri: str) -> bytes:
     return read() if isinstance(fs, pafs.LocalFileSystem) else retrying(f"reading {uri}", read)
 
 
+# Local writes go to PATH.tmp-<uuid hex> first and are renamed into place; a
+# process killed in between leaves that file (segray.ownership counts it as PATH's).
+TEMPORARY = re.compile(r"(?P<name>.+)\.tmp-[0-9a-f]{32}")
+
+
+def temporary_path(path: str) -> str:
+    """A fresh temporary name beside ``path``, of the form ``TEMPORARY`` matches."""
+    return f"{path}.tmp-{uuid.uuid4().hex}"
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Writes ``data`` so that no reader ever sees a partial file at ``uri``.
 
@@ -279,7 +289,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     parent = posixpath.dirname(path)
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(parent, recursive=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = temporary_path(path)
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         os.replace(tmp, path)
@@ -303,7 +313,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(posixpath.dirname(path), recursive=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = temporary_path(path)
         with open(tmp, "wb") as f:
             f.write(data)
         try:
@@ -381,7 +391,7 @@ def write_parquet(table, uri: str, **kwargs) -> None:
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(posixpath.dirname(path), recursive=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = temporary_path(path)
         try:
             pq.write_table(table, tmp, **kwargs)
             os.replace(tmp, path)
