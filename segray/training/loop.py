@@ -231,6 +231,26 @@ class WorkerLoop:
         # float64 holds integer counts exactly up to 2**53.
         return self._all_sum(tf.constant(np.asarray(values, np.float64))).numpy()
 
+    def _batches(self, shard, drop_last: bool = True):
+        return shard.iter_batches(batch_size=self.cfg.batch_size, drop_last=drop_last, batch_format="numpy", prefetch_batches=2)
+
+    def _val_batches(self, shard):
+        """This worker's val batches: streamed the first time, kept in memory after it if they fit VAL_CACHE_BYTES."""
+        if isinstance(self.val_batches, list):
+            yield from self.val_batches
+            return
+        kept: list[dict[str, np.ndarray]] | None = [] if self.val_batches is None else None
+        size = 0
+        for batch in self._batches(shard, drop_last=False):
+            if kept is not None:
+                size += batch["image"].nbytes + batch["mask"].nbytes
+                if size <= VAL_CACHE_BYTES:
+                    kept.append({"image": np.array(batch["image"]), "mask": np.array(batch["mask"])})
+                else:
+                    kept = None  # too big to keep: streamed every epoch
+            yield batch
+        self.val_batches = kept if kept is not None else False
+
     def run_epoch(self, shard, train: bool, keep_preview: bool = False) -> tuple[float, float, np.ndarray, int, float]:
         """One pass over this worker's shard; returns global (loss_sum, weight_sum, cm, images, seconds).
 
@@ -245,20 +265,7 @@ class WorkerLoop:
         step = self._train_step if train else self._eval_step
         loss_sum, weight_sum, cm, images = 0.0, 0.0, np.zeros((C, C), np.int64), 0
         t0 = time.time()
-        cached = not train and isinstance(self.val_batches, list)
-        keep = not train and self.val_batches is None
-        kept_batches, kept_bytes = [], 0
-        batches = self.val_batches if cached else shard.iter_batches(
-            batch_size=self.cfg.batch_size, drop_last=train, batch_format="numpy", prefetch_batches=2
-        )
-        for batch in batches:
-            if keep:
-                kept_bytes += batch["image"].nbytes + batch["mask"].nbytes
-                keep = kept_bytes <= VAL_CACHE_BYTES
-                if keep:
-                    kept_batches.append({"image": np.array(batch["image"]), "mask": np.array(batch["mask"])})
-                else:
-                    kept_batches = []  # too big to keep: streamed every epoch
+        for batch in self._batches(shard) if train else self._val_batches(shard):
             if train and not self.before_step():
                 break
             if keep_preview and self.kept is None:
@@ -270,8 +277,6 @@ class WorkerLoop:
             images += len(batch["image"])
             if train:
                 self.steps_done += 1
-        if not train and self.val_batches is None:
-            self.val_batches = kept_batches if keep else False
         seconds = time.time() - t0
         total = self.global_sum(np.concatenate([[loss_sum, weight_sum, images, seconds], cm.ravel()]))
         seconds = float(total[3]) / self.world_size  # the same on every worker
