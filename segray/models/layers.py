@@ -10,10 +10,20 @@ in inference over images of varying sizes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
-import tensorflow as tf
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+
+def _tf() -> Any:
+    # Imported when a layer first needs it, so the models build (at known
+    # sizes) under any Keras backend; segray itself trains on TensorFlow.
+    import tensorflow
+
+    return tensorflow
 
 
 def valid_sizes(n: int, multiple: int) -> tuple[int, ...]:
@@ -97,6 +107,7 @@ class DivisibleSizeCheck(keras.layers.Layer):
             if static_h % self.multiple or static_w % self.multiple:
                 raise ValueError(size_error(self.label, static_h, static_w, self.multiple))
             return inputs
+        tf = _tf()
         shape = tf.shape(inputs)
         height, width = shape[1], shape[2]
         ok = tf.logical_and(
@@ -122,6 +133,7 @@ class DivisibleSizeCheck(keras.layers.Layer):
 
     def _options(self, n: tf.Tensor) -> tf.Tensor:
         """Graph version of ``valid_sizes`` joined by ' or ' (a string tensor)."""
+        tf = _tf()
         lower = n // self.multiple * self.multiple
         upper = lower + self.multiple
         both = tf.strings.join([tf.strings.as_string(lower), " or ", tf.strings.as_string(upper)])
@@ -157,6 +169,7 @@ class MaxPoolingWithArgmax2D(keras.layers.Layer):
         self.supports_jit = False
 
     def call(self, inputs: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        tf = _tf()
         pooled, argmax = tf.nn.max_pool_with_argmax(
             inputs,
             ksize=self.pool_size,
@@ -193,6 +206,7 @@ class MaxUnpooling2D(keras.layers.Layer):
     """
 
     def call(self, inputs: list[tf.Tensor]) -> tf.Tensor:
+        tf = _tf()
         values, argmax, reference = inputs
         ref_shape = tf.shape(reference, out_type=tf.int64)
         out_shape = tf.stack(
@@ -232,6 +246,7 @@ class ResizeLike(keras.layers.Layer):
         self.interpolation = interpolation
 
     def call(self, inputs: list[tf.Tensor]) -> tf.Tensor:
+        tf = _tf()
         x, reference = inputs
         resized = tf.image.resize(x, tf.shape(reference)[1:3], method=self.interpolation)
         # tf.image.resize returns float32 for bilinear; keep float16 under mixed precision.
