@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment-set", type=_names, help="augmentations, comma-separated: " + ",".join(AUGMENTATIONS))
     p.add_argument("--patches-per-image", type=int, help="with --crop: patches cut from each image per epoch")
     p.add_argument("--foreground-oversample", type=float, help="with --crop: share of patches centred on a present class")
+    p.add_argument("--oversample-classes", choices=["uniform", "rare"], help="the present class such a patch centres on: each alike, or rarer classes more often")
     p.add_argument("--time-budget", type=_duration, help="stop training cleanly after this long (90s, 30m, 1.5h)")
     p.add_argument("--patience", type=int, help="early stopping on val mIoU after N epochs without gain (0: off)")
     p.add_argument("--keep-checkpoints", "--keep", type=int, help="checkpoints kept, best by val mIoU")

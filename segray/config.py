@@ -349,6 +349,10 @@ class TrainConfig(Config):
         foreground_oversample: with ``crop``: share of patches centred on a
             pixel of a class (other than class 0) chosen at random among those
             present in the image (nnU-Net oversamples a third).
+        oversample_classes: which present class an oversampled patch centres
+            on: ``uniform`` (each alike, nnU-Net) or ``rare`` (weighted by the
+            inverse square root of the class's train pixel frequency, from
+            dataset.json: rarer classes more often).
         optimizer: ``adam``, or ``sgd`` (Nesterov momentum 0.99, nnU-Net's).
         warmup: share of training (of the steps, or of ``time_budget``) over
             which the learning rate rises linearly from 0.
@@ -380,6 +384,7 @@ class TrainConfig(Config):
     augment_set: list[str] = field(default_factory=lambda: list(BASIC_AUGMENTATIONS))
     patches_per_image: int = 1
     foreground_oversample: float = 0.0
+    oversample_classes: Literal["uniform", "rare"] = "uniform"
     optimizer: Literal["adam", "sgd"] = "adam"
     schedule: Literal["cosine", "plateau", "constant", "poly"] = "cosine"
     warmup: float = 0.0
@@ -403,6 +408,8 @@ class TrainConfig(Config):
                 raise ConfigError(f"{name} must be a share in [0, 1], got {getattr(self, name)!r}", field=name)
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
             raise ConfigError(f"name {self.name!r}: expected a plain run name (no '/', not '.' or '..')", field="name")
+        if self.oversample_classes not in ("uniform", "rare"):
+            raise ConfigError(f"oversample_classes {self.oversample_classes!r}: expected uniform or rare", field="oversample_classes")
         if isinstance(self.class_weights, str) and self.class_weights not in ("auto", "none"):
             raise ConfigError(f"class_weights {self.class_weights!r}: expected auto, none or w0,w1,...", field="class_weights")
         for name in ("size", "crop"):

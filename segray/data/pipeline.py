@@ -55,6 +55,7 @@ class PipelineConfig:
     augment_set: tuple[str, ...] = ("flip", "rot90", "scale", "brightness", "contrast")
     patches_per_image: int = 1
     foreground_oversample: float = 0.0
+    class_draw: tuple[float, ...] = ()
 
     @property
     def patches(self) -> bool:
@@ -120,7 +121,9 @@ class DecodeBatch:
                 foreground = class_pixels(mask) if cfg.foreground_oversample > 0 else None
                 chosen = cfg.augment_set if cfg.augment else ()
                 for _ in range(cfg.patches_per_image):
-                    patch, labels = sample_patch(image, mask, cfg.crop, rng, chosen, cfg.augment_strength, cfg.foreground_oversample, foreground)
+                    patch, labels = sample_patch(
+                        image, mask, cfg.crop, rng, chosen, cfg.augment_strength, cfg.foreground_oversample, foreground, cfg.class_draw
+                    )
                     images.append(patch)
                     masks.append(labels)
                     ids.append(image_id)
@@ -156,6 +159,7 @@ def read_split(
     augment_set: tuple[str, ...] | list[str] = ("flip", "rot90", "scale", "brightness", "contrast"),
     patches_per_image: int = 1,
     foreground_oversample: float = 0.0,
+    class_draw: tuple[float, ...] | list[float] = (),
 ) -> Any:
     """A Ray Dataset of decoded pairs of one split of an ingested dataset.
 
@@ -166,8 +170,10 @@ def read_split(
             when all images share it, else (256, 256).
         crop: (H, W) random crops taken after fitting (training).
         augment_strength: multiplies the augmentation's magnitudes (``transforms.augment``).
-        augment_set, patches_per_image, foreground_oversample: the patch
-            recipe (``transforms.sample_patch``; ``PipelineConfig.patches`` says when it applies).
+        augment_set, patches_per_image, foreground_oversample, class_draw: the
+            patch recipe (``transforms.sample_patch``; ``PipelineConfig.patches``
+            says when it applies); ``class_draw`` weighs the class an
+            oversampled patch centres on (``training.trainer.class_draw_for``).
         batch_size: rows per decode task batch; default from the image size
             (``rows_per_batch``).
         part: (index, count): only the ids whose stable hash modulo ``count``
@@ -190,7 +196,7 @@ def read_split(
         raise FileNotFoundError(f"{dataset}: split {split!r} has no shards under {uri}")
     config = PipelineConfig(size=size, crop=crop, augment=augment, seed=seed, fit=fit_mode, augment_strength=augment_strength,
                             augment_set=tuple(augment_set), patches_per_image=patches_per_image,
-                            foreground_oversample=foreground_oversample)
+                            foreground_oversample=foreground_oversample, class_draw=tuple(class_draw))
     dtype = image_dtype(info)
     batch_size = batch_size or rows_per_batch(tuple(crop or size), dtype)
     # Decoded in the read tasks: a separate map operator moved every encoded

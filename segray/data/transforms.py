@@ -131,28 +131,42 @@ NOISE_P, NOISE_SIGMA = 0.15, 0.04  # sigma up to 4% of the 0..255 scale
 BLUR_P, BLUR_SIGMA = 0.2, (0.5, 1.0)
 
 
-def patch_centre(mask: np.ndarray, rng: np.random.Generator, oversample: float, foreground: list[np.ndarray] | None = None):
-    """(y, x) of a patch centre: with probability ``oversample`` a random pixel of a random present class (ids 1.., not ignored), else anywhere.
+def patch_centre(
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    oversample: float,
+    foreground: dict[int, np.ndarray] | None = None,
+    class_draw: tuple[float, ...] = (),
+):
+    """(y, x) of a patch centre: with probability ``oversample`` a random pixel of a present class (ids 1.., not ignored), else anywhere.
 
     ``foreground``: the flat pixel indices of each present class (from
     ``class_pixels``), computed once per image for all its patches.
+    ``class_draw``: a weight per class id for choosing among the present
+    classes (``training.trainer.class_draw_for``); empty: each present class alike (nnU-Net).
     """
     h, w = mask.shape
     if oversample > 0 and rng.random() < oversample:
         if foreground is None:
             foreground = class_pixels(mask)
         if foreground:
-            pixels = foreground[int(rng.integers(0, len(foreground)))]
+            ids = list(foreground)
+            if class_draw:
+                p = np.array([class_draw[k] if k < len(class_draw) else 1.0 for k in ids], np.float64)
+                k = ids[int(rng.choice(len(ids), p=p / p.sum()))]
+            else:
+                k = ids[int(rng.integers(0, len(ids)))]
+            pixels = foreground[k]
             flat = int(pixels[int(rng.integers(0, len(pixels)))])
             return flat // w, flat % w
     return int(rng.integers(0, h)), int(rng.integers(0, w))
 
 
-def class_pixels(mask: np.ndarray) -> list[np.ndarray]:
-    """Flat indices of the pixels of each class present in ``mask``, other than class 0 and ``IGNORE_INDEX``."""
+def class_pixels(mask: np.ndarray) -> dict[int, np.ndarray]:
+    """Class id -> flat indices of its pixels, for each class present in ``mask`` other than 0 and ``IGNORE_INDEX``."""
     flat = mask.ravel()
     ids = [int(k) for k in np.unique(flat) if k != 0 and k != IGNORE_INDEX]
-    return [np.flatnonzero(flat == k) for k in ids]
+    return {k: np.flatnonzero(flat == k) for k in ids}
 
 
 def _elastic_field(shape: tuple[int, int], rng: np.random.Generator, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +186,8 @@ def sample_patch(
     augment_set: tuple[str, ...] = (),
     strength: float = 1.0,
     oversample: float = 0.0,
-    foreground: list[np.ndarray] | None = None,
+    foreground: dict[int, np.ndarray] | None = None,
+    class_draw: tuple[float, ...] = (),
 ):
     """One (H, W) training patch of a full-size pair: centre, then scale, rotation and elastic in one remap.
 
@@ -187,7 +202,7 @@ def sample_patch(
         ``image`` (H, W, C) in the input's dtype, ``mask`` (H, W) uint8.
     """
     ph, pw = size
-    cy, cx = patch_centre(mask, rng, oversample, foreground)
+    cy, cx = patch_centre(mask, rng, oversample, foreground, class_draw)
     s = set(augment_set)
     scale = 1.0
     if "scale" in s and strength > 0:

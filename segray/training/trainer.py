@@ -110,6 +110,20 @@ def _check_resumable(run_uri: str, cfg: TrainConfig) -> None:
         )
 
 
+def class_draw_for(cfg: TrainConfig, info: DatasetInfo) -> tuple[float, ...]:
+    """The weights by class id an oversampled patch's class is drawn with: () for ``uniform``.
+
+    ``rare``: the ``auto`` class weights (inverse square root of the train
+    pixel frequency), so among the classes present in an image a class 100
+    times rarer is centred on 10 times as often.
+    """
+    from segray.training.losses import class_weights_from_frequency
+
+    if cfg.oversample_classes != "rare":
+        return ()
+    return tuple(float(w) for w in class_weights_from_frequency([info.pixel_frequency[n] for n in info.class_names]))
+
+
 def data_config(workers: int):
     """Which datasets Ray Train splits across workers: train, and only when there is more than one.
 
@@ -149,7 +163,8 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
     crop = tuple(cfg.crop) if cfg.crop else None
     datasets = {"train": read_split(cfg.data, "train", size=size, crop=crop, augment=cfg.augment, seed=cfg.seed, info=info,
                                     augment_strength=cfg.augment_strength, augment_set=cfg.augment_set,
-                                    patches_per_image=cfg.patches_per_image, foreground_oversample=cfg.foreground_oversample)}
+                                    patches_per_image=cfg.patches_per_image, foreground_oversample=cfg.foreground_oversample,
+                                    class_draw=class_draw_for(cfg, info))}
     # Ray Train splits datasets equally, dropping the remainder: right for training
     # steps that must stay in lockstep, wrong for validation, which must see every
     # image once. Each worker gets its own hash part of the val split instead.

@@ -6,6 +6,7 @@ import numpy as np
 
 from segray.config import AUGMENTATIONS
 from segray.data.transforms import augment_intensity, class_pixels, sample_patch
+from segray.training.losses import class_weights_from_frequency
 
 SPATIAL = ("flip", "rot90", "scale", "rotate", "elastic")
 
@@ -52,6 +53,27 @@ def test_oversampling_centres_patches_on_a_rare_class():
     seen = {share: np.mean([2 in sample_patch(image, mask, (32, 32), np.random.default_rng(s), (), 1.0, share, fg)[1] for s in range(200)])
             for share in (0.0, 0.5, 1.0)}
     assert seen[1.0] == 1.0 and 0.3 < seen[0.5] < 0.75 and seen[0.0] < 0.1, seen
+
+
+def test_rare_class_draw_centres_more_patches_on_the_rarer_present_class():
+    mask = np.zeros((256, 256), np.uint8)
+    mask[:, :128] = 1  # common: half the image
+    mask[200:204, 200:204] = 2  # rare: 16 pixels
+    image = np.zeros((256, 256, 3), np.uint8)
+    fg = class_pixels(mask)
+    assert sorted(fg) == [1, 2] and len(fg[2]) == 16
+    draw = tuple(class_weights_from_frequency([0.5, 0.45, 0.05]))  # as `rare` draws: class 2 is 9x rarer, drawn 3x as often
+    assert abs(draw[2] / draw[1] - 3.0) < 1e-9
+
+    def centred_on_rare(class_draw) -> float:
+        hits = []
+        for s in range(300):
+            _, labels = sample_patch(image, mask, (16, 16), np.random.default_rng(s), (), 1.0, 1.0, fg, class_draw)
+            hits.append(labels[8, 8] == 2)
+        return float(np.mean(hits))
+
+    uniform, rare = centred_on_rare(()), centred_on_rare(draw)
+    assert 0.4 < uniform < 0.6 and 0.65 < rare < 0.85, (uniform, rare)  # 1/2 and 3/4 expected
 
 
 def test_intensity_augmentation_keeps_shape_dtype_and_changes_values():

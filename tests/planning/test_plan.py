@@ -49,6 +49,7 @@ def test_a_hand_edited_plan_is_validated_like_a_config(shapes, tmp_path):
     for entry, value, message in [
         ("batch_size", "four", "choices.batch_size: expected an integer, got 'four'"),
         ("foreground_oversample", 1.5, "foreground_oversample must be a share in [0, 1]"),
+        ("oversample_classes", "often", "oversample_classes"),
         ("normalization", "percentile", "choices.normalization: expected one of ['zscore']"),
         ("learning_rate", 0.1, "choices.learning_rate: not a plan entry"),
     ]:
