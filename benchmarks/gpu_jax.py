@@ -10,8 +10,8 @@ TensorFlow and no Ray, and nothing over 64 MiB can be carried to it, so this
 script measures the same model (``segray.models.build("unet", ...)``, width
 64, depth 4, as ``train_throughput.py --gpu``) under Keras 3's JAX backend:
 
-- train: one ``jax.jit`` (XLA) step of forward, masked-free sparse
-  cross-entropy, backward and Adam, from uint8 images normalised in the step,
+- train: one ``jax.jit`` (XLA) step of forward, sparse
+  cross-entropy (no ignore mask), backward and Adam, from uint8 images normalised in the step,
   as segray's TensorFlow step does; policies ``mixed_bfloat16`` (no loss
   scaling needed) and ``float32``;
 - train, host-fed: the same step, each batch a new uint8 numpy array sent from
