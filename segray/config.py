@@ -408,8 +408,6 @@ class TrainConfig(Config):
                 raise ConfigError(f"{name} must be a share in [0, 1], got {getattr(self, name)!r}", field=name)
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
             raise ConfigError(f"name {self.name!r}: expected a plain run name (no '/', not '.' or '..')", field="name")
-        if self.oversample_classes not in ("uniform", "rare"):
-            raise ConfigError(f"oversample_classes {self.oversample_classes!r}: expected uniform or rare", field="oversample_classes")
         if isinstance(self.class_weights, str) and self.class_weights not in ("auto", "none"):
             raise ConfigError(f"class_weights {self.class_weights!r}: expected auto, none or w0,w1,...", field="class_weights")
         for name in ("size", "crop"):
