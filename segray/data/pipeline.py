@@ -20,7 +20,7 @@ import numpy as np
 from segray import storage
 from segray.data.imageio import decode_image, decode_mask
 from segray.data.info import DatasetInfo, load_dataset_info
-from segray.data.shards import read_shards, stable_hash
+from segray.data.shards import decode_tasks, read_shards, stable_hash
 from segray.data.transforms import FitMode, augment, class_pixels, fit, random_crop, sample_patch
 
 # Decoded bytes per map_batches batch: large enough that Ray's per-task and
@@ -38,10 +38,14 @@ def image_dtype(info: DatasetInfo) -> np.dtype:
     return np.dtype(np.uint8) if seen <= {"uint8"} else np.dtype(np.float32)
 
 
+def row_bytes(size: tuple[int, int], dtype: np.dtype, channels: int = 3) -> int:
+    """Bytes of one decoded row: the image of ``dtype`` and a uint8 mask."""
+    return size[0] * size[1] * (channels * np.dtype(dtype).itemsize + 1)
+
+
 def rows_per_batch(size: tuple[int, int], dtype: np.dtype, channels: int = 3) -> int:
     """Rows of one decode batch from the image size: about ``BATCH_BYTES`` of images and masks, 4 to 256 rows."""
-    per_row = size[0] * size[1] * (channels * np.dtype(dtype).itemsize + 1)
-    return int(min(256, max(4, BATCH_BYTES // per_row)))
+    return int(min(256, max(4, BATCH_BYTES // row_bytes(size, dtype, channels))))
 
 
 @dataclass(frozen=True)
@@ -211,12 +215,21 @@ def read_split(
         batch_size = max(4, min(batch_size, -(-rows // (2 * cpus)))) if rows else batch_size
         ds = read_shards(shards, ["image_id", "image", "mask"], part=part)
         return ds.map_batches(decode, batch_size=batch_size, batch_format="numpy")
-    ds = read_shards(shards, ["image_id", "image", "mask"], part=part, transform=decode, rows_per_block=batch_size)
+    ds = read_shards(shards, ["image_id", "image", "mask"], part=part, transform=decode, rows_per_block=batch_size,
+                     tasks=decode_tasks(shards, cpus))
     # The dataset is one operator: Ray Data's per-operator reservation of CPUs
     # (meant to keep one stage of several from starving the others) held it to
     # about one task at a time on 2 cores (steady rate 400 -> 650-1080 images/s
     # without it in benchmarks/input_pipeline.py's setting).
     ds.context.op_resource_reservation_enabled = False
+    # A read task's blocks leave it as the transform makes them. Ray Data
+    # otherwise gathers a task's output up to target_max_block_size (128 MiB)
+    # and copies it into one block at the task's end, so the consumer saw
+    # nothing of a task until all its shards were decoded. The buffer passes a
+    # block on once it holds more than this (and slices one of 1.5x it or
+    # more), so three quarters of a full transform block keeps them as made.
+    out_rows = batch_size * max(1, patches_per_image if config.patches else 1)
+    ds.context.target_max_block_size = max(1, int(0.75 * out_rows * row_bytes(tuple(crop or size), dtype)))
     return ds
 
 

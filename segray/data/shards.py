@@ -32,6 +32,30 @@ from segray import storage
 # Rows per block a read task yields: bounded so a large shard streams.
 ROWS_PER_BLOCK = 64
 
+# Encoded bytes a decoding read task takes on (about three default 4 MiB
+# shards), and the fewest tasks per CPU. Ray Data dispatches a task when it
+# sees the last one finish, on its scheduling tick of up to 0.1 s, so every
+# task leaves its core idle for a moment: one task per shard lost about a
+# fifth of the cores (benchmarks/input_pipeline.py, 27-row shards). Several
+# shards per task cut those gaps; at least TASKS_PER_CPU tasks per core keep
+# the last tasks short, so no core waits long for the slowest at the end.
+TASK_BYTES = 12 * 2**20
+TASKS_PER_CPU = 4
+
+# Decoded blocks a read task may hold that the executor has not taken yet
+# (Ray Data's default is 2). Bounds a task's memory to this many blocks of
+# pipeline.BATCH_BYTES.
+GEN_BUFFER_BLOCKS = 8
+
+
+def decode_tasks(shards: Sequence[storage.FileEntry], cpus: int) -> int:
+    """Read tasks for decoding ``shards`` on ``cpus`` cores: about ``TASK_BYTES`` each, at least ``TASKS_PER_CPU`` per core.
+
+    Never more tasks than shards (a task reads whole shards).
+    """
+    by_bytes = -(-sum(s.size for s in shards) // TASK_BYTES)
+    return max(1, min(len(shards), max(by_bytes, TASKS_PER_CPU * max(1, cpus))))
+
 
 def stable_hash(text: str) -> int:
     """The same 64-bit hash of an id in every process (Python's ``hash`` is salted)."""
@@ -142,14 +166,25 @@ def read_shards(
     include_path: bool = False,
     transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     rows_per_block: int = ROWS_PER_BLOCK,
+    tasks: int | None = None,
 ):
-    """A Ray Dataset of the shards' rows, or of ``transform`` of them (see ``ShardDatasource``)."""
+    """A Ray Dataset of the shards' rows, or of ``transform`` of them (see ``ShardDatasource``).
+
+    ``tasks``: read tasks, each reading a run of whole shards (default with a
+    ``transform``: one per shard).
+    """
     import ray
 
     source = ShardDatasource(shards, columns, part=part, include_path=include_path, transform=transform, rows_per_block=rows_per_block)
     if transform is None:
         return ray.data.read_datasource(source)
-    # One read task per shard, its blocks as the transform made them: Ray's
-    # default splits each task's output into blocks of a few rows to reach
-    # its target parallelism, which only adds work for the consumer.
-    return ray.data.read_datasource(source, override_num_blocks=len(shards))
+    # Blocks as the transform made them: Ray's default splits each task's
+    # output into blocks of a few rows to reach its target parallelism, which
+    # only adds work for the consumer.
+    ds = ray.data.read_datasource(source, override_num_blocks=min(len(shards), tasks or len(shards)))
+    # A task may run GEN_BUFFER_BLOCKS blocks ahead of the executor. Ray Data's
+    # default of 2 paused the decoding whenever the executor, which collects
+    # outputs on a tick of 0.1 to 0.2 s, had not yet taken the last two. (No
+    # public option sets it; the per-dataset context carries it to the tasks.)
+    ds.context._max_num_blocks_in_streaming_gen_buffer = GEN_BUFFER_BLOCKS
+    return ds

@@ -161,3 +161,38 @@ def test_read_split_from_s3(s3, tmp_path, ray_cluster):
     rows = read_split(dst, "train").take_all() + read_split(dst, "val").take_all()
     assert len({r["image_id"] for r in rows}) == 12
     assert rows[0]["image"].shape == (32, 32, 3) and rows[0]["image"].dtype == np.uint8
+
+
+def test_decode_tasks_take_several_shards_but_keep_every_core_busy():
+    from segray import storage
+    from segray.data.shards import TASK_BYTES, TASKS_PER_CPU, decode_tasks
+
+    def shards(n, size):
+        return [storage.FileEntry(f"s{i}.parquet", size) for i in range(n)]
+
+    # 36 shards of 4 MiB on 2 cores: about TASK_BYTES (3 shards) per task.
+    assert decode_tasks(shards(36, 4 * 2**20), 2) == 36 * 4 * 2**20 // TASK_BYTES == 12
+    # Small shards: still TASKS_PER_CPU tasks per core, so the last ones are short.
+    assert decode_tasks(shards(40, 2**10), 2) == 2 * TASKS_PER_CPU
+    # Never more tasks than shards, and at least one.
+    assert decode_tasks(shards(3, 2**10), 8) == 3
+    assert decode_tasks(shards(1, 10 * TASK_BYTES), 2) == 1
+
+
+def test_read_tasks_pass_blocks_on_as_the_transform_makes_them(many_shards):
+    """Blocks reach the consumer at the decode batch size, not gathered into one per read task."""
+    from segray import storage
+    from segray.data.pipeline import DecodeBatch, PipelineConfig
+    from segray.data.shards import read_shards
+
+    rows = [[m.num_rows for m in b.metadata] for b in read_split(many_shards.dst, "train", batch_size=2).iter_internal_ref_bundles()]
+    sizes = [n for bundle in rows for n in bundle]
+    assert sum(sizes) == 30
+    # 10 shards of 3 rows: decode batches of 2 and 1 rows. Ray Data's default
+    # shaping would have sent one block of 3 per task.
+    assert max(sizes) <= 2, rows
+    # Several shards per task still read every row once.
+    shards = [f for f in storage.list_files(f"{many_shards.dst}/train") if f.uri.endswith(".parquet")]
+    decode = DecodeBatch(PipelineConfig(size=(32, 32)))
+    ids = [r["image_id"] for r in read_shards(shards, ["image_id", "image", "mask"], transform=decode, rows_per_block=2, tasks=3).take_all()]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 30
