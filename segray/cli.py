@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground-oversample", type=float, help="with --crop: share of patches centred on a present class")
     p.add_argument("--oversample-classes", choices=["uniform", "rare"], help="the present class such a patch centres on: each alike, or rarer classes more often")
     p.add_argument("--time-budget", type=_duration, help="stop training cleanly after this long (90s, 30m, 1.5h)")
+    p.add_argument("--deep-supervision", action="store_true", help="U-Net: also train heads at 1/2 and 1/4 of the size (training only)")
     p.add_argument("--patience", type=int, help="early stopping on val mIoU after N epochs without gain (0: off)")
     p.add_argument("--keep-checkpoints", "--keep", type=int, help="checkpoints kept, best by val mIoU")
     p.add_argument("--max-failures", type=int, help="worker failures to recover from")

@@ -358,6 +358,10 @@ class TrainConfig(Config):
             which the learning rate rises linearly from 0.
         time_budget: seconds of training; stops cleanly (a last validation,
             the best model kept) when the next step would pass it.
+        deep_supervision: U-Net only: also train 1x1 heads on the decoder at
+            1/2 and 1/4 of the size against nearest-downsampled masks, the loss
+            weighted 4:2:1 from full size down (nnU-Net); the heads are for
+            training only and not part of the saved model.
         plan: set by ``segray.training.config_from``: the plan followed, the
             fields it set and those given over it ({} when no plan was used).
     """
@@ -395,10 +399,13 @@ class TrainConfig(Config):
     seed: int = 0
     resume: bool = False
     model_options: dict[str, Any] = field(default_factory=dict)
+    deep_supervision: bool = False
     plan: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         _uri(self, "data", "storage")
+        if self.deep_supervision and self.model != "unet":
+            raise ConfigError(f"deep_supervision is for the U-Net's decoder; model {self.model!r} has none", field="deep_supervision")
         _positive(self, "epochs", "batch_size", "workers", "cpus_per_worker", "lr", "keep_checkpoints", "patches_per_image", "time_budget")
         unknown = [a for a in self.augment_set if a not in AUGMENTATIONS]
         if unknown:

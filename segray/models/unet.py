@@ -109,3 +109,54 @@ def build_unet(
 
     outputs = blocks.logits_head(x, num_classes)
     return keras.Model(inputs, outputs, name="unet")
+
+
+def decoder_outputs(model: keras.Model) -> dict[int, Any]:
+    """The U-Net's decoder features by level (1: full size, k: 1/2**(k-1) of it), from its layer names."""
+    found = {}
+    for layer in model.layers:
+        for suffix in ("_2_relu", "_out"):  # double_conv, residual_block
+            name = layer.name
+            if name.startswith("dec") and name.endswith(suffix) and name[3 : -len(suffix)].isdigit():
+                found[int(name[3 : -len(suffix)])] = layer.output
+    return found
+
+
+def with_deep_supervision(model: keras.Model, num_classes: int, levels: int = 2) -> keras.Model:
+    """The training model of deep supervision: ``model``'s logits plus logits at ``levels`` lower decoder levels.
+
+    Each extra output is a 1x1 conv of a decoder level's features, at 1/2,
+    1/4, ... of the input's size (nnU-Net's deep supervision). The model shares
+    ``model``'s layers, so training it trains ``model``; the extra heads are
+    for training only and ``model`` stays the one that is saved and predicts.
+
+    Args:
+        model: a U-Net from ``build_unet``.
+        num_classes: its output channels.
+        levels: lower decoder levels supervised; at most the U-Net's depth - 1.
+
+    Returns:
+        A ``keras.Model`` with outputs ``[logits, logits at 1/2, logits at 1/4, ...]``, float32.
+
+    Raises:
+        ValueError: ``model`` has no U-Net decoder, or fewer than ``levels`` lower levels.
+    """
+    decoder = decoder_outputs(model) if model.name == "unet" else {}
+    wanted = list(range(2, 2 + levels))
+    missing = [k for k in wanted if k not in decoder]
+    if not decoder or missing:
+        raise ValueError(
+            f"deep supervision needs a U-Net with decoder levels {wanted} (depth {levels + 1} or more); "
+            f"{model.name} has {sorted(decoder) or 'none'}"
+        )
+    outputs = [model.outputs[0]]
+    for k in wanted:
+        x = keras.layers.Conv2D(num_classes, 1, name=f"deep_supervision{k}")(decoder[k])
+        outputs.append(keras.layers.Activation("linear", dtype="float32", name=f"deep_supervision{k}_logits")(x))
+    return keras.Model(model.input, outputs, name=f"{model.name}_deep_supervision")
+
+
+def deep_supervision_weights(levels: int) -> list[float]:
+    """Loss weights of the full-size output and each lower level: halving per level, summing to 1 (nnU-Net)."""
+    raw = [0.5**k for k in range(levels + 1)]
+    return [w / sum(raw) for w in raw]

@@ -34,6 +34,8 @@ from segray.training.report import PREVIEW_IMAGES, epoch_line, preview_strips
 # it fits this many bytes: the split is the same every epoch (no augmentation),
 # and a new streaming pass costs Ray Data's start-up each epoch (seconds on a small split).
 VAL_CACHE_BYTES = 512 * 2**20
+# Lower decoder levels that deep supervision trains heads on (1/2 and 1/4 of the size).
+DEEP_SUPERVISION_LEVELS = 2
 
 
 def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
@@ -115,6 +117,15 @@ class WorkerLoop:
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy() if world_size > 1 else tf.distribute.get_strategy()
         with self.strategy.scope():
             self.model = models.build(cfg.model, self.num_classes, input_shape=(None, None, 3), **cfg.model_options)
+            # What the optimizer trains: the model, or the model plus its deep
+            # supervision heads (outputs at full size, 1/2, 1/4).
+            self.net = self.model
+            self.ds_weights: list[float] = []
+            if cfg.deep_supervision:
+                from segray.models.unet import deep_supervision_weights, with_deep_supervision
+
+                self.net = with_deep_supervision(self.model, self.num_classes, DEEP_SUPERVISION_LEVELS)
+                self.ds_weights = deep_supervision_weights(DEEP_SUPERVISION_LEVELS)
             if cfg.schedule == "cosine":
                 lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=cfg.epochs * self.steps_per_epoch, alpha=0.01)
             elif cfg.schedule == "poly":
@@ -127,7 +138,7 @@ class WorkerLoop:
                 optimizer = keras.optimizers.Adam(learning_rate=lr)
             if cfg.mixed_precision:
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            optimizer.build(self.model.trainable_variables)
+            optimizer.build(self.net.trainable_variables)
             self.optimizer = optimizer
         if cfg.class_weights == "auto":
             weights = class_weights_from_frequency([info.pixel_frequency[n] for n in info.class_names])
@@ -191,24 +202,36 @@ class WorkerLoop:
 
         cfg, replica_ctx = self.cfg, tf.distribute.get_replica_context()
         images, masks = self.model_input(images), tf.cast(masks, tf.int32)
-        with tf.GradientTape() as tape:
-            logits = self.model(images, training=True)
-            loss_sum, weight_sum = masked_cross_entropy(masks, logits, self.class_weights, IGNORE_INDEX)
+
+        def scale_loss(labels, logits):
+            loss_sum, weight_sum = masked_cross_entropy(labels, logits, self.class_weights, IGNORE_INDEX)
             # Divide by the weight of the *global* batch: Keras sums gradients over replicas.
             global_weight = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, weight_sum)
             loss = loss_sum / tf.maximum(global_weight, 1.0)
             if cfg.loss == "ce+dice":
-                inter, denom = soft_dice_sums(masks, logits, self.num_classes, IGNORE_INDEX)
-                truth = truth_counts(masks, self.num_classes, IGNORE_INDEX)
+                inter, denom = soft_dice_sums(labels, logits, self.num_classes, IGNORE_INDEX)
+                truth = truth_counts(labels, self.num_classes, IGNORE_INDEX)
                 inter = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, inter)
                 denom = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, denom)
                 truth = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, truth)
                 # Over the global batch and the classes present in it (nnU-Net's batch Dice).
                 dice_loss = present_class_dice_loss(inter, denom, truth)
                 loss = loss + cfg.dice_weight * dice_loss / self.strategy.num_replicas_in_sync
+            return loss, loss_sum, weight_sum
+
+        with tf.GradientTape() as tape:
+            outputs = self.net(images, training=True)
+            logits = outputs[0] if self.ds_weights else outputs
+            loss, loss_sum, weight_sum = scale_loss(masks, logits)
+            if self.ds_weights:
+                loss = self.ds_weights[0] * loss
+                for level, (weight, aux) in enumerate(zip(self.ds_weights[1:], outputs[1:]), start=1):
+                    # Nearest downsampling of the labels (every 2**level-th pixel), as nnU-Net's.
+                    step = 2**level
+                    loss = loss + weight * scale_loss(masks[:, ::step, ::step], aux)[0]
             scaled = self.optimizer.scale_loss(loss) if cfg.mixed_precision else loss
-        grads = tape.gradient(scaled, self.model.trainable_variables)
-        self.optimizer.apply(grads, self.model.trainable_variables)
+        grads = tape.gradient(scaled, self.net.trainable_variables)
+        self.optimizer.apply(grads, self.net.trainable_variables)
         predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
         return loss_sum, weight_sum, tf_confusion_matrix(masks, predicted, self.num_classes, IGNORE_INDEX)
 
@@ -317,7 +340,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = load_state(directory, worker.model, worker.optimizer)
+            state = load_state(directory, worker.net, worker.optimizer)
         start_epoch, history, best, stale = state["epoch"] + 1, state["history"], state["best"], state["stale"]
         if cfg.schedule == "plateau":
             worker.optimizer.learning_rate = state["lr"]
@@ -361,7 +384,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     export_model = models.build(cfg.model, info.num_classes, input_shape=(None, None, 3), **cfg.model_options)
                 artifacts.write_best_model(export_model, worker.model.get_weights(), epoch, metrics, preprocessing_of(cfg, info))
             with tempfile.TemporaryDirectory() as tmp:
-                save_state(tmp, worker.model, worker.optimizer, state)
+                save_state(tmp, worker.net, worker.optimizer, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass, replace
 from typing import Any
@@ -99,7 +101,9 @@ def _check_resumable(run_uri: str, cfg: TrainConfig) -> None:
     for key in ("data", "storage"):  # runs written before paths were made absolute
         if isinstance(old.get(key), str):
             old[key] = canonical(old[key])
-    changed = [k for k in new if k not in RESUMABLE_FIELDS and old.get(k) != new[k]]
+    # A field the run's config predates had its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    changed = [k for k in new if k not in RESUMABLE_FIELDS and old.get(k, defaults.get(k)) != new[k]]
     if changed:
         shown = "; ".join(f"`{k}` {old.get(k)!r} there, {new[k]!r} now" for k in changed)
         raise ConfigError(

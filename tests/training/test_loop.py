@@ -95,3 +95,56 @@ def test_normal_priority_moves_every_thread_of_a_niced_worker() -> None:
         assert moved == len(nices) and set(nices) == {0}
     else:  # no CAP_SYS_NICE: Ray's niceness stays, and nothing raises
         assert moved == 0 and set(nices) == {15}
+
+
+def test_deep_supervision_trains_the_model_through_heads_at_half_and_quarter_size(tmp_path) -> None:
+    import tensorflow as tf
+
+    from segray.config import ConfigError
+    from segray.training.artifacts import load_state, save_state
+    from segray.training.trainer import _check_resumable
+    from segray.training.artifacts import write_config
+
+    def ds_worker() -> WorkerLoop:
+        cfg = TrainConfig(
+            data="memory", storage="none", name="t", batch_size=4, lr=1e-2, schedule="constant", workers=1,
+            model_options={"depth": 3, "width": 8}, deep_supervision=True,
+        )
+        return WorkerLoop(cfg, INFO, world_size=1)
+
+    images, labels = squares(n=4)
+    x, y = tf.constant(images), tf.constant(labels)
+    loop = ds_worker()
+    outputs = loop.net(loop.model_input(x), training=False)
+    assert [tuple(o.shape) for o in outputs] == [(4, 32, 32, 2), (4, 16, 16, 2), (4, 8, 8, 2)]
+    # The saved model is the plain U-Net, and it is part of what is trained.
+    assert len(loop.model.outputs) == 1 and {id(v) for v in loop.model.trainable_variables} < {id(v) for v in loop.net.trainable_variables}
+    heads = [v for v in loop.net.trainable_variables if v.path.startswith("deep_supervision")]
+    assert len(heads) == 4  # kernel and bias of two 1x1 heads
+    before = [v.numpy().copy() for v in heads]
+    first = float(loop._train_step(x, y)[0])
+    assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, heads)), "the heads got no gradient"
+    losses = [float(loop._train_step(x, y)[0]) for _ in range(15)]
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * first, (first, losses)
+    # Checkpoints hold the heads (and their optimizer slots): a resumed loop predicts the same at every size.
+    save_state(str(tmp_path), loop.net, loop.optimizer, {"epoch": 0})
+    resumed = ds_worker()
+    load_state(str(tmp_path), resumed.net, resumed.optimizer)
+    for a, b in zip(loop.net(loop.model_input(x), training=False), resumed.net(resumed.model_input(x), training=False)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+    with pytest.raises(ConfigError, match="deep_supervision is for the U-Net") as err:
+        TrainConfig(data="memory", storage="none", name="t", model="segnet", deep_supervision=True).validate()
+    assert err.value.field == "deep_supervision"
+    shallow = TrainConfig(data="memory", storage="none", name="t", model_options={"depth": 2}, deep_supervision=True)
+    with pytest.raises(ValueError, match=r"decoder levels \[2, 3\] \(depth 3 or more\); unet has \[1, 2\]"):
+        WorkerLoop(shallow, INFO, world_size=1)
+
+    # A run whose config predates the field resumes with its default, and not with it switched on.
+    run = str(tmp_path / "run")
+    base = TrainConfig(data=str(tmp_path), storage=str(tmp_path), name="run", resume=True)
+    old = {k: v for k, v in base.to_dict().items() if k != "deep_supervision"}
+    write_config(run, old, {}, exclusive=False)
+    _check_resumable(run, base)
+    with pytest.raises(ConfigError, match="`deep_supervision` None there, True now"):
+        _check_resumable(run, TrainConfig(data=str(tmp_path), storage=str(tmp_path), name="run", resume=True, deep_supervision=True))

@@ -127,17 +127,20 @@ def test_two_workers_learn_from_s3(shapes, s3):
 @pytest.mark.slow
 def test_resume_continues_a_stopped_run(shapes, tmp_path, capsys):
     runs = str(tmp_path / "runs")
-    # The first run from a YAML file and a flag over it, as `segray train --config run.yaml --epochs 1`.
-    file_values = {**config(shapes.dst, runs, "r", epochs=5).to_dict(), "lr": 0.02}
+    # Deep supervision: its heads and their optimizer slots travel in the checkpoint too.
+    deep = {"depth": 3, "width": 8}
+    # The first run from a YAML file and flags over it, as `segray train --config run.yaml --epochs 1 --deep-supervision`.
+    file_values = {**config(shapes.dst, runs, "r", epochs=5, model_options=deep).to_dict(), "lr": 0.02}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(file_values))
-    assert cli_main(["train", "--config", str(tmp_path / "run.yaml"), "--epochs", "1"]) == 0
+    assert cli_main(["train", "--config", str(tmp_path / "run.yaml"), "--epochs", "1", "--deep-supervision"]) == 0
     assert "trained unet for 1 epoch(s)" in capsys.readouterr().out
     saved = json.loads(storage.read_text(storage.join(runs, "r", "config.json")))
-    assert saved["epochs"] == 1 and saved["lr"] == 0.02 and saved["model_options"] == TINY_UNET and saved["workers"] == 2
+    assert saved["epochs"] == 1 and saved["lr"] == 0.02 and saved["model_options"] == deep and saved["workers"] == 2
+    assert saved["deep_supervision"] is True
     first = SimpleNamespace(history=storage.read_parquet(storage.join(runs, "r", "history.parquet")).to_pandas())
     with pytest.raises(FileExistsError, match="set `resume` to continue it"):
         resolve(config(shapes.dst, runs, "r", epochs=2))
-    resumed = train(config(shapes.dst, runs, "r", epochs=2, resume=True, lr=0.02))
+    resumed = train(config(shapes.dst, runs, "r", epochs=2, resume=True, lr=0.02, model_options=deep, deep_supervision=True))
     h = resumed.history
     assert list(h["epoch"]) == [0, 1]
     # The first epoch is the stopped run's, carried in the checkpoint, not re-trained.
