@@ -9,7 +9,7 @@ with the model's training window (sliding, overlap 0.5), with and without
 flip TTA when PredictConfig has a ``tta`` field. The test slices are only
 scored here: no plan rule looks at them.
 
-    python benchmarks/accuracy_epfl.py [--budgets 10m,30m] [--work DIR]
+    python benchmarks/accuracy_epfl.py [--budgets 10m,30m] [--work DIR] [--set FIELD=VALUE ...]
 
 Targets (issue 14), at 30 minutes: mIoU >= 0.65 over the 7 classes, no
 class below 0.30, mitochondrion IoU >= 0.85.
@@ -73,7 +73,19 @@ def main() -> None:
     parser.add_argument("--data", default=EPFL)
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     parser.add_argument("--png", default="accuracy_epfl.png", help="the accuracy-vs-minutes curve")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a train field given over the plan (YAML value, e.g. deep_supervision=true); repeat")
     args = parser.parse_args()
+    import yaml
+
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE")
+        extra[key.strip()] = yaml.safe_load(value)
+    if extra:
+        print(f"given over the plan: {extra}")
     if not os.path.isdir(args.data):
         print(f"skipped: {args.data} is absent")
         return
@@ -105,7 +117,7 @@ def main() -> None:
         plan = segray.plan({"data": train_ds.dst, "time_budget": budget, "output": os.path.join(work, f"plan-{minutes:g}m.json")})
         print(f"\n=== budget {minutes:g} min: the plan ===\n{plan.table()}")
         t0 = time.time()
-        trained = segray.train({"data": train_ds.dst, "storage": os.path.join(work, "runs"), "name": name, "time_budget": budget})
+        trained = segray.train({"data": train_ds.dst, "storage": os.path.join(work, "runs"), "name": name, "time_budget": budget, **extra})
         train_s = time.time() - t0
         h = trained.history
         curves.append((minutes, np.cumsum(h["seconds"].to_numpy()) / 60, h["val_miou"].to_numpy()))
