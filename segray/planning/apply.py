@@ -16,6 +16,7 @@ from segray.planning.rules import Machine, plan_choices
 # TrainConfig default stands) rather than applied to a run it was not made for.
 DEPENDS: dict[str, tuple[str, ...]] = {
     "model_options": ("model",),
+    "deep_supervision": ("model", "model_options"),
     "crop": ("size",),
     "patches_per_image": ("size", "crop"),
     "workers": ("gpu",),

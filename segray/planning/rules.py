@@ -217,6 +217,14 @@ def class_weights_rule(fp: Fingerprint) -> Choice:
     return "none", "no class below 1% of pixels: soft Dice over present classes and oversampling balance them (nnU-Net weights none)"
 
 
+def deep_supervision_rule(depth: int) -> Choice:
+    """nnU-Net's deep supervision whenever the U-Net has the two lower decoder levels it trains heads on."""
+    if depth < 3:
+        return False, f"off: a U-Net of depth {depth} has fewer than the 2 lower decoder levels it supervises"
+    return True, ("heads at 1/2 and 1/4 of the size, for training only (nnU-Net); chosen on val data: "
+                  "EPFL val mIoU 0.674 with it, 0.625 without (30 minutes, 2 cores, one run each)")
+
+
 def plan_choices(fp: Fingerprint, num_classes: int, budget_s: float | None, gpu: bool, machine: Machine) -> dict[str, Choice]:
     """Every plan choice, in table order; keys are TrainConfig fields or plan-only entries (``normalization``, ``validation``)."""
     budget = budget_s if budget_s else DEFAULT_BUDGET_S
@@ -233,6 +241,7 @@ def plan_choices(fp: Fingerprint, num_classes: int, budget_s: float | None, gpu:
     choices: dict[str, Choice] = {
         "model": ("unet", "U-Net: the architecture nnU-Net finds best on most data sets"),
         "model_options": ({"depth": depth, "width": width}, f"depth: {depth_why}; width: {width_why}"),
+        "deep_supervision": deep_supervision_rule(depth),
         "size": (size, size_why),
         "crop": (patch, patch_why),
         "patches_per_image": (ppi, ppi_why),

@@ -53,3 +53,20 @@ def test_every_choice_has_a_reason_and_a_longer_budget_affords_a_larger_model():
     colour = plan_choices(fp([0.7, 0.3], grey=False), 2, 600.0, False, TWO_CORES)["augment_set"][0]
     assert "rot90" not in colour and "elastic" not in colour and "flip" in colour
     assert "rot90" in short["augment_set"][0]
+
+
+def test_deep_supervision_follows_the_depth_and_a_given_model_drops_it():
+    from segray.planning.apply import config_from
+    from segray.planning.plan import Plan, PlanChoice
+
+    deep = plan_choices(fp([0.7, 0.3], size=(512, 512)), 2, 600.0, False, TWO_CORES)
+    assert deep["model_options"][0]["depth"] >= 3 and deep["deep_supervision"][0] is True
+    shallow = plan_choices(fp([0.7, 0.3], size=(32, 32)), 2, 600.0, False, TWO_CORES)
+    assert shallow["model_options"][0]["depth"] < 3 and shallow["deep_supervision"][0] is False
+    assert "fewer than the 2 lower decoder levels" in shallow["deep_supervision"][1]
+    # A given model (or model_options) drops the planned heads rather than refuse the run.
+    plan = Plan(data="/d", time_budget=600.0, gpu=False, fingerprint=fp([0.7, 0.3], size=(512, 512)),
+                choices={k: PlanChoice(value=v, reason=why) for k, (v, why) in deep.items()})
+    assert config_from({"data": "/d", "storage": "/s", "name": "n"}, (plan, "/d/plan.json")).deep_supervision is True
+    given = config_from({"data": "/d", "storage": "/s", "name": "n", "model": "segnet"}, (plan, "/d/plan.json"))
+    assert given.model == "segnet" and given.deep_supervision is False
