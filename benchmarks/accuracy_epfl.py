@@ -30,6 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from segray.cli import _model_option  # noqa: E402  (KEY=VALUE with a YAML value, as --model-options)
 from segray.config import parse_duration  # noqa: E402
 
 EPFL = os.path.join(os.path.dirname(ROOT), "shared", "data", "epfl-em-6class")
@@ -73,17 +74,10 @@ def main() -> None:
     parser.add_argument("--data", default=EPFL)
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     parser.add_argument("--png", default="accuracy_epfl.png", help="the accuracy-vs-minutes curve")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+    parser.add_argument("--set", action="append", default=[], type=_model_option, metavar="FIELD=VALUE",
                         help="a train field given over the plan (YAML value, e.g. deep_supervision=true); repeat")
     args = parser.parse_args()
-    import yaml
-
-    extra = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        extra[key.strip()] = yaml.safe_load(value)
+    extra = dict(args.set)
     if extra:
         print(f"given over the plan: {extra}")
     if not os.path.isdir(args.data):

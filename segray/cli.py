@@ -29,6 +29,7 @@ from segray.config import (
     ServeConfig,
     TrainConfig,
     TuneConfig,
+    field_defaults,
     load_file,
     parse_duration,
     parse_size,
@@ -254,18 +255,12 @@ def cmd_demo(values: dict[str, Any]) -> None:
 # --- parser ------------------------------------------------------------------------
 
 
-def _defaults(cls) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-
-
 def _subparser(sub, name: str, handler: Handler, help_text: str, config_cls=None) -> argparse.ArgumentParser:
     # SUPPRESS: a flag the user did not give is absent, so --config values and
     # the config's own defaults (shown in --help) fill it, not argparse's.
     p = sub.add_parser(name, help=help_text, argument_default=argparse.SUPPRESS)
     if config_cls is not None:
-        p.epilog = "Defaults: " + ", ".join(f"{k}={v}" for k, v in _defaults(config_cls).items())
+        p.epilog = "Defaults: " + ", ".join(f"{k}={v}" for k, v in field_defaults(config_cls).items())
     p.add_argument("--config", help="YAML file of config fields (flags override its values)")
     p.add_argument("--verbose", action="store_true", help="show every log line of Ray and TensorFlow")
     p.set_defaults(handler=handler)

@@ -320,6 +320,11 @@ class PlanConfig(Config):
         _positive(self, "time_budget", "max_images")
 
 
+def field_defaults(cls) -> dict[str, Any]:
+    """A config class's fields that have a plain default, with it (fields built by a factory are left out)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
 @dataclass(frozen=True)
 class TrainConfig(Config):
     """What ``segray train`` runs; ``to_dict`` of it travels to every worker.

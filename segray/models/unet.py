@@ -115,8 +115,8 @@ def decoder_outputs(model: keras.Model) -> dict[int, Any]:
     """The U-Net's decoder features by level (1: full size, k: 1/2**(k-1) of it), from its layer names."""
     found = {}
     for layer in model.layers:
+        name = layer.name
         for suffix in ("_2_relu", "_out"):  # double_conv, residual_block
-            name = layer.name
             if name.startswith("dec") and name.endswith(suffix) and name[3 : -len(suffix)].isdigit():
                 found[int(name[3 : -len(suffix)])] = layer.output
     return found

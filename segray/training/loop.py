@@ -203,7 +203,7 @@ class WorkerLoop:
         cfg, replica_ctx = self.cfg, tf.distribute.get_replica_context()
         images, masks = self.model_input(images), tf.cast(masks, tf.int32)
 
-        def scale_loss(labels, logits):
+        def loss_of(labels, logits):
             loss_sum, weight_sum = masked_cross_entropy(labels, logits, self.class_weights, IGNORE_INDEX)
             # Divide by the weight of the *global* batch: Keras sums gradients over replicas.
             global_weight = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, weight_sum)
@@ -222,13 +222,13 @@ class WorkerLoop:
         with tf.GradientTape() as tape:
             outputs = self.net(images, training=True)
             logits = outputs[0] if self.ds_weights else outputs
-            loss, loss_sum, weight_sum = scale_loss(masks, logits)
+            loss, loss_sum, weight_sum = loss_of(masks, logits)
             if self.ds_weights:
                 loss = self.ds_weights[0] * loss
                 for level, (weight, aux) in enumerate(zip(self.ds_weights[1:], outputs[1:]), start=1):
                     # Nearest downsampling of the labels (every 2**level-th pixel), as nnU-Net's.
                     step = 2**level
-                    loss = loss + weight * scale_loss(masks[:, ::step, ::step], aux)[0]
+                    loss = loss + weight * loss_of(masks[:, ::step, ::step], aux)[0]
             scaled = self.optimizer.scale_loss(loss) if cfg.mixed_precision else loss
         grads = tape.gradient(scaled, self.net.trainable_variables)
         self.optimizer.apply(grads, self.net.trainable_variables)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
 from dataclasses import dataclass, replace
 from typing import Any
 
 from segray import storage
-from segray.config import ConfigError, TrainConfig, about
+from segray.config import ConfigError, TrainConfig, about, field_defaults
 from segray.data.info import DatasetInfo, load_dataset_info
 from segray.ownership import canonical
 from segray.runtime import is_verbose
@@ -102,7 +100,7 @@ def _check_resumable(run_uri: str, cfg: TrainConfig) -> None:
         if isinstance(old.get(key), str):
             old[key] = canonical(old[key])
     # A field the run's config predates had its default there.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults = field_defaults(TrainConfig)
     changed = [k for k in new if k not in RESUMABLE_FIELDS and old.get(k, defaults.get(k)) != new[k]]
     if changed:
         shown = "; ".join(f"`{k}` {old.get(k)!r} there, {new[k]!r} now" for k in changed)
