@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--cpus-per-worker", type=int)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--mixed-precision", action="store_true", help="mixed_float16 with loss scaling (GPUs)")
+    p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
+                   help="float16 with loss scaling on GPUs, bfloat16 on CPUs with bfloat16 instructions (planned there)")
     p.add_argument("--xla", action="store_true", help="compile the train step with XLA")
     p.add_argument("--loss", choices=["ce", "ce+dice"])
     p.add_argument("--dice-weight", type=float, help="weight of the Dice term with --loss ce+dice")
@@ -327,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground-oversample", type=float, help="with --crop: share of patches centred on a present class")
     p.add_argument("--oversample-classes", choices=["uniform", "rare"], help="the present class such a patch centres on: each alike, or rarer classes more often")
     p.add_argument("--time-budget", type=_duration, help="stop training cleanly after this long (90s, 30m, 1.5h)")
-    p.add_argument("--deep-supervision", action="store_true", help="U-Net: also train heads at 1/2 and 1/4 of the size (training only)")
+    p.add_argument("--deep-supervision", action=argparse.BooleanOptionalAction,
+                   help="U-Net: also train heads at 1/2 and 1/4 of the size (training only; planned for depth 3 or more)")
     p.add_argument("--patience", type=int, help="early stopping on val mIoU after N epochs without gain (0: off)")
     p.add_argument("--keep-checkpoints", "--keep", type=int, help="checkpoints kept, best by val mIoU")
     p.add_argument("--max-failures", type=int, help="worker failures to recover from")

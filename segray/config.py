@@ -336,6 +336,10 @@ class TrainConfig(Config):
         model: a registered model name (``segray models``).
         batch_size: images per step per worker.
         workers: Ray Train workers; ``cpus_per_worker`` CPUs each, one GPU each with ``gpu``.
+        mixed_precision: compute in float16 with loss scaling on GPUs, in
+            bfloat16 on CPUs that have bfloat16 instructions (AVX-512 BF16,
+            AMX; float32 on others, with a warning); weights, losses and the
+            saved model stay float32.
         loss: ``ce`` or ``ce+dice`` (``dice_weight`` times soft Dice).
         class_weights: ``auto`` (inverse square root of frequency), ``none``
             or one weight per class.

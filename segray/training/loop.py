@@ -25,7 +25,7 @@ import numpy as np
 from segray.config import TrainConfig
 from segray.data.info import IGNORE_INDEX, DatasetInfo
 from segray.models.saved import Preprocessing
-from segray.runtime import normal_priority
+from segray.runtime import BF16_CPU_FLAGS, cpu_has_bf16, normal_priority
 from segray.training.artifacts import RunArtifacts, load_state, save_state
 from segray.training.report import PREVIEW_IMAGES, epoch_line, preview_strips
 
@@ -53,6 +53,20 @@ def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
         classes=tuple(c for c in info.classes if c.id != info.ignore_index),
         ignore_index=info.ignore_index,
     )
+
+
+def float32_model(cfg: TrainConfig, num_classes: int):
+    """The run's model in float32 whatever the training policy: the saved model predicts and exports without mixed precision."""
+    import keras
+
+    from segray import models
+
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        return models.build(cfg.model, num_classes, input_shape=(None, None, 3), **cfg.model_options)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def val_dataset_name(rank: int) -> str:
@@ -99,8 +113,19 @@ class WorkerLoop:
                 # its thread pools are fixed and the loop runs with them.
                 pass
         keras.utils.set_random_seed(cfg.seed)
+        # Mixed precision: float16 with loss scaling on GPUs; bfloat16 on CPUs
+        # that compute it natively (it keeps float32's range: no loss scaling).
+        self.policy = "float32"
         if cfg.mixed_precision:
-            keras.mixed_precision.set_global_policy("mixed_float16")
+            if cfg.gpu:
+                self.policy = "mixed_float16"
+            elif cpu_has_bf16():
+                self.policy = "mixed_bfloat16"
+            else:
+                print(f"mixed_precision: this node's CPU has no bfloat16 instructions ({' or '.join(BF16_CPU_FLAGS)}); "
+                      "training in float32, which is faster here than emulated bfloat16", file=sys.__stderr__, flush=True)
+        self.loss_scaling = self.policy == "mixed_float16"
+        keras.mixed_precision.set_global_policy(self.policy)
         self.num_classes = info.num_classes
         self.world_size = world_size
         patches = cfg.patches_per_image if cfg.crop else 1
@@ -136,7 +161,7 @@ class WorkerLoop:
                 optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=0.99, nesterov=True)
             else:
                 optimizer = keras.optimizers.Adam(learning_rate=lr)
-            if cfg.mixed_precision:
+            if self.loss_scaling:
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             optimizer.build(self.net.trainable_variables)
             self.optimizer = optimizer
@@ -229,7 +254,7 @@ class WorkerLoop:
                     # Nearest downsampling of the labels (every 2**level-th pixel), as nnU-Net's.
                     step = 2**level
                     loss = loss + weight * loss_of(masks[:, ::step, ::step], aux)[0]
-            scaled = self.optimizer.scale_loss(loss) if cfg.mixed_precision else loss
+            scaled = self.optimizer.scale_loss(loss) if self.loss_scaling else loss
         grads = tape.gradient(scaled, self.net.trainable_variables)
         self.optimizer.apply(grads, self.net.trainable_variables)
         predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
@@ -381,7 +406,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             artifacts.write_epoch(history, worker.preview())
             if improved:
                 if export_model is None:
-                    export_model = models.build(cfg.model, info.num_classes, input_shape=(None, None, 3), **cfg.model_options)
+                    export_model = float32_model(cfg, info.num_classes)
                 artifacts.write_best_model(export_model, worker.model.get_weights(), epoch, metrics, preprocessing_of(cfg, info))
             with tempfile.TemporaryDirectory() as tmp:
                 save_state(tmp, worker.net, worker.optimizer, state)

@@ -70,3 +70,37 @@ def test_deep_supervision_follows_the_depth_and_a_given_model_drops_it():
     assert config_from({"data": "/d", "storage": "/s", "name": "n"}, (plan, "/d/plan.json")).deep_supervision is True
     given = config_from({"data": "/d", "storage": "/s", "name": "n", "model": "segnet"}, (plan, "/d/plan.json"))
     assert given.model == "segnet" and given.deep_supervision is False
+
+
+def test_the_plan_trains_in_float32_and_reads_which_cpus_compute_bfloat16(tmp_path):
+    from segray.runtime import cpu_has_bf16
+
+    data = fp([0.7, 0.3], size=(768, 1024))
+    cpu = plan_choices(data, 2, 1800.0, False, TWO_CORES)["mixed_precision"]
+    gpu = plan_choices(data, 2, 1800.0, True, Machine(nodes=1, cpus=8, gpus=1))["mixed_precision"]
+    # bfloat16 was faster on EPFL but not better on val in the same budget: the reason says so.
+    assert cpu[0] is False and "no better val mIoU" in cpu[1]
+    assert gpu[0] is False and "--mixed-precision" in gpu[1]
+    # Which CPUs --mixed-precision trains in bfloat16 on, from a cpuinfo file's flags.
+    for flags, expected in [("fpu avx2 avx512f avx512_bf16 avx512_vnni", True), ("fpu amx_bf16 amx_tile", True), ("fpu avx2 avx512f avx512bw", False)]:
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n")
+        assert cpu_has_bf16(str(info)) is expected, flags
+    assert cpu_has_bf16(str(tmp_path / "absent")) is False
+
+
+def test_a_planned_boolean_is_turned_off_by_its_no_flag_and_recorded():
+    from segray.cli import build_parser, values_of
+    from segray.planning.apply import config_from
+    from segray.planning.plan import Plan, PlanChoice
+
+    choices = plan_choices(fp([0.7, 0.3], size=(512, 512)), 2, 600.0, False, TWO_CORES)
+    plan = Plan(data="/d", time_budget=600.0, gpu=False, fingerprint=fp([0.7, 0.3], size=(512, 512)),
+                choices={k: PlanChoice(value=v, reason=why) for k, (v, why) in choices.items()})
+    args = build_parser().parse_args(["train", "--data", "/d", "--storage", "/s", "--name", "n", "--no-deep-supervision", "--mixed-precision"])
+    values = values_of(args)
+    assert values["deep_supervision"] is False and values["mixed_precision"] is True
+    cfg = config_from(values, (plan, "/d/plan.json"))
+    assert cfg.deep_supervision is False and cfg.mixed_precision is True
+    assert cfg.plan["overridden"]["deep_supervision"] == {"plan": True, "given": False}
+    assert cfg.plan["overridden"]["mixed_precision"] == {"plan": False, "given": True}

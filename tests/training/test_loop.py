@@ -147,3 +147,48 @@ def test_deep_supervision_trains_the_model_through_heads_at_half_and_quarter_siz
     _check_resumable(run, base)
     with pytest.raises(ConfigError, match="`deep_supervision` None there, True now"):
         _check_resumable(run, TrainConfig(data=str(tmp_path), storage=str(tmp_path), name="run", resume=True, deep_supervision=True))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_mixed_precision_on_cpu_computes_in_bfloat16_where_the_cpu_does_and_saves_float32(monkeypatch, capfd, native: bool) -> None:
+    import keras
+    import tensorflow as tf
+
+    from segray.runtime import cpu_has_bf16
+    from segray.training import loop as loop_module
+
+    if native and not cpu_has_bf16():
+        pytest.skip("this machine's CPU has no bfloat16 instructions; the float32 fallback is the other case")
+    if not native:
+        monkeypatch.setattr(loop_module, "cpu_has_bf16", lambda: False)
+    cfg = TrainConfig(
+        data="memory", storage="none", name="t", batch_size=4, lr=1e-2, schedule="constant", workers=1, loss="ce+dice",
+        model_options={"depth": 3, "width": 8}, deep_supervision=True, mixed_precision=True,
+    )
+    try:
+        loop = WorkerLoop(cfg, INFO, world_size=1)
+        compute = {layer.compute_dtype for layer in loop.net.layers if isinstance(layer, keras.layers.Conv2D)}
+        if native:
+            assert keras.mixed_precision.global_policy().name == "mixed_bfloat16" and compute == {"bfloat16"}
+        else:
+            assert keras.mixed_precision.global_policy().name == "float32" and compute == {"float32"}
+            assert "no bfloat16 instructions" in capfd.readouterr().err
+        # bfloat16 keeps float32's exponent: no loss scaling, and the weights stay float32.
+        assert not isinstance(loop.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert {v.dtype for v in loop.net.trainable_variables} == {"float32"}
+        images, labels = squares(n=4)
+        x, y = tf.constant(images), tf.constant(labels)
+        losses = [float(loop._train_step(x, y)[0]) for _ in range(16)]
+        assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
+        # The saved model is built in float32 whatever the run computed in, and predicts what the run's weights say.
+        saved = loop_module.float32_model(cfg, INFO.num_classes)
+        assert {layer.compute_dtype for layer in saved.layers if isinstance(layer, keras.layers.Conv2D)} == {"float32"}
+        assert keras.mixed_precision.global_policy().name == loop.policy
+        saved.set_weights(loop.model.get_weights())
+        ours = saved(loop.model_input(x), training=False).numpy()
+        theirs = tf.cast(loop.model(loop.model_input(x), training=False), tf.float32).numpy()
+        assert ours.dtype == np.float32
+        agree = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+        assert agree > 0.95, agree
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
