@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=int)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
-                   help="float16 with loss scaling on GPUs, bfloat16 on CPUs with bfloat16 instructions (planned there)")
+                   help="float16 with loss scaling on GPUs, bfloat16 on CPUs with bfloat16 instructions (the plan keeps float32)")
     p.add_argument("--xla", action="store_true", help="compile the train step with XLA")
     p.add_argument("--loss", choices=["ce", "ce+dice"])
     p.add_argument("--dice-weight", type=float, help="weight of the Dice term with --loss ce+dice")

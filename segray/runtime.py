@@ -320,7 +320,7 @@ def normal_priority() -> int:
 
 # CPU instruction sets that compute bfloat16 natively (Intel Cooper Lake and
 # later, AMD Zen 4 and later: AVX-512 BF16; Sapphire Rapids: AMX). Without
-# them TensorFlow emulates bfloat16 and a mixed_bfloat16 step is slower than float32.
+# them TensorFlow emulates bfloat16 (converting to float32 to compute): no gain, so training stays float32.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

@@ -123,7 +123,7 @@ class WorkerLoop:
                 self.policy = "mixed_bfloat16"
             else:
                 print(f"mixed_precision: this node's CPU has no bfloat16 instructions ({' or '.join(BF16_CPU_FLAGS)}); "
-                      "training in float32, which is faster here than emulated bfloat16", file=sys.__stderr__, flush=True)
+                      "training in float32 instead", file=sys.__stderr__, flush=True)
         self.loss_scaling = self.policy == "mixed_float16"
         keras.mixed_precision.set_global_policy(self.policy)
         self.num_classes = info.num_classes
