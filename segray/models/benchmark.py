@@ -94,7 +94,7 @@ def measure_speed(
     """One row of the table without accuracy: sizes, CPU timings, and GPU fp32/fp16 timings when there is a GPU."""
     import keras
 
-    from segray.models.registry import build
+    from segray.models.registry import build, dtype_policy
     from segray.models.summary import count_params, model_flops
 
     options = options or {}
@@ -110,13 +110,10 @@ def measure_speed(
     row.update(_timing_columns("", time_model(model, size, "/CPU:0", repeats=repeats)))
     if gpu_available():
         row.update(_timing_columns("gpu_", time_model(model, size, "/GPU:0", repeats=repeats)))
-        keras.mixed_precision.set_global_policy("mixed_float16")
-        try:
+        with dtype_policy("mixed_float16"):
             half = build(name, num_classes, (size[0], size[1], 3), **options)
             half.set_weights(model.get_weights())
             row.update(_timing_columns("gpu_fp16_", time_model(half, size, "/GPU:0", repeats=repeats)))
-        finally:
-            keras.mixed_precision.set_global_policy("float32")
     keras.backend.clear_session()
     return row
 

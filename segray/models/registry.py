@@ -6,8 +6,9 @@ import time: every name a config or the CLI may use is in this one place.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -64,6 +65,17 @@ def default_options(name: str) -> dict[str, Any]:
     """The keyword options of model ``name`` with their defaults."""
     params = inspect.signature(builder(name)).parameters.values()
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+@contextlib.contextmanager
+def dtype_policy(policy: str) -> Iterator[None]:
+    """Keras' global dtype policy set to ``policy`` (``float32``, ``mixed_float16`` ...) inside the block, the previous one after."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def build(

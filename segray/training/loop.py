@@ -57,16 +57,10 @@ def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
 
 def float32_model(cfg: TrainConfig, num_classes: int):
     """The run's model in float32 whatever the training policy: the saved model predicts and exports without mixed precision."""
-    import keras
+    from segray.models.registry import build, dtype_policy
 
-    from segray import models
-
-    policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        return models.build(cfg.model, num_classes, input_shape=(None, None, 3), **cfg.model_options)
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
+    with dtype_policy("float32"):
+        return build(cfg.model, num_classes, input_shape=(None, None, 3), **cfg.model_options)
 
 
 def val_dataset_name(rank: int) -> str:

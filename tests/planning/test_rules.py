@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from segray.planning.fingerprint import ClassFingerprint, Fingerprint
+from segray.planning.plan import Plan, PlanChoice
 from segray.planning.rules import BYTES_PER_PIXEL_WIDTH, GPU_MEMORY_BYTES, Machine, oversample_rule, patch_rule, plan_choices
 
 TWO_CORES = Machine(nodes=1, cpus=2, gpus=0)
@@ -18,6 +19,12 @@ def fp(frequencies: list[float], size: tuple[int, int] = (256, 256), images: int
         train_images=images, sampled_images=images, median_size=list(size), min_size=list(size), max_size=list(size), channels=3,
         percentiles=[[10.0 + i * shift, 100.0, 250.0 - i * shift] for i in range(3)], mean=[100.0] * 3, std=[40.0] * 3, classes=classes,
     )
+
+
+def plan_of(fingerprint: Fingerprint, choices: dict) -> Plan:
+    """A 10-minute CPU plan for ``/d`` made of ``plan_choices``' output."""
+    return Plan(data="/d", time_budget=600.0, gpu=False, fingerprint=fingerprint,
+                choices={k: PlanChoice(value=v, reason=why) for k, (v, why) in choices.items()})
 
 
 @pytest.mark.parametrize("rare, expected_at_least", [(0.1, 0.33), (0.005, 0.5), (0.0005, 0.66)])
@@ -57,7 +64,6 @@ def test_every_choice_has_a_reason_and_a_longer_budget_affords_a_larger_model():
 
 def test_deep_supervision_follows_the_depth_and_a_given_model_drops_it():
     from segray.planning.apply import config_from
-    from segray.planning.plan import Plan, PlanChoice
 
     deep = plan_choices(fp([0.7, 0.3], size=(512, 512)), 2, 600.0, False, TWO_CORES)
     assert deep["model_options"][0]["depth"] >= 3 and deep["deep_supervision"][0] is True
@@ -65,8 +71,7 @@ def test_deep_supervision_follows_the_depth_and_a_given_model_drops_it():
     assert shallow["model_options"][0]["depth"] < 3 and shallow["deep_supervision"][0] is False
     assert "fewer than the 2 lower decoder levels" in shallow["deep_supervision"][1]
     # A given model (or model_options) drops the planned heads rather than refuse the run.
-    plan = Plan(data="/d", time_budget=600.0, gpu=False, fingerprint=fp([0.7, 0.3], size=(512, 512)),
-                choices={k: PlanChoice(value=v, reason=why) for k, (v, why) in deep.items()})
+    plan = plan_of(fp([0.7, 0.3], size=(512, 512)), deep)
     assert config_from({"data": "/d", "storage": "/s", "name": "n"}, (plan, "/d/plan.json")).deep_supervision is True
     given = config_from({"data": "/d", "storage": "/s", "name": "n", "model": "segnet"}, (plan, "/d/plan.json"))
     assert given.model == "segnet" and given.deep_supervision is False
@@ -92,11 +97,9 @@ def test_the_plan_trains_in_float32_and_reads_which_cpus_compute_bfloat16(tmp_pa
 def test_a_planned_boolean_is_turned_off_by_its_no_flag_and_recorded():
     from segray.cli import build_parser, values_of
     from segray.planning.apply import config_from
-    from segray.planning.plan import Plan, PlanChoice
 
     choices = plan_choices(fp([0.7, 0.3], size=(512, 512)), 2, 600.0, False, TWO_CORES)
-    plan = Plan(data="/d", time_budget=600.0, gpu=False, fingerprint=fp([0.7, 0.3], size=(512, 512)),
-                choices={k: PlanChoice(value=v, reason=why) for k, (v, why) in choices.items()})
+    plan = plan_of(fp([0.7, 0.3], size=(512, 512)), choices)
     args = build_parser().parse_args(["train", "--data", "/d", "--storage", "/s", "--name", "n", "--no-deep-supervision", "--mixed-precision"])
     values = values_of(args)
     assert values["deep_supervision"] is False and values["mixed_precision"] is True
