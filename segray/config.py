@@ -209,20 +209,17 @@ def _positive(cfg: Any, *names: str) -> None:
 
 def _uri(cfg: Any, *names: str) -> None:
     """Checks URI fields; a local path becomes absolute, so Ray workers (whatever their folder) find it."""
-    import os
-
-    from segray.storage import check_uri
+    from segray.storage import absolute, check_uri
 
     for name in names:
         value = getattr(cfg, name)
         if not value:
-            raise ConfigError(f"{name}: expected a path or s3:// URI, got {value!r}", field=name)
+            raise ConfigError(f"{name}: expected a path or a storage URI, got {value!r}", field=name)
         try:
             check_uri(value)
         except ValueError as e:
             raise ConfigError(f"{name} {e}", field=name) from None
-        if "://" not in value:
-            object.__setattr__(cfg, name, os.path.abspath(os.path.expanduser(value)))
+        object.__setattr__(cfg, name, absolute(value))
 
 
 def _hw(cfg: Any, name: str) -> None:
@@ -236,7 +233,7 @@ class IngestConfig(Config):
     """What ``segray ingest`` checks and writes.
 
     Attributes:
-        source: the raw dataset, a local folder or ``s3://bucket/prefix``.
+        source: the raw dataset, a local folder or a storage URI (``segray.storage``).
         destination: where the Parquet shards and ``dataset.json`` go.
         layout: ``ids``, ``palette`` or ``per-class`` (see the README).
         val_fraction: share of ids (by stable hash) in the val split.
@@ -502,7 +499,7 @@ class PredictConfig(Config):
             ``.keras`` file (``preprocessing.json`` beside it is used when present).
         input: a raw layout (``images/`` with or without ``masks/``), a folder
             of Parquet shards (``DATA/val``), or an ingested dataset with ``split``.
-        output: where masks, overlays and tables go (local or s3://).
+        output: where masks, overlays and tables go (local or a storage URI).
         batch_size: images per model call; windows per call with ``tile``.
         workers: predictor actors (``ActorPoolStrategy(size=workers)``).
         gpus_per_worker: GPUs per actor; 0 predicts on CPUs.
@@ -595,7 +592,7 @@ class QueryConfig(Config):
     Exactly one of ``sql``, ``worst``, ``below`` and ``confused`` is given.
 
     Attributes:
-        out: the output folder (local or s3://) holding the tables.
+        out: the output folder (local or a storage URI) holding the tables.
         sql: a DuckDB query over the views ``per_image``, ``per_class``,
             ``confusion``, ``errors`` and ``image_confusion``.
         worst: a class (name or id): its ``k`` images of lowest IoU.
@@ -635,9 +632,9 @@ class ReportConfig(Config):
     """What ``segray report`` puts in one self-contained HTML file.
 
     Attributes:
-        out: the predict (or evaluate) output folder, local or s3://.
+        out: the predict (or evaluate) output folder, local or a storage URI.
         run: the training run (``STORAGE/RUN``) whose curves to show, or None.
-        output: the HTML file to write (local or s3://).
+        output: the HTML file to write (local or a storage URI).
         worst: images shown per class, worst IoU first (0: none).
     """
 
@@ -663,7 +660,7 @@ class ExportConfig(Config):
     Attributes:
         run: a training run (``STORAGE/RUN``), its ``model/`` folder or a ``.keras`` file.
         format: ``savedmodel``, ``onnx`` or ``keras``.
-        output: a folder (local or s3://) that does not exist yet or is
+        output: a folder (local or a storage URI) that does not exist yet or is
             empty; the model and ``model_card.json`` go there.
     """
 

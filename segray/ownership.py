@@ -11,7 +11,6 @@ batch systems refuse to overwrite what they do not own).
 from __future__ import annotations
 
 import json
-import os
 import re
 
 from segray import storage
@@ -23,7 +22,7 @@ FORMAT = "segray-owned/1"
 
 def canonical(uri: str) -> str:
     """The form of a URI that identifies it: absolute local paths, no trailing '/'."""
-    return uri.rstrip("/") if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+    return storage.canonical(uri)
 
 
 def inside(uri: str, folder: str) -> bool:

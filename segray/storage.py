@@ -1,10 +1,19 @@
-"""URIs -> filesystems.
+"""URIs -> filesystems: the one module that knows the stores segray talks to.
 
-Every path segray takes is either a local path or ``s3://bucket/prefix``.
-Endpoint and credentials come from the standard AWS variables and profiles
-(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, instance
-profiles ...), so the same command works against AWS, MinIO or a local
-endpoint. Nothing here ever formats a credential into a message.
+Every path segray takes is a local path or a URI of one of ``BACKENDS``:
+
+- ``s3://bucket/prefix``: endpoint and credentials from the standard AWS
+  variables and profiles (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+  ``AWS_PROFILE``, instance profiles ...): AWS, MinIO or a local endpoint.
+- ``gs://bucket/prefix``: Google Cloud Storage through gcsfs, with Google's
+  default credentials (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's login,
+  the metadata server); ``STORAGE_EMULATOR_HOST`` points it at an emulator.
+- ``az://container/prefix``: Azure Blob Storage through adlfs, with
+  ``AZURE_STORAGE_CONNECTION_STRING`` or ``AZURE_STORAGE_ACCOUNT_NAME`` and
+  its key, SAS token or service principal (else Azure's default credential).
+
+Callers pass URIs and never branch on a scheme: a new store is one entry in
+``BACKENDS``. Nothing here ever formats a credential into a message.
 """
 
 from __future__ import annotations
@@ -16,25 +25,68 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-S3_SCHEME = "s3://"
+SEPARATOR = "://"
 
 
-def is_s3(uri: str) -> bool:
-    return uri.startswith(S3_SCHEME)
+def has_scheme(text: str) -> bool:
+    """True when ``text`` looks like a URI (``scheme://...``), whether or not segray has a backend for it."""
+    return SEPARATOR in text
+
+
+def is_local(uri: str) -> bool:
+    """True for a local path, False for a URI of an object store."""
+    return not has_scheme(uri)
+
+
+def is_absolute(name: str) -> bool:
+    """True for a URI or an absolute local path: a name that means the same from any folder."""
+    return has_scheme(name) or name.startswith("/")
+
+
+def _split(uri: str) -> tuple[str, str]:
+    """(scheme with its '://', the rest); ('', uri) for a local path."""
+    if not has_scheme(uri):
+        return "", uri
+    scheme, rest = uri.split(SEPARATOR, 1)
+    return scheme + SEPARATOR, rest
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (so Ray workers, whatever their folder, find it); a URI as it is."""
+    return uri if has_scheme(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
+def canonical(uri: str) -> str:
+    """The form of a URI that identifies it: absolute local paths, no trailing '/'."""
+    return uri.rstrip("/") if has_scheme(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
+def parent(uri: str) -> str:
+    """The folder (or prefix) holding ``uri``."""
+    scheme, rest = _split(uri)
+    if scheme:
+        return scheme + posixpath.dirname(rest.rstrip("/"))
+    return os.path.dirname(uri.rstrip(os.sep))
+
+
+def normalize(uri: str) -> str:
+    """``uri`` with '.', '..' and doubled separators resolved (its scheme kept)."""
+    scheme, rest = _split(uri)
+    return scheme + posixpath.normpath(rest) if scheme else os.path.normpath(uri)
 
 
 # KEY@ or KEY:SECRET@ before the bucket: credentials someone put in a URI. A
 # secret may hold '/', so any '@' after a ':' counts (bucket names hold neither).
-_USERINFO = re.compile(r"(s3://)(?:[^/\s@]*|[^\s@]*:[^\s@]*)@", re.IGNORECASE)
+_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)(?:[^/\s@]*|[^\s@]*:[^\s@]*)@", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """``text`` with any credentials written into an ``s3://KEY:SECRET@bucket`` URI replaced by ``***``."""
+    """``text`` with any credentials written into a ``s3://KEY:SECRET@bucket`` URI (any scheme) replaced by ``***``."""
     return _USERINFO.sub(r"\1***@", text)
 
 
@@ -45,10 +97,9 @@ def check_uri(uri: str) -> None:
         ValueError: the URI holds ``KEY:SECRET@`` before the bucket; the message redacts them.
     """
     if _USERINFO.match(uri):
-        raise ValueError(
-            f"{redact(uri)}: credentials do not belong in a URI; give them through AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the node's instance profile"
-        )
+        backend = BACKENDS.get(_split(uri)[0])
+        where = backend.credentials if backend else "the store's standard environment variables"
+        raise ValueError(f"{redact(uri)}: credentials do not belong in a URI; give them through {where}")
 
 
 ATTEMPTS = 6  # tries of one storage call on transient errors (the S3 SDKs' own, then ours)
@@ -114,48 +165,93 @@ def _region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
+def _s3() -> pafs.FileSystem:
+    return pafs.S3FileSystem(
+        endpoint_override=_endpoint(),
+        region=_region(),
+        # Custom endpoints (MinIO, moto, Ceph) serve buckets by path.
+        force_virtual_addressing=False,
+        # 500s, 503 SlowDown, resets and timeouts are retried with the SDK's
+        # exponential backoff; what still fails is retried by ``retrying``.
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=ATTEMPTS),
+    )
+
+
+def _gcs() -> pafs.FileSystem:
+    # The plain client: gcsfs' default class first asks each bucket over gRPC
+    # whether it is zonal, which an emulator (and most buckets) never answers.
+    try:
+        from gcsfs.core import GCSFileSystem
+    except ImportError:
+        raise ImportError("gs:// URIs need gcsfs: pip install 'segray[gcs]'") from None
+
+    # gcsfs reads STORAGE_EMULATOR_HOST itself; an emulator takes no credentials.
+    token = "anon" if os.environ.get("STORAGE_EMULATOR_HOST") else None
+    # No listings cache: other processes (Ray workers, another run) write the same bucket.
+    return pafs.PyFileSystem(pafs.FSSpecHandler(GCSFileSystem(token=token, use_listings_cache=False)))
+
+
+def _azure() -> pafs.FileSystem:
+    try:
+        from adlfs import AzureBlobFileSystem
+    except ImportError:
+        raise ImportError("az:// URIs need adlfs: pip install 'segray[azure]'") from None
+
+    # adlfs reads AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_NAME with
+    # AZURE_STORAGE_ACCOUNT_KEY / _SAS_TOKEN / _CLIENT_ID, _CLIENT_SECRET, _TENANT_ID.
+    return pafs.PyFileSystem(pafs.FSSpecHandler(AzureBlobFileSystem(use_listings_cache=False)))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One object store: what its URIs look like, how to reach it, how to claim a key.
+
+    Attributes:
+        scheme: the URI's scheme with its separator (``s3://``).
+        form: a URI of this store, for messages (``s3://bucket/prefix``).
+        credentials: where credentials go instead of a URI, for messages.
+        connect: a filesystem set up from the environment.
+        create_exclusive: ``(uri, path, data) -> bool``, the store's conditional
+            create (see ``create_exclusive``).
+    """
+
+    scheme: str
+    form: str
+    credentials: str
+    connect: Callable[[], pafs.FileSystem]
+    create_exclusive: Callable[[str, str, bytes], bool]
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """Returns the pyarrow filesystem for ``uri`` and the path inside it.
 
     The pair is what Ray Data's readers and writers take
     (``read_parquet(path, filesystem=fs)``).
     """
-    if is_s3(uri):
-        check_uri(uri)
-        path = uri[len(S3_SCHEME):].strip("/")
-        if not path:
-            raise ValueError(f"{uri!r} names no bucket: expected s3://bucket/prefix")
-        endpoint = _endpoint()
-        fs = pafs.S3FileSystem(
-            endpoint_override=endpoint,
-            region=_region(),
-            # Custom endpoints (MinIO, moto, Ceph) serve buckets by path.
-            force_virtual_addressing=False,
-            # 500s, 503 SlowDown, resets and timeouts are retried with the SDK's
-            # exponential backoff; what still fails is retried by ``retrying``.
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=ATTEMPTS),
-        )
-        return fs, path
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0]
-        raise ValueError(f"{uri!r}: unsupported scheme {scheme!r}; expected a local path or s3://bucket/prefix")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    scheme, rest = _split(uri)
+    if not scheme:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    backend = BACKENDS.get(scheme)
+    if backend is None:
+        forms = ", ".join(b.form for b in BACKENDS.values())
+        raise ValueError(f"{redact(uri)!r}: unsupported scheme {scheme[:-len(SEPARATOR)]!r}; expected a local path, {forms}")
+    check_uri(uri)
+    path = rest.strip("/")
+    if not path:
+        raise ValueError(f"{uri!r} names no bucket: expected {backend.form}")
+    return backend.connect(), path
 
 
 def join(uri: str, *parts: str) -> str:
     """Joins path parts onto a URI with '/' (also for local paths)."""
-    if is_s3(uri):
-        return S3_SCHEME + posixpath.join(uri[len(S3_SCHEME):].rstrip("/"), *parts)
+    scheme, rest = _split(uri)
+    if scheme:
+        return scheme + posixpath.join(rest.rstrip("/"), *parts)
     return os.path.join(uri, *parts)
 
 
 def basename(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/"))
-
-
-def display(fs: pafs.FileSystem, path: str) -> str:
-    """The URI a user would type for ``path`` on ``fs`` (for messages)."""
-    return S3_SCHEME + path if isinstance(fs, pafs.S3FileSystem) else path
 
 
 def _info(fs: pafs.FileSystem, path: str, uri: str):
@@ -172,8 +268,8 @@ def is_dir(uri: str) -> bool:
     info = _info(fs, path, uri)
     if info.type == pafs.FileType.Directory:
         return True
-    if isinstance(fs, pafs.S3FileSystem) and info.type == pafs.FileType.NotFound:
-        # S3 has no directories: a prefix "exists" when something lies under it.
+    if not isinstance(fs, pafs.LocalFileSystem) and info.type == pafs.FileType.NotFound:
+        # Object stores have no directories: a prefix "exists" when something lies under it.
         return bool(list_files(uri, limit=1))
     return False
 
@@ -198,19 +294,21 @@ def iter_files(uri: str, recursive: bool = True, skipped: list[tuple[str, str]] 
     if isinstance(fs, pafs.LocalFileSystem):
         yield from _walk_local(path, recursive, skipped)
         return
+    scheme = _split(uri)[0]
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     for attempt in range(3):
         try:
             infos = retrying(f"listing {uri}", lambda: fs.get_file_info(selector))
             break
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             # A file or folder vanished while it was being listed (another
-            # writer's temporary file renamed into place): list again.
+            # writer's temporary file renamed into place), or appeared between
+            # fsspec's "is it a folder" and "does it exist": list again.
             if attempt == 2:
                 raise
     for info in infos:
         if info.type == pafs.FileType.File:
-            yield FileEntry(display(fs, info.path), info.size or 0)
+            yield FileEntry(scheme + info.path, info.size or 0)
 
 
 def list_files(uri: str, recursive: bool = True, limit: int | None = None, skipped: list[tuple[str, str]] | None = None) -> list[FileEntry]:
@@ -283,7 +381,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Writes ``data`` so that no reader ever sees a partial file at ``uri``.
 
     Locally the bytes go to a temporary name first and are renamed into place;
-    an S3 PUT is atomic by itself.
+    an object store's upload is atomic by itself (the key appears when it completes).
     """
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path)
@@ -307,8 +405,9 @@ def create_exclusive(uri: str, data: bytes) -> bool:
 
     Of two processes racing for the same URI exactly one wins: locally a
     hard link of a complete temporary file (``link`` fails on an existing
-    name), on S3 a conditional PUT (``If-None-Match: *``), which S3 and
-    compatible stores answer with 412 when the key exists.
+    name), on an object store its conditional create (``Backend.create_exclusive``):
+    S3's PUT with ``If-None-Match: *`` (412 when the key exists), GCS's upload
+    with ``ifGenerationMatch=0``, Azure's commit with ``If-None-Match: *``.
     """
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -333,6 +432,10 @@ def create_exclusive(uri: str, data: bytes) -> bool:
             return True
         finally:
             os.unlink(tmp)
+    return BACKENDS[_split(uri)[0]].create_exclusive(uri, path, data)
+
+
+def _s3_create_exclusive(uri: str, path: str, data: bytes) -> bool:
     import boto3
     from botocore.config import Config
     from botocore.exceptions import ClientError
@@ -363,6 +466,45 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     return retrying(f"claiming {uri}", put)
 
 
+def _fsspec_create_exclusive(uri: str, path: str, data: bytes) -> bool:
+    """The conditional create of an fsspec store: gcsfs uploads with ``ifGenerationMatch=0``,
+    adlfs with ``If-None-Match: *``; both raise FileExistsError on the store's 412."""
+    fs = filesystem(uri)[0].handler.fs
+    tries = {"n": 0}
+
+    def put() -> bool:
+        tries["n"] += 1
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            # As on S3: a retried upload can find what its own lost first try created.
+            return tries["n"] > 1 and read_bytes(uri) == data
+        return True
+
+    return retrying(f"claiming {uri}", put)
+
+
+BACKENDS: dict[str, Backend] = {
+    b.scheme: b
+    for b in (
+        Backend(
+            "s3://", "s3://bucket/prefix", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the node's instance profile",
+            _s3, _s3_create_exclusive,
+        ),
+        Backend(
+            "gs://", "gs://bucket/prefix", "GOOGLE_APPLICATION_CREDENTIALS, gcloud's login, or the node's service account",
+            _gcs, _fsspec_create_exclusive,
+        ),
+        Backend(
+            "az://", "az://container/prefix",
+            "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, "
+            "or a service principal or managed identity",
+            _azure, _fsspec_create_exclusive,
+        ),
+    )
+}
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
@@ -383,8 +525,8 @@ def write_parquet(table, uri: str, **kwargs) -> None:
     """Writes a pyarrow Table to ``uri`` as Parquet; no reader ever sees a partial file.
 
     Streamed, never held whole in memory: locally to a temporary name renamed
-    into place, on S3 as one upload (a multipart upload appears only when it
-    completes).
+    into place, on an object store as one upload (a multipart upload, or a
+    list of blocks, appears only when it completes).
     """
     import pyarrow.parquet as pq
 

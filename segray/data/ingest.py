@@ -122,7 +122,7 @@ def _pairs_of(item: dict[str, Any]) -> list[dict[str, Any]]:
     root = item["root"]
 
     def uri(name: str) -> str:
-        return name if storage.is_s3(name) or name.startswith("/") else root + name
+        return name if storage.is_absolute(name) else root + name
 
     return [{"image_id": i, "image_uri": uri(image), "mask_uris": [uri(m) for m in masks]} for i, image, masks in json.loads(item["pairs"])]
 

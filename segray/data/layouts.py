@@ -67,7 +67,7 @@ def id_problem(image_id: str) -> str | None:
         return f"image id {image_id!r} is empty"
     if image_id.startswith("/") or re.match(r"^[A-Za-z]:", image_id):
         return f"image id {image_id!r} is an absolute path"
-    if "://" in image_id:
+    if storage.has_scheme(image_id):
         return f"image id {image_id!r} holds a URI scheme"
     if "\\" in image_id or any(ord(ch) < 32 for ch in image_id):
         return f"image id {image_id!r} holds a backslash or a control character"

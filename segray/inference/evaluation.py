@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -110,7 +109,7 @@ def _inferred_classes(records: pa.Table) -> int:
 
 def _model_of(pred: str) -> str:
     """The weights' hash of the predict run whose ``masks/`` folder ``pred`` is, else ''."""
-    parent = pred.rstrip("/").rsplit("/", 1)[0] if storage.is_s3(pred) else os.path.dirname(pred.rstrip(os.sep))
+    parent = storage.parent(pred)
     if storage.basename(pred.rstrip("/")) != "masks" or not storage.exists(storage.join(parent, "summary.json")):
         return ""
     try:

@@ -22,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import posixpath
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +39,7 @@ MASKS, OVERLAYS, PARTS = "masks", "overlays", "_parts"
 
 @dataclass(frozen=True)
 class Output:
-    """The paths of one OUT folder (local or s3://)."""
+    """The paths of one OUT folder (a local path or a storage URI)."""
 
     root: str
 
@@ -53,7 +51,7 @@ class Output:
         """
         uri = storage.join(self.root, *parts)
         base = self.root.rstrip("/")
-        normal = (storage.S3_SCHEME + posixpath.normpath(uri[len(storage.S3_SCHEME):])) if storage.is_s3(uri) else os.path.normpath(uri)
+        normal = storage.normalize(uri)
         if any(p.startswith("/") or ".." in p.split("/") for p in parts) or not normal.startswith(base + "/"):
             raise ValueError(f"{'/'.join(parts)!r} would be written outside the output folder {self.root}; refused")
         return uri
@@ -240,14 +238,11 @@ def merged_records(out: str, ids: list[str]) -> pa.Table:
     return records.sort_by("image_id")
 
 
-_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$")
-
-
 def remove_temporaries(out: str) -> int:
-    """Deletes the temporary files of writes a crash interrupted (local OUT only; S3 PUTs leave none)."""
-    if storage.is_s3(out):
+    """Deletes the temporary files of writes a crash interrupted (local OUT only; object stores' uploads leave none)."""
+    if not storage.is_local(out):
         return 0
-    stale = [f.uri for f in storage.list_files(out) if _TEMPORARY.search(f.uri)]
+    stale = [f.uri for f in storage.list_files(out) if storage.TEMPORARY.fullmatch(f.uri)]
     for uri in stale:
         storage.delete_file(uri)
     return len(stale)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -145,8 +144,7 @@ def locate(model: str) -> tuple[str, str | None]:
     if model.endswith(".keras"):
         if not storage.exists(model):
             raise about("model", FileNotFoundError(f"model {model}: no such file"))
-        parent = posixpath.dirname(model.rstrip("/")) if storage.is_s3(model) else os.path.dirname(model)
-        beside = storage.join(parent, PREPROCESSING_FILE)
+        beside = storage.join(storage.parent(model), PREPROCESSING_FILE)
         return model, (beside if storage.exists(beside) else None)
     for folder in (storage.join(model, MODEL_DIR), model):
         keras_file = storage.join(folder, MODEL_FILE)
@@ -179,12 +177,12 @@ def _search_best_run(model: str) -> str | None:
 
 
 def load_keras(uri: str):
-    """Loads a ``.keras`` file from local storage or S3 with ``safe_mode=True``."""
+    """Loads a ``.keras`` file from local storage or an object store with ``safe_mode=True``."""
     import keras
 
     import segray.models  # noqa: F401 - registers the custom layers before loading
 
-    if not storage.is_s3(uri):
+    if storage.is_local(uri):
         return keras.saving.load_model(uri, safe_mode=True, compile=False)
     with tempfile.TemporaryDirectory(prefix="segray-model-") as tmp:
         path = os.path.join(tmp, MODEL_FILE)

@@ -1,6 +1,6 @@
 """Looking at a predict output: a self-contained HTML report, and SQL over its tables.
 
-``OutputTables`` opens an output (local or s3://) and registers its tables as
+``OutputTables`` opens an output (local or a storage URI) and registers its tables as
 DuckDB views; ``worst``, ``below`` and ``confused`` are the named questions
 (the report's worst-image sections use ``worst``); ``write_report`` writes the
 HTML page. Most users call them as ``segray.report`` and ``segray.query``.

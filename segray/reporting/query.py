@@ -1,6 +1,6 @@
 """SQL over the tables of a predict (or evaluate) output, and the named questions.
 
-The tables are read with pyarrow through ``segray.storage`` (local or s3://)
+The tables are read with pyarrow through ``segray.storage`` (local or a storage URI)
 and registered with an in-memory DuckDB as views, so a query works offline and
 on any S3 endpoint without DuckDB's own httpfs extension. A view is read only
 when a query names it. The connection may not touch files or the network
@@ -108,7 +108,7 @@ class OutputTables:
     """An output's tables as DuckDB views, each read the first time a query names it.
 
     Args:
-        out: the output folder (local or s3://).
+        out: the output folder (local or a storage URI).
     """
 
     def __init__(self, out: str):
