@@ -239,7 +239,13 @@ class IngestConfig(Config):
         source: the raw dataset, a local folder or ``s3://bucket/prefix``.
         destination: where the Parquet shards and ``dataset.json`` go.
         layout: ``ids``, ``palette`` or ``per-class`` (see the README).
-        val_fraction: share of ids (by stable hash) in the val split.
+        val_fraction: share of ids in the val split: exactly
+            ``round(val_fraction x N)`` of the N listed pairs (at least 1 when
+            above 0 and N >= 2, at most N - 1), those of lowest stable hash.
+        val_ids: a file of image ids, one a line: these are the val split
+            (``val_fraction`` is then not used).
+        split_seed: salts the hash that ranks ids for the split (0: the plain
+            hash); another seed draws another split of the same size.
         shard_mb: target shard size in MB of source bytes.
         classes: a classes.json (default ``SOURCE/classes.json`` when present).
         num_classes: ``ids`` layout without classes.json: declare C classes.
@@ -255,6 +261,8 @@ class IngestConfig(Config):
     destination: str
     layout: Literal["ids", "palette", "per-class"] = "ids"
     val_fraction: float = 0.1
+    val_ids: str | None = None
+    split_seed: int = 0
     shard_mb: float = 128.0
     classes: str | None = None
     num_classes: int | None = None
@@ -269,6 +277,10 @@ class IngestConfig(Config):
         _uri(self, "source", "destination")
         if self.classes:
             _uri(self, "classes")
+        if self.val_ids:
+            _uri(self, "val_ids")
+        if self.split_seed < 0:
+            raise ConfigError(f"split_seed must be 0 or more, got {self.split_seed}", field="split_seed")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}", field="val_fraction")
         _positive(self, "shard_mb", "num_classes")

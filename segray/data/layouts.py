@@ -383,19 +383,55 @@ def build_mask(
         return ids[inverse.reshape(packed.shape)]
     if layout == "per-class":
         assert classes is not None
-        mask = None
-        shape = None
-        # Paint lowest priority first so that the first-priority class ends on top.
-        for uri, data in reversed(mask_blobs):
-            raw = decode_raw(data, max_pixels)
-            # Binary layers: any colour channel above 127 is set (alpha is ignored:
-            # it is 255 everywhere in RGBA layers).
-            layer = raw if raw.ndim == 2 else raw[..., :3].max(axis=2)
-            if shape is None:
-                shape = layer.shape
-                mask = np.zeros(shape, np.uint8)
-            elif layer.shape != shape:
-                raise BadInput(f"layer {uri} is {layer.shape[1]}x{layer.shape[0]}, other layers are {shape[1]}x{shape[0]}")
-            mask[layer > 127] = layer_class(uri, classes)
-        return mask
+        return paint_layers(mask_blobs, classes, max_pixels).mask
     raise ConfigError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+@dataclass
+class PaintedLayers:
+    """A per-class pair's class-id mask, and what the overlap priority did to its layers.
+
+    Attributes:
+        mask: (H, W) uint8 class ids.
+        layer_pixels: class id -> pixels set in its layer.
+        covered: (class id, class id on top) -> pixels of the first's layer
+            that the second (listed before it in the priority) took.
+    """
+
+    mask: np.ndarray
+    layer_pixels: dict[int, int]
+    covered: dict[tuple[int, int], int]
+
+
+def paint_layers(mask_blobs: list[tuple[str, bytes]], classes: list[ClassInfo], max_pixels: int | None = None) -> PaintedLayers:
+    """Paints per-class layers (in priority order, first wins) into one class-id mask.
+
+    Raises:
+        BadInput: an undecodable layer, layers of different sizes, a folder that is no class.
+    """
+    mask = None
+    shape = None
+    layers: list[tuple[int, np.ndarray]] = []
+    # Paint lowest priority first so that the first-priority class ends on top.
+    for uri, data in reversed(mask_blobs):
+        raw = decode_raw(data, max_pixels)
+        # Binary layers: any colour channel above 127 is set (alpha is ignored:
+        # it is 255 everywhere in RGBA layers).
+        layer = raw if raw.ndim == 2 else raw[..., :3].max(axis=2)
+        if shape is None:
+            shape = layer.shape
+            mask = np.zeros(shape, np.uint8)
+        elif layer.shape != shape:
+            raise BadInput(f"layer {uri} is {layer.shape[1]}x{layer.shape[0]}, other layers are {shape[1]}x{shape[0]}")
+        on = layer > 127
+        class_id = layer_class(uri, classes)
+        mask[on] = class_id
+        layers.append((class_id, on))
+    layer_pixels, covered = {}, {}
+    for class_id, on in layers:
+        layer_pixels[class_id] = layer_pixels.get(class_id, 0) + int(on.sum())
+        on_top = mask[on]
+        for winner, count in enumerate(np.bincount(on_top[on_top != class_id], minlength=0)):
+            if count:
+                covered[(class_id, winner)] = covered.get((class_id, winner), 0) + int(count)
+    return PaintedLayers(mask, layer_pixels, covered)
