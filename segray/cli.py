@@ -267,6 +267,16 @@ def _subparser(sub, name: str, handler: Handler, help_text: str, config_cls=None
     return p
 
 
+def _layout_flags(p: argparse.ArgumentParser, where: str, classes: bool = True) -> None:
+    """Ingest's layout flags, for predict and evaluate reading a raw folder (images and truth) directly."""
+    p.add_argument("--layout", choices=["ids", "palette", "per-class"], help=f"read {where} as a raw folder of this layout, truth masks included (as ingest reads it)")
+    if classes:
+        p.add_argument("--classes", help="palette (and ids): classes.json (default INPUT/classes.json)")
+    p.add_argument("--class-order", type=_names, help="per-class: class folders in id order (default: the model's classes; must match them)")
+    p.add_argument("--priority", type=_names, help="per-class: overlap priority, first wins (default: the model's; must match it)")
+    p.add_argument("--images-dir", help="per-class: folder of images (default images)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segray", description="Distributed semantic segmentation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -360,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a training run (STORAGE/RUN), a search (STORAGE/NAME: its best trial) or a .keras file; required")
     p.add_argument("--input", help="raw layout (images/ [+ masks/]) or an ingested split, local or s3://; required")
     p.add_argument("--output", help="where masks and tables go; required")
-    p.add_argument("--split", help="with an ingested dataset as --input: the split (e.g. val)")
+    p.add_argument("--split", help="with an ingested dataset as --input: the split (train, val, or all)")
+    _layout_flags(p, "--input")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="predictor actors")
     p.add_argument("--gpus-per-worker", type=float)
@@ -377,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", help="folder of predicted <id>.png class-id masks; required")
     p.add_argument("--truth", help="folder of true <id>.png class-id masks; required")
     p.add_argument("--output", help="where the tables go; required")
-    p.add_argument("--classes", help="classes.json (default: class_0..)")
+    p.add_argument("--classes", help="classes.json (default: class_0.., or the layout's classes)")
+    _layout_flags(p, "--truth", classes=False)
 
     p = _subparser(sub, "report", cmd_report, "write one self-contained HTML report of a predict output", ReportConfig)
     p.add_argument("out", nargs="?", help="a predict (or evaluate) output folder, local or s3://")

@@ -231,6 +231,18 @@ def _hw(cfg: Any, name: str) -> None:
         raise ConfigError(f"{name}: expected [H, W] with positive integers, got {value!r}", field=name)
 
 
+def _layout_options(cfg: Any, where: str) -> None:
+    """The per-class options of predict and evaluate: only with ``layout`` per-class."""
+    if cfg.layout != "per-class":
+        for name in ("class_order", "priority"):
+            if getattr(cfg, name):
+                raise ConfigError(f"{name} is for the per-class layout; set `layout` per-class to read `{where}` that way", field=name)
+        if cfg.images_dir != "images":
+            raise ConfigError(f"images_dir is for the per-class layout; set `layout` per-class to read `{where}` that way", field="images_dir")
+    if cfg.classes:
+        _uri(cfg, "classes")
+
+
 @dataclass(frozen=True)
 class IngestConfig(Config):
     """What ``segray ingest`` checks and writes.
@@ -540,6 +552,16 @@ class PredictConfig(Config):
         backend: ``tensorflow`` runs the Keras model; ``onnxruntime`` runs it
             converted to ONNX on the driver (``segray export``'s converter),
             CPU only.
+        layout: read ``input`` as a raw folder of this layout (``ids``,
+            ``palette``, ``per-class``: see ``IngestConfig``), images and
+            truth masks straight from it, with ingest's quarantine rules;
+            None: a raw ``ids`` folder (masks optional) or ingested data.
+        classes: ``palette`` (and ``ids``): the classes.json (default ``INPUT/classes.json``).
+        class_order: ``per-class``: class folders in id order; default the
+            model's classes. Must give the model's classes, in its order.
+        priority: ``per-class``: overlap priority, first wins; default the
+            model's (recorded at training), else ``class_order``.
+        images_dir: ``per-class``: the folder of images.
     """
 
     model: str
@@ -557,10 +579,20 @@ class PredictConfig(Config):
     weighting: Literal["gaussian", "linear"] = "gaussian"
     tta: Literal["none", "flip", "flip8"] = "none"
     min_component: int = 0
+    layout: Literal["ids", "palette", "per-class"] | None = None
+    classes: str | None = None
+    class_order: list[str] | None = None
+    priority: list[str] | None = None
+    images_dir: str = "images"
 
     def validate(self) -> None:
         _positive(self, "max_pixels")
         _uri(self, "model", "input", "output")
+        _layout_options(self, "input")
+        if self.layout is not None and self.split is not None:
+            raise ConfigError(f"split {self.split!r} is for an ingested dataset; with `layout` {self.layout} the input is read as a raw folder", field="split")
+        if self.classes and self.split is not None:
+            raise ConfigError("classes is for a raw input; an ingested dataset's classes are in its dataset.json", field="classes")
         _positive(self, "batch_size", "workers")
         for name in ("overlays", "gpus_per_worker", "min_component"):
             if getattr(self, name) < 0:
@@ -586,18 +618,32 @@ class EvaluateConfig(Config):
         truth: a folder of ``<id>.png`` truth class-id masks (255: ignored).
         output: where the tables go.
         classes: a classes.json naming the classes; default ``class_0 .. class_{C-1}``
-            with C = 1 + the largest id found.
+            with C = 1 + the largest id found (with ``layout``: the layout's
+            classes; ``palette`` reads its colours from it, default ``TRUTH/classes.json``).
+        layout: read ``truth`` as a raw folder of this layout (``ids``,
+            ``palette``, ``per-class``), its masks paired with the images by
+            id as ingest pairs them; None: a folder of class-id masks.
+        class_order: ``per-class``: class folders in id order; default the
+            classes of the predict output ``pred`` belongs to, else the folders sorted.
+        priority: ``per-class``: overlap priority, first wins; default that
+            output's model's, else ``class_order``.
+        images_dir: ``per-class``: the folder of images.
     """
 
     pred: str
     truth: str
     output: str
     classes: str | None = None
+    layout: Literal["ids", "palette", "per-class"] | None = None
+    class_order: list[str] | None = None
+    priority: list[str] | None = None
+    images_dir: str = "images"
 
     def validate(self) -> None:
         _uri(self, "pred", "truth", "output")
         if self.classes:
             _uri(self, "classes")
+        _layout_options(self, "truth")
 
 
 @dataclass(frozen=True)

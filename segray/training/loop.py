@@ -52,6 +52,7 @@ def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
         std=tuple(info.std),
         classes=tuple(c for c in info.classes if c.id != info.ignore_index),
         ignore_index=info.ignore_index,
+        priority=tuple(info.priority) if info.priority else None,
     )
 
 
