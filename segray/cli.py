@@ -267,13 +267,13 @@ def _subparser(sub, name: str, handler: Handler, help_text: str, config_cls=None
     return p
 
 
-def _layout_flags(p: argparse.ArgumentParser, where: str, classes: bool = True) -> None:
+def _layout_flags(p: argparse.ArgumentParser, where: str, model: str, classes: bool = True) -> None:
     """Ingest's layout flags, for predict and evaluate reading a raw folder (images and truth) directly."""
     p.add_argument("--layout", choices=["ids", "palette", "per-class"], help=f"read {where} as a raw folder of this layout, truth masks included (as ingest reads it)")
     if classes:
         p.add_argument("--classes", help="palette (and ids): classes.json (default INPUT/classes.json)")
-    p.add_argument("--class-order", type=_names, help="per-class: class folders in id order (default: the model's classes; must match them)")
-    p.add_argument("--priority", type=_names, help="per-class: overlap priority, first wins (default: the model's; must match it)")
+    p.add_argument("--class-order", type=_names, help=f"per-class: class folders in id order (default: {model} classes; must match them)")
+    p.add_argument("--priority", type=_names, help=f"per-class: overlap priority, first wins (default: {model}; must match it)")
     p.add_argument("--images-dir", help="per-class: folder of images (default images)")
 
 
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="raw layout (images/ [+ masks/]) or an ingested split, local or s3://; required")
     p.add_argument("--output", help="where masks and tables go; required")
     p.add_argument("--split", help="with an ingested dataset as --input: the split (train, val, or all)")
-    _layout_flags(p, "--input")
+    _layout_flags(p, "--input", "the model's")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="predictor actors")
     p.add_argument("--gpus-per-worker", type=float)
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", help="folder of true <id>.png class-id masks; required")
     p.add_argument("--output", help="where the tables go; required")
     p.add_argument("--classes", help="classes.json (default: class_0.., or the layout's classes)")
-    _layout_flags(p, "--truth", classes=False)
+    _layout_flags(p, "--truth", "the --pred output's model's", classes=False)
 
     p = _subparser(sub, "report", cmd_report, "write one self-contained HTML report of a predict output", ReportConfig)
     p.add_argument("out", nargs="?", help="a predict (or evaluate) output folder, local or s3://")
