@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "ingest", cmd_ingest, "check a raw dataset and write Parquet shards + dataset.json", IngestConfig)
     p.add_argument("source", nargs="?", help="raw dataset: local folder or s3://bucket/prefix")
     p.add_argument("destination", nargs="?", help="where the ingested dataset goes")
-    p.add_argument("--layout", choices=["ids", "palette", "per-class"])
+    p.add_argument("--layout", choices=["ids", "palette", "per-class", "voc"], help="voc: PASCAL VOC's JPEGImages/ and SegmentationClass/ (default ids)")
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--shard-mb", type=float, help="target shard size in MB of source bytes")
     p.add_argument("--classes", help="classes.json (default SOURCE/classes.json)")

@@ -238,11 +238,11 @@ class IngestConfig(Config):
     Attributes:
         source: the raw dataset, a local folder or ``s3://bucket/prefix``.
         destination: where the Parquet shards and ``dataset.json`` go.
-        layout: ``ids``, ``palette`` or ``per-class`` (see the README).
+        layout: ``ids``, ``palette``, ``per-class`` or ``voc`` (see the README).
         val_fraction: share of ids (by stable hash) in the val split.
         shard_mb: target shard size in MB of source bytes.
         classes: a classes.json (default ``SOURCE/classes.json`` when present).
-        num_classes: ``ids`` layout without classes.json: declare C classes.
+        num_classes: ``ids`` or ``voc`` without classes.json: declare C classes.
         class_order: ``per-class``: class folders in id order (ids 1..K).
         priority: ``per-class``: overlap priority, the first listed wins.
         images_dir: ``per-class``: the folder of images.
@@ -253,7 +253,7 @@ class IngestConfig(Config):
 
     source: str
     destination: str
-    layout: Literal["ids", "palette", "per-class"] = "ids"
+    layout: Literal["ids", "palette", "per-class", "voc"] = "ids"
     val_fraction: float = 0.1
     shard_mb: float = 128.0
     classes: str | None = None

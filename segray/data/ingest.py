@@ -320,7 +320,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     # (a lost node, storage down) is retried a bounded number of times.
     with bounded_retries() as retries:
         ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer, num_cpus=1, **retries)
-    plan_errors, classes, priority = list(plan.errors), plan.classes, plan.priority
+    plan_errors, classes, priority, colors, without_mask = list(plan.errors), plan.classes, plan.priority, plan.colors, plan.images_without_mask
     del items, plan  # the listing is not needed while the pipeline runs
     stats = _Stats()
     found = []
@@ -348,7 +348,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         # predicts, or scoring it would fail after the first epoch.
         present = np.nonzero(seen[:IGNORE_INDEX])[0]
         top = int(present.max()) if present.size else 0
-        classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(default_color(k))) for k in range(top + 1)]
+        classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(colors[k] if colors and k < len(colors) else default_color(k))) for k in range(top + 1)]
     real = [c for c in classes if c.id != IGNORE_INDEX]
     n_pix = float(sum(stats.pixels[s] for s in stats_splits))
     mean = sum(stats.channel_sum[s] for s in stats_splits) / n_pix
@@ -378,6 +378,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
             "value_range": VALUE_RANGE,
             "value_rule": VALUE_RULE,
             "dtypes": dict(sorted(stats.dtypes.items())),
+            **({"images_without_mask": without_mask} if without_mask else {}),
         },
         config=cfg.to_dict(),
     )
