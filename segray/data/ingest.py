@@ -29,7 +29,7 @@ from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color
 from segray.data.layouts import Plan, build_mask, list_pairs
 from segray.data.quarantine import ERRORS_FILE, errors_uri, write_errors
 from segray.data.shards import stable_hash
-from segray.ownership import claim_folder, clear_owned, refuse_overlap, write_marker
+from segray.ownership import MARKER, canonical, claim_folder, clear_owned, read_marker, refuse_overlap, write_marker
 from segray.runtime import bounded_retries
 
 DATASET_FILE = "dataset.json"
@@ -276,15 +276,36 @@ def _sweep_other_runs(dst: str, run_id: str) -> None:
                 storage.delete_file(entry.uri)
 
 
-def _prepare_dst(dst: str, overwrite: bool, run_id: str) -> None:
+def _unfinished(dst: str, src: str, command: str) -> IngestError | None:
+    """The refusal for a DST that holds an ingest stopped before its end (its claim, no finished marker), else None."""
+    marker = read_marker(dst, "dataset")
+    if marker is None or marker.get("complete"):
+        return None
+    run = marker.get("run") if isinstance(marker.get("run"), dict) else {}
+    theirs = run.get("source") if isinstance(run.get("source"), str) else None
+    rerun = f"`{command} --overwrite`" if command else "the same ingest with `overwrite`"
+    if theirs is not None and canonical(theirs) == canonical(src):
+        what = f"an interrupted ingest of the same `source` {src}"
+    else:
+        what = f"an interrupted ingest of {'another source, ' + theirs if theirs else 'an unrecorded source'} (not `source` {src})"
+    return IngestError(
+        f"destination {dst} holds {what}: its claim {MARKER} is there but it never finished (no {DATASET_FILE}; it was killed, "
+        f"or is still running: make sure no ingest writes there); nothing was written: to replace it, run {rerun}"
+    )
+
+
+def _prepare_dst(dst: str, src: str, overwrite: bool, run_id: str, command: str = "") -> None:
     """An empty destination, or one segray ingested before (with ``overwrite``): only its own files are deleted."""
     if storage.list_files(dst, limit=1):
         if not overwrite:
+            unfinished = _unfinished(dst, src, command)
+            if unfinished is not None:
+                raise about("destination", unfinished)
             raise about("destination", IngestError(f"destination {dst} already holds files; set `overwrite` to replace it whole (nothing was written)"))
         clear_owned(dst, "dataset", "destination", required=(DATASET_FILE,))
     # What this run may leave even if it stops before it lists its files.
     patterns = [rf"(train|val)/part-\d+-{run_id}\.parquet", re.escape(ERRORS_FILE), re.escape(DATASET_FILE)]
-    claim_folder(dst, "dataset", "destination", patterns)
+    claim_folder(dst, "dataset", "destination", patterns, run={"source": canonical(src), "run_id": run_id})
 
 
 def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
@@ -308,7 +329,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     if not plan.pairs:
         raise IngestError(f"{src}: no image/mask pairs found ({len(plan.errors)} rejected inputs); expected the {layout} layout")
     run_id = uuid.uuid4().hex[:8]
-    _prepare_dst(dst, cfg.overwrite, run_id)
+    _prepare_dst(dst, src, cfg.overwrite, run_id, command)
 
     start = time.time()
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
