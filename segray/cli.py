@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--shard-mb", type=float, help="target shard size in MB of source bytes")
     p.add_argument("--classes", help="classes.json (default SOURCE/classes.json)")
-    p.add_argument("--num-classes", type=int, help="ids layout without classes.json: declare C classes")
+    p.add_argument("--num-classes", type=int, help="ids or voc without classes.json or class_names.txt: declare C classes")
     p.add_argument("--class-order", type=_names, help="per-class: class folders in id order (ids 1..K)")
     p.add_argument("--priority", type=_names, help="per-class: overlap priority, first wins")
     p.add_argument("--images-dir", help="per-class: folder of images (default images)")

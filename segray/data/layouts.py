@@ -261,7 +261,12 @@ def _mask_palette(masks: FolderIndex) -> list[tuple[int, int, int]] | None:
     if not masks:
         return None
     first = masks[min(masks)]
-    return png_palette(storage.read_bytes(first.uri)) if first.uri.lower().endswith(".png") else None
+    if not first.uri.lower().endswith(".png"):
+        return None
+    try:
+        return png_palette(storage.read_bytes(first.uri))
+    except OSError:  # unreadable here: its task sets it aside with the reason; the classes get default colours
+        return None
 
 
 def _declared_classes(src: str, classes_file: str | None, num_classes: int | None, palette: list | None) -> list[ClassInfo] | None:
