@@ -428,6 +428,7 @@ def test_folder_index_gives_back_every_uri_and_size(tmp_path):
 SEGRAY = [sys.executable, "-c", "import sys; from segray.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
+@pytest.mark.slow  # a real `segray` process started and killed: its imports take most of the time
 def test_an_interrupted_ingest_is_named_with_its_source_and_the_command_that_replaces_it(ray_cluster, tmp_path, monkeypatch, capsys):
     raw, other, dst = str(tmp_path / "raw"), str(tmp_path / "other"), str(tmp_path / "ds")
     synthesize(raw, n=60, size=(40, 40), num_classes=3, seed=8, show_progress=False)
