@@ -269,7 +269,7 @@ def _subparser(sub, name: str, handler: Handler, help_text: str, config_cls=None
 
 def _layout_flags(p: argparse.ArgumentParser, where: str, model: str, classes: bool = True) -> None:
     """Ingest's layout flags, for predict and evaluate reading a raw folder (images and truth) directly."""
-    p.add_argument("--layout", choices=["ids", "palette", "per-class"], help=f"read {where} as a raw folder of this layout, truth masks included (as ingest reads it)")
+    p.add_argument("--layout", choices=["ids", "palette", "per-class", "voc"], help=f"read {where} as a raw folder of this layout, truth masks included (as ingest reads it)")
     if classes:
         p.add_argument("--classes", help="palette (and ids): classes.json (default INPUT/classes.json)")
     p.add_argument("--class-order", type=_names, help=f"per-class: class folders in id order (default: {model} classes; must match them)")
@@ -291,13 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "ingest", cmd_ingest, "check a raw dataset and write Parquet shards + dataset.json", IngestConfig)
     p.add_argument("source", nargs="?", help="raw dataset: local folder or s3://bucket/prefix")
     p.add_argument("destination", nargs="?", help="where the ingested dataset goes")
-    p.add_argument("--layout", choices=["ids", "palette", "per-class"])
+    p.add_argument("--layout", choices=["ids", "palette", "per-class", "voc"], help="voc: PASCAL VOC's JPEGImages/ and SegmentationClass/ (default ids)")
     p.add_argument("--val-fraction", type=float, help="share of images in val: exactly round(F x N), by hash rank (default 0.1)")
     p.add_argument("--val-ids", help="file of image ids, one a line: these are the val split (pins it; --val-fraction is not used)")
     p.add_argument("--split-seed", type=int, help="draw another split of the same size (default 0)")
     p.add_argument("--shard-mb", type=float, help="target shard size in MB of source bytes")
     p.add_argument("--classes", help="classes.json (default SOURCE/classes.json)")
-    p.add_argument("--num-classes", type=int, help="ids layout without classes.json: declare C classes")
+    p.add_argument("--num-classes", type=int, help="ids or voc without classes.json or class_names.txt: declare C classes")
     p.add_argument("--class-order", type=_names, help="per-class: class folders in id order (ids 1..K)")
     p.add_argument("--priority", type=_names, help="per-class: overlap priority, first wins")
     p.add_argument("--images-dir", help="per-class: folder of images (default images)")

@@ -250,7 +250,7 @@ class IngestConfig(Config):
     Attributes:
         source: the raw dataset, a local folder or ``s3://bucket/prefix``.
         destination: where the Parquet shards and ``dataset.json`` go.
-        layout: ``ids``, ``palette`` or ``per-class`` (see the README).
+        layout: ``ids``, ``palette``, ``per-class`` or ``voc`` (see the README).
         val_fraction: share of ids in the val split: exactly
             ``round(val_fraction x N)`` of the N listed pairs (at least 1 when
             above 0 and N >= 2, at most N - 1), those of lowest stable hash.
@@ -260,7 +260,7 @@ class IngestConfig(Config):
             hash); another seed draws another split of the same size.
         shard_mb: target shard size in MB of source bytes.
         classes: a classes.json (default ``SOURCE/classes.json`` when present).
-        num_classes: ``ids`` layout without classes.json: declare C classes.
+        num_classes: ``ids`` or ``voc`` without classes.json: declare C classes.
         class_order: ``per-class``: class folders in id order (ids 1..K).
         priority: ``per-class``: overlap priority, the first listed wins.
         images_dir: ``per-class``: the folder of images.
@@ -271,7 +271,7 @@ class IngestConfig(Config):
 
     source: str
     destination: str
-    layout: Literal["ids", "palette", "per-class"] = "ids"
+    layout: Literal["ids", "palette", "per-class", "voc"] = "ids"
     val_fraction: float = 0.1
     val_ids: str | None = None
     split_seed: int = 0
@@ -553,7 +553,7 @@ class PredictConfig(Config):
             converted to ONNX on the driver (``segray export``'s converter),
             CPU only.
         layout: read ``input`` as a raw folder of this layout (``ids``,
-            ``palette``, ``per-class``: see ``IngestConfig``), images and
+            ``palette``, ``per-class``, ``voc``: see ``IngestConfig``), images and
             truth masks straight from it, with ingest's quarantine rules;
             None: a raw ``ids`` folder (masks optional) or ingested data.
         classes: ``palette`` (and ``ids``): the classes.json (default ``INPUT/classes.json``).
@@ -579,7 +579,7 @@ class PredictConfig(Config):
     weighting: Literal["gaussian", "linear"] = "gaussian"
     tta: Literal["none", "flip", "flip8"] = "none"
     min_component: int = 0
-    layout: Literal["ids", "palette", "per-class"] | None = None
+    layout: Literal["ids", "palette", "per-class", "voc"] | None = None
     classes: str | None = None
     class_order: list[str] | None = None
     priority: list[str] | None = None
@@ -634,7 +634,7 @@ class EvaluateConfig(Config):
     truth: str
     output: str
     classes: str | None = None
-    layout: Literal["ids", "palette", "per-class"] | None = None
+    layout: Literal["ids", "palette", "per-class", "voc"] | None = None
     class_order: list[str] | None = None
     priority: list[str] | None = None
     images_dir: str = "images"

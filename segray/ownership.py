@@ -48,18 +48,21 @@ def refuse_overlap(source: str, source_field: str, destination: str, destination
         )
 
 
-def claim_folder(folder: str, kind: str, field: str, patterns: list[str]) -> None:
+def claim_folder(folder: str, kind: str, field: str, patterns: list[str], run: dict[str, str] | None = None) -> None:
     """Claims an empty ``folder`` for one run: an exclusive create of its marker.
 
     Args:
         patterns: regular expressions (full match, paths relative to the
             folder) of the files this run will write: a run that stops before
             ``write_marker`` lists them still leaves a folder segray can replace.
+        run: what the run is (an ingest's source), kept in the claim so that a
+            later run finding it unfinished can say whose it was.
 
     Raises:
         FileExistsError: another run claimed it first (its marker is there).
     """
-    marker = json.dumps({"format": FORMAT, "kind": kind, "files": [], "patterns": patterns, "complete": False}, indent=1)
+    claim = {"format": FORMAT, "kind": kind, "files": [], "patterns": patterns, "complete": False}
+    marker = json.dumps({**claim, **({"run": run} if run else {})}, indent=1)
     if not storage.create_exclusive(storage.join(folder, MARKER), marker.encode("utf-8")):
         raise about(field, FileExistsError(f"{field} {folder} was claimed by another segray run a moment ago; choose another folder"))
 

@@ -32,7 +32,7 @@ from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color
 from segray.data.layouts import PaintedLayers, Plan, build_mask, list_pairs, paint_layers
 from segray.data.quarantine import ERRORS_FILE, errors_uri, write_errors
 from segray.data.shards import stable_hash
-from segray.ownership import claim_folder, clear_owned, refuse_overlap, write_marker
+from segray.ownership import MARKER, canonical, claim_folder, clear_owned, read_marker, refuse_overlap, write_marker
 from segray.runtime import bounded_retries
 
 DATASET_FILE = "dataset.json"
@@ -409,15 +409,36 @@ def _sweep_other_runs(dst: str, run_id: str) -> None:
                 storage.delete_file(entry.uri)
 
 
-def _prepare_dst(dst: str, overwrite: bool, run_id: str) -> None:
+def _unfinished(dst: str, src: str, command: str) -> IngestError | None:
+    """The refusal for a DST that holds an ingest stopped before its end (its claim, no finished marker), else None."""
+    marker = read_marker(dst, "dataset")
+    if marker is None or marker.get("complete"):
+        return None
+    run = marker.get("run") if isinstance(marker.get("run"), dict) else {}
+    theirs = run.get("source") if isinstance(run.get("source"), str) else None
+    rerun = f"`{command} --overwrite`" if command else "the same ingest with `overwrite`"
+    if theirs is not None and canonical(theirs) == canonical(src):
+        what = f"an interrupted ingest of the same `source` {src}"
+    else:
+        what = f"an interrupted ingest of {'another source, ' + theirs if theirs else 'an unrecorded source'} (not `source` {src})"
+    return IngestError(
+        f"destination {dst} holds {what}: its claim {MARKER} is there but it never finished (no {DATASET_FILE}; it was killed, "
+        f"or is still running: make sure no ingest writes there); nothing was written: to replace it, run {rerun}"
+    )
+
+
+def _prepare_dst(dst: str, src: str, overwrite: bool, run_id: str, command: str = "") -> None:
     """An empty destination, or one segray ingested before (with ``overwrite``): only its own files are deleted."""
     if storage.list_files(dst, limit=1):
         if not overwrite:
+            unfinished = _unfinished(dst, src, command)
+            if unfinished is not None:
+                raise about("destination", unfinished)
             raise about("destination", IngestError(f"destination {dst} already holds files; set `overwrite` to replace it whole (nothing was written)"))
         clear_owned(dst, "dataset", "destination", required=(DATASET_FILE,))
     # What this run may leave even if it stops before it lists its files.
     patterns = [rf"(train|val)/part-\d+-{run_id}\.parquet", re.escape(ERRORS_FILE), re.escape(DATASET_FILE)]
-    claim_folder(dst, "dataset", "destination", patterns)
+    claim_folder(dst, "dataset", "destination", patterns, run={"source": canonical(src), "run_id": run_id})
 
 
 def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
@@ -442,7 +463,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         raise IngestError(f"{src}: no image/mask pairs found ({len(plan.errors)} rejected inputs); expected the {layout} layout")
     val, split_record = split_plan(cfg, [p.image_id for p in plan.pairs])
     run_id = uuid.uuid4().hex[:8]
-    _prepare_dst(dst, cfg.overwrite, run_id)
+    _prepare_dst(dst, src, cfg.overwrite, run_id, command)
 
     start = time.time()
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
@@ -455,7 +476,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     # (a lost node, storage down) is retried a bounded number of times.
     with bounded_retries() as retries:
         ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer, num_cpus=1, **retries)
-    plan_errors, classes, priority = list(plan.errors), plan.classes, plan.priority
+    plan_errors, classes, priority, colors, without_mask = list(plan.errors), plan.classes, plan.priority, plan.colors, plan.images_without_mask
     del items, plan  # the listing is not needed while the pipeline runs
     stats = _Stats()
     found = []
@@ -483,7 +504,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         # predicts, or scoring it would fail after the first epoch.
         present = np.nonzero(seen[:IGNORE_INDEX])[0]
         top = int(present.max()) if present.size else 0
-        classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(default_color(k))) for k in range(top + 1)]
+        classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(colors[k] if colors and k < len(colors) else default_color(k))) for k in range(top + 1)]
     real = [c for c in classes if c.id != IGNORE_INDEX]
     n_pix = float(sum(stats.pixels[s] for s in stats_splits))
     mean = sum(stats.channel_sum[s] for s in stats_splits) / n_pix
@@ -517,6 +538,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
             "value_rule": VALUE_RULE,
             "dtypes": dict(sorted(stats.dtypes.items())),
             **({"layer_survival": layer_survival(stats, classes)} if layout == "per-class" else {}),
+            **({"images_without_mask": without_mask} if without_mask else {}),
         },
         config=cfg.to_dict(),
     )

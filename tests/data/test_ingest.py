@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import warnings
+import signal
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -502,3 +506,48 @@ def test_per_class_ingest_reports_what_the_priority_leaves_of_each_layer(tmp_pat
     kept_right = load_dataset_info(str(tmp_path / "right")).extra["layer_survival"]
     assert kept_right["mitochondrial boundaries"]["kept"] == 1.0
     assert all(s["kept"] > 0.5 for s in kept_right.values()), kept_right
+
+
+# The `segray` command as a user runs it (sys.argv is the command line recorded and echoed).
+SEGRAY = [sys.executable, "-c", "import sys; from segray.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+@pytest.mark.slow  # a real `segray` process started and killed: its imports take most of the time
+def test_an_interrupted_ingest_is_named_with_its_source_and_the_command_that_replaces_it(ray_cluster, tmp_path, monkeypatch, capsys):
+    raw, other, dst = str(tmp_path / "raw"), str(tmp_path / "other"), str(tmp_path / "ds")
+    synthesize(raw, n=60, size=(40, 40), num_classes=3, seed=8, show_progress=False)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    command = ["ingest", raw, dst]
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([*SEGRAY, *command], env=env, stdout=log, stderr=subprocess.STDOUT)
+        train = os.path.join(dst, "train")
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.isdir(train) and any(n.endswith(".parquet") for n in os.listdir(train)):
+                break
+            time.sleep(0.02)
+        finished = proc.poll() is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not finished, open(tmp_path / "killed.log").read()[-3000:]
+    assert os.path.exists(os.path.join(dst, "_segray.json")) and not os.path.exists(os.path.join(dst, "dataset.json"))
+    left = sorted(os.path.relpath(os.path.join(d, f), dst) for d, _, fs in os.walk(dst) for f in fs)
+
+    # The same command says what is there and what to run.
+    monkeypatch.setattr(sys, "argv", ["segray", *command])  # what the shell gives `segray`
+    assert cli_main(command) == 2
+    err = capsys.readouterr().err
+    assert f"DESTINATION {dst} holds an interrupted ingest of the same SOURCE {raw}:" in err, err
+    assert f"to replace it, run `segray {' '.join(command)} --overwrite`" in err, err
+    # Another source into the same DESTINATION is told whose it is.
+    synthesize(other, n=4, size=(16, 16), seed=1, show_progress=False)
+    with pytest.raises(IngestError, match=rf"holds an interrupted ingest of another source, {raw} \(not `source` {other}\)"):
+        ingest(IngestConfig(source=other, destination=dst))
+    assert sorted(os.path.relpath(os.path.join(d, f), dst) for d, _, fs in os.walk(dst) for f in fs) == left, "nothing written"
+
+    # --overwrite replaces it as before.
+    assert cli_main([*command, "--overwrite"]) == 0
+    info = load_dataset_info(dst)
+    assert sum(info.splits.values()) == 60 and info.errors == 0
+    killed_shards = {n for n in left if n.endswith(".parquet") and n.startswith(("train/", "val/"))}
+    assert killed_shards and not killed_shards & {os.path.relpath(f.uri, dst) for f in storage.list_files(dst)}
