@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["tensorflow", "onnxruntime"])
     p.add_argument("--replica-cpus", type=float, help="CPUs reserved per replica")
     p.add_argument("--max-pixels", type=int, help="refuse larger images (413) from their header")
+    p.add_argument("--max-body-mb", type=float,
+                   help="refuse larger request bodies (413) before reading them (MiB; default 4 bytes per pixel of --max-pixels + 1)")
 
     p = _subparser(sub, "models", cmd_models, "list models, show one's parameters and FLOPs, or benchmark speed against accuracy")
     p.add_argument("name", nargs="?")

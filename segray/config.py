@@ -25,6 +25,10 @@ T = TypeVar("T")
 # set aside before decoding (the header says how large) unless a job raises
 # its ``max_pixels``.
 DEFAULT_MAX_PIXELS = 100_000_000
+MIB = 2**20
+# segray serve's default body limit per pixel of max_pixels: an uncompressed
+# 8-bit RGBA file (or 16-bit grey with alpha) fits; compressed files are smaller.
+BODY_BYTES_PER_PIXEL = 4
 
 
 class ConfigError(ValueError):
@@ -690,6 +694,10 @@ class ServeConfig(Config):
         backend: ``onnxruntime`` (the model converted on start) or ``tensorflow``.
         replica_cpus: CPUs Ray reserves per replica (fractions allowed).
         max_pixels: larger images are refused (413) from their header, before decoding.
+        max_body_mb: larger request bodies are refused (413) from their
+            Content-Length, or as they arrive, before they are read whole
+            (MiB; default: ``BODY_BYTES_PER_PIXEL`` bytes per pixel of
+            ``max_pixels`` + 1 MiB, see ``max_body_bytes``).
         blocking: keep serving until interrupted (the CLI); False returns once it is up.
     """
 
@@ -705,7 +713,15 @@ class ServeConfig(Config):
     backend: Literal["tensorflow", "onnxruntime"] = "onnxruntime"
     replica_cpus: float = 0.5
     max_pixels: int = 25_000_000
+    max_body_mb: float | None = None
     blocking: bool = True
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body accepted: ``max_body_mb`` MiB, or room for an uncompressed RGBA image of ``max_pixels``."""
+        if self.max_body_mb is not None:
+            return int(self.max_body_mb * MIB)
+        return self.max_pixels * BODY_BYTES_PER_PIXEL + MIB
 
     def validate(self) -> None:
         _uri(self, "run")
@@ -713,7 +729,7 @@ class ServeConfig(Config):
             raise ConfigError(f"port must be 1..65535, got {self.port}", field="port")
         if isinstance(self.replicas, str) and self.replicas != "auto":
             raise ConfigError(f"replicas: expected auto or a positive count, got {self.replicas!r}", field="replicas")
-        _positive(self, "min_replicas", "max_replicas", "max_batch", "target_ongoing_requests", "max_pixels")
+        _positive(self, "min_replicas", "max_replicas", "max_batch", "target_ongoing_requests", "max_pixels", "max_body_mb")
         if isinstance(self.replicas, int) and self.replicas <= 0:
             raise ConfigError(f"replicas must be positive, got {self.replicas}", field="replicas")
         if self.min_replicas > self.max_replicas:
