@@ -3,9 +3,8 @@
 The tables are read with pyarrow through ``segray.storage`` (local or s3://)
 and registered with an in-memory DuckDB as views, so a query works offline and
 on any S3 endpoint without DuckDB's own httpfs extension. A view is read only
-when a query names it. The connection may not touch files or the network
-(``enable_external_access`` off): a query reads the output's tables and
-nothing else.
+when a query names it. The connection may not touch files or the network:
+a query reads the output's tables and nothing else (see ``sandboxed_connection``).
 
 Views:
 
@@ -99,6 +98,35 @@ def open_output(out: str) -> OutputInfo:
     return OutputInfo(out, kind, summary, classes)
 
 
+def sandboxed_connection():
+    """An in-memory DuckDB connection that can reach no file, folder, extension or network.
+
+    ``enable_external_access`` off is not enough on its own: DuckDB still
+    allows its temporary folder (``.tmp`` in the working directory by
+    default) and ``<cwd>/:memory:.wal`` and its siblings, where a query could
+    COPY, ATTACH and read. So, before any query runs: no temporary folder
+    (nothing spills to disk; the tables are in memory already), empty
+    ``allowed_directories`` and ``allowed_paths``, external access off, and
+    the configuration locked, so a query cannot undo any of it.
+    """
+    import duckdb
+
+    # Allowed lists can only be emptied while external access is on, so it is turned off after them.
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False, "temp_directory": ""})
+    try:
+        for statement in (
+            "SET allowed_directories = []",
+            "SET allowed_paths = []",
+            "SET enable_external_access = false",
+            "SET lock_configuration = true",
+        ):
+            con.execute(statement)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
 def _one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
@@ -117,9 +145,7 @@ class OutputTables:
         self.info = open_output(out)
         self.layout = Output(out)
         self._duckdb = duckdb
-        self._con = duckdb.connect(
-            config={"enable_external_access": False, "autoinstall_known_extensions": False, "autoload_known_extensions": False}
-        )
+        self._con = sandboxed_connection()
         self._tables: dict[str, pa.Table] = {}
 
     @property

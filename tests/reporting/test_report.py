@@ -155,6 +155,46 @@ def test_bad_input_gets_one_line_naming_the_problem(output, tmp_path, capsys):
     assert OutputTables(broken).sql("SELECT count(*) AS n FROM per_class")["n"][0] == 3
 
 
+def test_sql_reaches_no_file_from_a_folder_with_a_dot_tmp(output, tmp_path, monkeypatch, capsys):
+    """DuckDB allows its temporary folder (``.tmp`` of the working directory) and ``:memory:.wal`` even without external access."""
+    work = tmp_path / "work"
+    (work / ".tmp").mkdir(parents=True)
+    (work / ".tmp" / "planted.csv").write_text("secret\n42\n")
+    monkeypatch.chdir(work)
+    tables = OutputTables(output.out)
+    statements = [
+        "COPY per_class TO '.tmp/x.csv'",
+        "COPY per_class TO ':memory:.wal' (FORMAT csv)",
+        "ATTACH '.tmp/evil.db' AS evil",
+        "SELECT * FROM read_csv('.tmp/planted.csv')",
+        f"SELECT * FROM read_csv('{work}/.tmp/planted.csv')",
+        "SELECT * FROM read_text('/etc/passwd')",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "SET enable_external_access = true",
+        "SET allowed_directories = ['/']",
+        "SET allowed_paths = ['.tmp/x.csv']",
+        "SET temp_directory = '.tmp'",
+        "SET lock_configuration = false",
+    ]
+    for sql in statements:
+        with pytest.raises(ValueError, match=r"SQL error: .*(Permission Error|locked|disabled)") as refused:
+            tables.sql(sql)
+        assert "\n" not in str(refused.value), sql
+    assert cli_main(["query", output.out, "COPY per_class TO '.tmp/cli.csv'"]) == 2
+    assert "Permission Error" in capsys.readouterr().err
+    assert sorted(os.listdir(work)) == [".tmp"] and os.listdir(work / ".tmp") == ["planted.csv"]
+    settings = dict(tables.sql(
+        "SELECT name, value FROM duckdb_settings() WHERE name IN "
+        "('allowed_directories', 'allowed_paths', 'temp_directory', 'lock_configuration', 'enable_external_access')"
+    ).itertuples(index=False))
+    assert settings == {"allowed_directories": "[]", "allowed_paths": "[]", "temp_directory": "", "lock_configuration": "true",
+                        "enable_external_access": "false"}
+    # The views still answer, the ones named first in this connection too.
+    assert tables.sql("SELECT count(*) AS n FROM per_image")["n"][0] == len(SIZES) * len(CLASS_NAMES)
+    assert tables.sql("SELECT count(*) AS n FROM image_confusion")["n"][0] > 0
+
+
 def test_configs_refuse_bad_values():
     with pytest.raises(ConfigError, match="exactly one"):
         QueryConfig(out="x", sql="SELECT 1", worst="circle")
