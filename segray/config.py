@@ -607,7 +607,10 @@ class QueryConfig(Config):
         below: ``[CLASS, IOU]``: the images whose IoU for CLASS is below IOU.
         confused: ``[A, B]``: the images with the most pixels of truth A predicted as B.
         format: ``table`` (aligned text), ``csv`` or ``json`` on standard output.
-        output: a ``.parquet``, ``.csv`` or ``.json`` file to write the result to instead.
+        output: a ``.parquet``, ``.csv`` or ``.json`` file to write the result
+            to instead: a new file, outside any predict or evaluate output.
+        overwrite: replace ``output`` when it is a file segray wrote (its
+            ``.NAME.segray.json`` sidecar holds its hash); any other file is refused.
     """
 
     out: str
@@ -618,6 +621,7 @@ class QueryConfig(Config):
     confused: tuple[str, str] | None = None
     format: Literal["table", "csv", "json"] = "table"
     output: str | None = None
+    overwrite: bool = False
 
     def validate(self) -> None:
         _uri(self, "out")
@@ -641,14 +645,18 @@ class ReportConfig(Config):
     Attributes:
         out: the predict (or evaluate) output folder, local or s3://.
         run: the training run (``STORAGE/RUN``) whose curves to show, or None.
-        output: the HTML file to write (local or s3://).
+        output: the HTML file to write (local or s3://): a new file, outside
+            any predict or evaluate output.
         worst: images shown per class, worst IoU first (0: none).
+        overwrite: replace ``output`` when it is a report segray wrote (its
+            ``.NAME.segray.json`` sidecar holds its hash); any other file is refused.
     """
 
     out: str
     run: str | None = None
     output: str = "report.html"
     worst: int = 12
+    overwrite: bool = False
 
     def validate(self) -> None:
         _uri(self, "out", "output")

@@ -313,17 +313,44 @@ def format_text(frame: pd.DataFrame) -> str:
     return frame.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}")
 
 
-def write_result(frame: pd.DataFrame, uri: str) -> None:
-    """Writes a query result to ``uri`` by its extension: ``.parquet``, ``.csv`` or ``.json`` (one array of objects)."""
+# A report or a query result is never written inside these folders (at any depth).
+OUTPUT_FOLDERS = {RUN_FILE: "the predict or evaluate output"}
+
+
+def check_output_file(uri: str, overwrite: bool, kind: str) -> None:
+    """Refuses ``uri`` (the ``output`` field) inside an output folder, or an existing file segray did not write.
+
+    An existing file segray wrote (its sidecar holds its hash) is replaced
+    only with ``overwrite``; see ``segray.ownership.check_new_file``.
+    """
+    from segray.ownership import check_new_file
+
+    check_new_file(uri, "output", overwrite, kind, OUTPUT_FOLDERS)
+
+
+def result_bytes(frame: pd.DataFrame, uri: str) -> bytes:
+    """A query result as the file ``uri`` names by its extension: ``.parquet``, ``.csv`` or ``.json`` (one array of objects)."""
+    import pyarrow.parquet as pq
+
     lower = uri.lower()
     if lower.endswith(".parquet"):
-        storage.write_parquet(pa.Table.from_pandas(frame, preserve_index=False), uri)
-    elif lower.endswith(".csv"):
-        storage.write_text(uri, frame.to_csv(index=False))
-    elif lower.endswith(".json"):
-        storage.write_text(uri, to_json(frame))
-    else:
-        raise ValueError(f"{uri}: expected a file ending in .parquet, .csv or .json")
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+        return sink.getvalue().to_pybytes()
+    if lower.endswith(".csv"):
+        return frame.to_csv(index=False).encode("utf-8")
+    if lower.endswith(".json"):
+        return to_json(frame).encode("utf-8")
+    raise ValueError(f"{uri}: expected a file ending in .parquet, .csv or .json")
+
+
+def write_result(frame: pd.DataFrame, uri: str, overwrite: bool = False) -> None:
+    """Writes a query result to ``uri`` (checked by ``check_output_file`` first), with its sidecar."""
+    from segray.ownership import write_owned_file
+
+    data = result_bytes(frame, uri)
+    check_output_file(uri, overwrite, "query result")
+    write_owned_file(uri, data, "query result")
 
 
 def to_json(frame: pd.DataFrame) -> str:
