@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--bodies", type=int, default=8, help="concurrent requests")
     parser.add_argument("--mb", type=int, default=300, help="MiB per body")
     parser.add_argument("--max-pixels", type=int, default=25_000_000)
+    parser.add_argument("--max-body-mb", type=float, default=None, help="the server's body limit (default: derived from --max-pixels)")
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
 
@@ -171,9 +172,8 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        served = segray.serve(
-            segray.ServeConfig(run=run, port=port, replicas=1, backend="tensorflow", max_pixels=args.max_pixels, blocking=False)
-        )
+        limits = {"max_pixels": args.max_pixels} | ({"max_body_mb": args.max_body_mb} if args.max_body_mb is not None else {})
+        served = segray.serve(segray.ServeConfig(run=run, port=port, replicas=1, backend="tensorflow", blocking=False, **limits))
         try:
             pids = server_processes()
             limit = served.card.get("input", {}).get("max_body_bytes")
