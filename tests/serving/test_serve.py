@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from segray import storage
-from segray.config import MIB, PredictConfig, ServeConfig
+from segray.config import MIB, ConfigError, PredictConfig, ServeConfig
 from segray.data.imageio import decode_mask, encode_png
 from tests.conftest import _free_port
 from tests.inference.helpers import CLASS_NAMES, random_pair, write_run
@@ -190,15 +190,22 @@ def post_streamed(port: int, total: int, chunked: bool, body: bytes | None = Non
 
 
 def test_bodies_over_the_limit_get_413_before_they_are_read_and_memory_stays_flat(served):
-    """Rounds of six 32 MiB bodies at once, three with Content-Length and three chunked: each 413, RSS grows far less than sent."""
+    """Rounds of six 64 MiB bodies at once, three with Content-Length and three chunked: each 413, RSS grows far less than sent.
+
+    What still grows is read-ahead, not the bodies: Ray Serve's proxy (and the
+    replica's receive loop) queue what arrives until the replica's 413 comes
+    back, so it depends on the machine's load, not on the body's size.
+    """
     import psutil
 
     app, _, _, port = served
     limit = ServeConfig(run="x", max_pixels=MAX_PIXELS).max_body_bytes
-    assert limit == MAX_PIXELS * 4 + MIB
+    assert limit == MAX_PIXELS * 4 + MIB and ServeConfig(run="x", max_body_mb=0.5).max_body_bytes == MIB // 2
+    with pytest.raises(ConfigError, match="max_body_mb must be positive"):
+        ServeConfig(run="x", max_body_mb=0)
     with urllib.request.urlopen(f"{app.url}/model", timeout=30) as r:
         assert json.loads(r.read())["input"]["max_body_bytes"] == limit
-    size, kinds = 32 * MIB, [False, True] * 3
+    size, kinds = 64 * MIB, [False, True] * 3
 
     def burst() -> None:
         with ThreadPoolExecutor(len(kinds)) as pool:
@@ -222,7 +229,7 @@ def test_bodies_over_the_limit_get_413_before_they_are_read_and_memory_stays_fla
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    rounds = 3
+    rounds = 2
     try:
         for _ in range(rounds):
             burst()
@@ -231,8 +238,8 @@ def test_bodies_over_the_limit_get_413_before_they_are_read_and_memory_stays_fla
         sampler.join()
     sent = rounds * len(kinds) * size
     growth = {name: (peak[name] - before[name]) / MIB for name in processes}
-    # Reading each body whole (as before) grows the replica alone by the 192 MiB of a round.
-    assert sum(growth.values()) < sent / MIB / 8, f"proxy and replica grew by {growth} MiB for {sent / MIB:.0f} MiB sent"
+    # Reading each body whole (as before) grows the replica alone by the 384 MiB of a round.
+    assert sum(growth.values()) < sent / MIB / 4, f"proxy and replica grew by {growth} MiB for {sent / MIB:.0f} MiB sent"
     # A good image sent chunked is read and answered; the server keeps serving.
     image = random_pair(np.random.default_rng(8), 40, 24)[0]
     status, answer = post_streamed(port, 0, True, encode_png(image))
