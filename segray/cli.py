@@ -396,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="the training run (STORAGE/RUN) whose curves to show")
     p.add_argument("--output", help="the .html file to write (default report.html)")
     p.add_argument("--worst", type=int, help="image strips per class, worst IoU first (default 12)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if segray wrote it (any other file is refused)")
 
     p = _subparser(sub, "query", cmd_query, "SQL (DuckDB) over a predict output's tables, or a named question", QueryConfig)
     p.add_argument("out", nargs="?", help="a predict (or evaluate) output folder, local or s3://")
@@ -406,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confused", nargs=2, metavar=("A", "B"), help="images with the most pixels of truth A predicted as B")
     p.add_argument("--format", choices=["table", "csv", "json"], help="what to print (default an aligned table)")
     p.add_argument("--output", help="write the result to a .parquet, .csv or .json file instead")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if segray wrote it (any other file is refused)")
     p = _subparser(sub, "export", cmd_export, "write a run's model as a SavedModel, ONNX or plain Keras file that loads without segray", ExportConfig)
     p.add_argument("run", nargs="?", help="a training run (STORAGE/RUN), its model/ folder or a .keras file")
     p.add_argument("--format", choices=["savedmodel", "onnx", "keras"])
@@ -424,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["tensorflow", "onnxruntime"])
     p.add_argument("--replica-cpus", type=float, help="CPUs reserved per replica")
     p.add_argument("--max-pixels", type=int, help="refuse larger images (413) from their header")
+    p.add_argument("--max-body-mb", type=float,
+                   help="refuse larger request bodies (413) before reading them (MiB; default 4 bytes per pixel of --max-pixels + 1)")
 
     p = _subparser(sub, "models", cmd_models, "list models, show one's parameters and FLOPs, or benchmark speed against accuracy")
     p.add_argument("name", nargs="?")

@@ -25,6 +25,10 @@ T = TypeVar("T")
 # set aside before decoding (the header says how large) unless a job raises
 # its ``max_pixels``.
 DEFAULT_MAX_PIXELS = 100_000_000
+MIB = 2**20
+# segray serve's default body limit per pixel of max_pixels: an uncompressed
+# 8-bit RGBA file (or 16-bit grey with alpha) fits; compressed files are smaller.
+BODY_BYTES_PER_PIXEL = 4
 
 
 class ConfigError(ValueError):
@@ -661,7 +665,10 @@ class QueryConfig(Config):
         below: ``[CLASS, IOU]``: the images whose IoU for CLASS is below IOU.
         confused: ``[A, B]``: the images with the most pixels of truth A predicted as B.
         format: ``table`` (aligned text), ``csv`` or ``json`` on standard output.
-        output: a ``.parquet``, ``.csv`` or ``.json`` file to write the result to instead.
+        output: a ``.parquet``, ``.csv`` or ``.json`` file to write the result
+            to instead: a new file, outside any predict or evaluate output.
+        overwrite: replace ``output`` when it is a file segray wrote (its
+            ``.NAME.segray.json`` sidecar holds its hash); any other file is refused.
     """
 
     out: str
@@ -672,6 +679,7 @@ class QueryConfig(Config):
     confused: tuple[str, str] | None = None
     format: Literal["table", "csv", "json"] = "table"
     output: str | None = None
+    overwrite: bool = False
 
     def validate(self) -> None:
         _uri(self, "out")
@@ -695,14 +703,18 @@ class ReportConfig(Config):
     Attributes:
         out: the predict (or evaluate) output folder, local or s3://.
         run: the training run (``STORAGE/RUN``) whose curves to show, or None.
-        output: the HTML file to write (local or s3://).
+        output: the HTML file to write (local or s3://): a new file, outside
+            any predict or evaluate output.
         worst: images shown per class, worst IoU first (0: none).
+        overwrite: replace ``output`` when it is a report segray wrote (its
+            ``.NAME.segray.json`` sidecar holds its hash); any other file is refused.
     """
 
     out: str
     run: str | None = None
     output: str = "report.html"
     worst: int = 12
+    overwrite: bool = False
 
     def validate(self) -> None:
         _uri(self, "out", "output")
@@ -748,6 +760,10 @@ class ServeConfig(Config):
         backend: ``onnxruntime`` (the model converted on start) or ``tensorflow``.
         replica_cpus: CPUs Ray reserves per replica (fractions allowed).
         max_pixels: larger images are refused (413) from their header, before decoding.
+        max_body_mb: larger request bodies are refused (413) from their
+            Content-Length, or as they arrive, before they are read whole
+            (MiB; default: ``BODY_BYTES_PER_PIXEL`` bytes per pixel of
+            ``max_pixels`` + 1 MiB, see ``max_body_bytes``).
         blocking: keep serving until interrupted (the CLI); False returns once it is up.
     """
 
@@ -763,7 +779,15 @@ class ServeConfig(Config):
     backend: Literal["tensorflow", "onnxruntime"] = "onnxruntime"
     replica_cpus: float = 0.5
     max_pixels: int = 25_000_000
+    max_body_mb: float | None = None
     blocking: bool = True
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body accepted: ``max_body_mb`` MiB, or room for an uncompressed RGBA image of ``max_pixels``."""
+        if self.max_body_mb is not None:
+            return int(self.max_body_mb * MIB)
+        return self.max_pixels * BODY_BYTES_PER_PIXEL + MIB
 
     def validate(self) -> None:
         _uri(self, "run")
@@ -771,7 +795,7 @@ class ServeConfig(Config):
             raise ConfigError(f"port must be 1..65535, got {self.port}", field="port")
         if isinstance(self.replicas, str) and self.replicas != "auto":
             raise ConfigError(f"replicas: expected auto or a positive count, got {self.replicas!r}", field="replicas")
-        _positive(self, "min_replicas", "max_replicas", "max_batch", "target_ongoing_requests", "max_pixels")
+        _positive(self, "min_replicas", "max_replicas", "max_batch", "target_ongoing_requests", "max_pixels", "max_body_mb")
         if isinstance(self.replicas, int) and self.replicas <= 0:
             raise ConfigError(f"replicas must be positive, got {self.replicas}", field="replicas")
         if self.min_replicas > self.max_replicas:

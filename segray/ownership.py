@@ -6,12 +6,22 @@ Replacing such a folder deletes exactly those files. A folder without the
 marker, or one holding a file the marker does not list, is refused with the
 file named: segray never deletes what it did not write (as object stores and
 batch systems refuse to overwrite what they do not own).
+
+A single file segray writes into a folder it does not own (a report, a query
+result) carries a sidecar beside it, ``.NAME.segray.json``, holding the
+file's SHA-256. An existing file is replaced only when asked to
+(``overwrite``) and only when its sidecar says segray wrote exactly its
+present bytes: a file segray never wrote, or one changed since, is refused.
+Such a file is never written inside a folder segray owns for one job (a
+predict output), which holds only what that job wrote.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import posixpath
 import re
 
 from segray import storage
@@ -19,6 +29,7 @@ from segray.config import about
 
 MARKER = "_segray.json"
 FORMAT = "segray-owned/1"
+FILE_FORMAT = "segray-file/1"
 
 
 def canonical(uri: str) -> str:
@@ -162,3 +173,94 @@ def clear_owned(folder: str, kind: str, field: str, required: tuple[str, ...] = 
         storage.delete_file(storage.join(folder, name))
     storage.delete_file(storage.join(folder, MARKER))
     return len(order)
+
+
+def sidecar(uri: str) -> str:
+    """The sidecar of a single file segray writes: ``DIR/.NAME.segray.json``."""
+    if storage.is_s3(uri):
+        head, name = posixpath.split(uri[len(storage.S3_SCHEME):].rstrip("/"))
+        return storage.S3_SCHEME + posixpath.join(head, f".{name}.segray.json")
+    head, name = os.path.split(canonical(uri))
+    return os.path.join(head, f".{name}.segray.json")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wrote_file(uri: str) -> dict | None:
+    """The sidecar of ``uri`` when segray wrote exactly the bytes it holds now, else None."""
+    if not storage.exists(sidecar(uri)):
+        return None
+    try:
+        record = json.loads(storage.read_text(sidecar(uri)))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != FILE_FORMAT or not isinstance(record.get("sha256"), str):
+        return None
+    return record if _digest(storage.read_bytes(uri)) == record["sha256"] else None
+
+
+def _ancestors(uri: str) -> list[str]:
+    """The folders above ``uri``, nearest first (up to the bucket or the root)."""
+    if storage.is_s3(uri):
+        parts = uri[len(storage.S3_SCHEME):].rstrip("/").split("/")
+        return [storage.S3_SCHEME + "/".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
+    out, path = [], canonical(uri)
+    while (parent := os.path.dirname(path)) != path:
+        out.append(parent)
+        path = parent
+    return out
+
+
+def check_new_file(uri: str, field: str, overwrite: bool, kind: str, folders: dict[str, str]) -> None:
+    """Refuses to write the single file ``uri`` where it would replace or intrude on what segray did not write.
+
+    Args:
+        uri: the file about to be written.
+        field: the config field that named it, for messages.
+        overwrite: whether a file segray wrote before may be replaced.
+        kind: what the file is (``report``, ``query result``), for messages.
+        folders: marker file name -> what a folder holding it is: ``uri``
+            may lie in no such folder, at any depth.
+
+    Raises:
+        ValueError: ``uri`` lies inside such a folder, or is a folder.
+        FileExistsError: ``uri`` exists and segray did not write it (or it
+            changed since), or it did and ``overwrite`` is off.
+    """
+    for folder in _ancestors(uri):
+        for marker, what in folders.items():
+            if storage.exists(storage.join(folder, marker)):
+                raise about(
+                    field,
+                    ValueError(
+                        f"{field} {uri} lies inside {what} {folder} (it holds {marker}), which holds only what its job wrote; "
+                        f"nothing was written: choose a path outside {folder}"
+                    ),
+                )
+    if not storage.exists(uri):
+        return
+    if storage.is_dir(uri):
+        raise about(field, ValueError(f"{field} {uri} is a folder; expected the path of a file to write"))
+    record = wrote_file(uri)
+    if record is None:
+        raise about(
+            field,
+            FileExistsError(
+                f"{field} {uri} exists and segray did not write it (no {posixpath.basename(sidecar(uri))} beside it, "
+                "or the file changed since); nothing was written: choose another path, or move that file yourself"
+            ),
+        )
+    if not overwrite:
+        raise about(
+            field,
+            FileExistsError(f"{field} {uri} exists (a {record.get('kind', kind)} segray wrote); nothing was written: set `overwrite` to replace it"),
+        )
+
+
+def write_owned_file(uri: str, data: bytes, kind: str) -> None:
+    """Writes ``data`` to ``uri``, then its sidecar (a crash between leaves a file that is refused, never one wrongly replaced)."""
+    storage.write_bytes(uri, data)
+    record = {"format": FILE_FORMAT, "kind": kind, "file": posixpath.basename(uri.rstrip("/")), "bytes": len(data), "sha256": _digest(data)}
+    storage.write_text(sidecar(uri), json.dumps(record, indent=1))
