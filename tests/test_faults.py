@@ -1,4 +1,4 @@
-"""Fault injection: the real jobs against a faulty S3 endpoint, and drivers killed mid-run.
+"""Fault injection: the real jobs against a faulty S3 endpoint, drivers killed mid-run, a full disk.
 
 The moto server sits behind ``FaultProxy``, which on a seeded schedule
 answers 5% of requests with a 500, a 503 SlowDown or a reset connection, or
@@ -6,8 +6,16 @@ stalls the answer half-way. Ingest, train (its checkpoint uploads) and
 predict run as drivers of their own (subprocesses joined to the module's
 Ray, their workers pointed at the proxy by the job's runtime_env) and must
 give what a clean run gives: identical tables, no partial object, every
-fault class met. Then ingest and train drivers are killed (SIGKILL) mid-run
-and run again.
+fault class met. Then the store does what it is asked and the answer is
+lost (reset, cut half-way, or held past the client's timeout): claims keep
+exactly one winner and predict still equals a clean run. Ingest and train
+drivers are killed (SIGKILL) mid-run and run again; predict's whole process
+group (its own Ray and workers) too. Predict fills a small tmpfs and fails
+with one line; the rerun after space is freed completes.
+
+Every test adds its requests, faults and rows lost to one tally, printed at
+the end of the module (``pytest -s``) and written to ``fault-suite.json`` in
+pytest's base temporary folder.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from segray import storage
 from segray.config import IngestConfig, PredictConfig
 from segray.data import ingest, synthesize
 from segray.inference import predict
-from tests.fault_proxy import FAULTS, FaultProxy
+from tests.fault_proxy import FAULTS, FaultProxy, conditional_put
+from tests.inference.helpers import write_raw, write_run
+from tests.test_safety import _claims, race
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -99,6 +109,39 @@ def assert_no_partial_objects(s3, bucket: str) -> int:
     return len(keys)
 
 
+class Tally:
+    """The suite's counts: requests through the proxies, faults injected by kind, rows lost."""
+
+    def __init__(self):
+        self.requests, self.faults, self.rows_lost, self.tests = 0, {}, 0, []
+
+    def add(self, test: str, proxy: FaultProxy | None = None, rows_lost: int = 0) -> None:
+        if proxy is not None:
+            self.requests += proxy.requests
+            for kind, n in proxy.counts.items():
+                self.faults[kind] = self.faults.get(kind, 0) + n
+        self.rows_lost += rows_lost
+        self.tests.append(test)
+
+    def line(self) -> str:
+        kinds = " ".join(f"{k}={v}" for k, v in sorted(self.faults.items()))
+        return f"{len(self.tests)} tests, {self.requests} requests, {sum(self.faults.values())} faults ({kinds}), rows lost: {self.rows_lost}"
+
+
+@pytest.fixture(scope="module")
+def tally(tmp_path_factory):
+    counts = Tally()
+    yield counts
+    print(f"\nfault suite: {counts.line()}")
+    report = tmp_path_factory.getbasetemp() / "fault-suite.json"
+    report.write_text(json.dumps({"tests": counts.tests, "requests": counts.requests, "faults": counts.faults, "rows_lost": counts.rows_lost}, indent=1))
+
+
+def rows_lost(got: pd.DataFrame, want: pd.DataFrame, key: str = "image_id") -> int:
+    """Rows of the clean run whose key the faulty run lacks."""
+    return len(set(want[key]) - set(got[key]))
+
+
 @pytest.fixture(scope="module")
 def faulty(s3):
     proxy = FaultProxy(s3.endpoint, rate=0.05, seed=13, stall_s=1.0)
@@ -106,7 +149,7 @@ def faulty(s3):
     proxy.close()
 
 
-def test_jobs_through_a_faulty_endpoint_equal_a_clean_run(s3, faulty, ray_cluster, tmp_path):
+def test_jobs_through_a_faulty_endpoint_equal_a_clean_run(s3, faulty, ray_cluster, tmp_path, tally):
     bucket = s3.bucket("faults")
     synthesize(str(tmp_path / "raw"), n=40, size=(32, 32), num_classes=3, seed=5, show_progress=False)
     raw = upload_raw(s3, str(tmp_path / "raw"), bucket)
@@ -117,6 +160,7 @@ def test_jobs_through_a_faulty_endpoint_equal_a_clean_run(s3, faulty, ray_cluste
     clean = ingest(IngestConfig(source=raw, destination=f"{bucket}/clean-ds", val_fraction=0.25))
     assert storage.read_parquet(f"{bucket}/ds/_errors.parquet").to_pylist() == clean.errors == []
     got, want = shard_rows(f"{bucket}/ds"), shard_rows(f"{bucket}/clean-ds")
+    lost = sum(rows_lost(got[split], want[split]) for split in ("train", "val"))
     for split in ("train", "val"):
         pd.testing.assert_frame_equal(got[split], want[split], obj=split)
     info = json.loads(storage.read_text(f"{bucket}/ds/dataset.json"))
@@ -140,20 +184,89 @@ def test_jobs_through_a_faulty_endpoint_equal_a_clean_run(s3, faulty, ray_cluste
     run_driver(ray_cluster, "predict", cfg, faulty.endpoint, tmp_path / "predict.log")
     faulty.enabled = False
     reference = predict(PredictConfig.from_dict({**cfg.to_dict(), "output": f"{bucket}/clean-pred"}))
-    for name in TABLES:
-        a = storage.read_parquet(f"{bucket}/pred/{name}").to_pandas()
-        b = storage.read_parquet(f"{bucket}/clean-pred/{name}").to_pandas()
-        pd.testing.assert_frame_equal(a, b, obj=name)
+    lost += assert_tables_equal(f"{bucket}/pred", f"{bucket}/clean-pred")
     masks = [f.uri for f in storage.list_files(f"{bucket}/pred/masks")]
     assert len(masks) == reference.summary["images"] == clean.info.splits["val"]
     for uri in masks:
         assert storage.read_bytes(uri) == storage.read_bytes(uri.replace("/pred/", "/clean-pred/")), uri
 
     objects = assert_no_partial_objects(s3, bucket)
-    print(f"fault suite: {faulty.summary()}; {objects} objects, all whole; rows lost: 0")
+    print(f"\njobs through 5% faults: {faulty.summary()}; {objects} objects, all whole; rows lost: {lost}")
+    tally.add("jobs", faulty, lost)
+    assert lost == 0
     assert faulty.requests > 200
     for kind in FAULTS:
         assert faulty.counts[kind] > 0, faulty.summary()
+
+
+def assert_tables_equal(out: str, reference: str) -> int:
+    """Asserts predict's tables in ``out`` equal ``reference``'s; returns the per-image rows ``out`` lacks."""
+    lost = 0
+    for name in TABLES:
+        a = storage.read_parquet(storage.join(out, name)).to_pandas()
+        b = storage.read_parquet(storage.join(reference, name)).to_pandas()
+        if name == "per_image.parquet":
+            lost = len(set(zip(b["image_id"], b["class_id"])) - set(zip(a["image_id"], a["class_id"])))
+        pd.testing.assert_frame_equal(a, b, obj=name)
+    return lost
+
+
+# (fault, claim kinds): the identical markers of racing ingests are where a byte
+# comparison could not tell a racer's own lost PUT from another's.
+LOST_ANSWERS = [("lost", "predict"), ("lost", "ingest"), ("lost", "train"), ("truncated", "ingest"), ("timeout", "ingest")]
+
+
+@pytest.mark.parametrize(("fault", "kind"), LOST_ANSWERS)
+def test_a_claim_whose_answer_is_lost_still_has_one_winner(s3, monkeypatch, tally, fault, kind):
+    """The store takes the conditional PUT, then the answer is reset, cut, or held past the client's timeout."""
+    proxy = FaultProxy(s3.endpoint, rate=0.0, kinds=(fault,), timeout_s=3 * storage.TIMEOUT_S)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    root = f"{s3.bucket('claims')}/{kind}"
+    try:
+        started = time.time()
+        # Alone: the retry finds the object its own lost try created, and wins.
+        proxy.force(fault, 1, conditional_put)
+        assert race(_claims(kind, storage.join(root, "alone")), threads=1) == 1, proxy.summary()
+        # Four at once, every first answer lost: one winner still.
+        for trial in range(3 if fault == "lost" else 1):
+            proxy.force(fault, 4, conditional_put)
+            assert race(_claims(kind, storage.join(root, f"race-{trial}")), threads=4) == 1, proxy.summary()
+        elapsed = time.time() - started
+    finally:
+        proxy.close()
+    tally.add(f"claim {kind} {fault}", proxy)
+    assert proxy.counts[fault] > 0, proxy.summary()
+    if fault == "timeout":
+        # The client gives up after TIMEOUT_S and retries (boto3's default would wait 60 s, twice).
+        assert elapsed < 8 * storage.TIMEOUT_S, elapsed
+
+
+LOST_KINDS = ("lost", "truncated", "timeout")
+
+
+def test_predict_through_lost_cut_and_held_answers_equals_a_clean_run(s3, ray_cluster, tmp_path, tally):
+    """Model, images and OUT on S3; the store does each request but 10% of answers are lost, cut or held past the timeout."""
+    bucket = s3.bucket("lost")
+    write_raw(f"{bucket}/raw", {f"img_{i:02d}": (24 + 8 * (i % 3), 32) for i in range(16)}, seed=3)
+    write_run(f"{bucket}/run", [32, 32])
+    cfg = PredictConfig(model=f"{bucket}/run", input=f"{bucket}/raw", output=f"{bucket}/pred", batch_size=4, overlays=2)
+    proxy = FaultProxy(s3.endpoint, rate=0.1, seed=4, kinds=LOST_KINDS, timeout_s=storage.TIMEOUT_S + 1)
+    try:
+        run_driver(ray_cluster, "predict", cfg, proxy.endpoint, tmp_path / "predict.log")
+    finally:
+        proxy.close()
+    reference = predict(PredictConfig.from_dict({**cfg.to_dict(), "output": f"{bucket}/clean"}))
+    lost = assert_tables_equal(f"{bucket}/pred", f"{bucket}/clean")
+    masks = [f.uri for f in storage.list_files(f"{bucket}/pred/masks")]
+    assert len(masks) == reference.summary["images"] == 16
+    for uri in masks:
+        assert storage.read_bytes(uri) == storage.read_bytes(uri.replace("/pred/", "/clean/")), uri
+    objects = assert_no_partial_objects(s3, bucket)
+    print(f"\npredict through lost answers: {proxy.summary()}; {objects} objects, all whole; rows lost: {lost}")
+    tally.add("predict lost answers", proxy, lost)
+    assert lost == 0
+    for kind in LOST_KINDS:
+        assert proxy.counts[kind] > 0, proxy.summary()
 
 
 def _kill_when(proc, ready, timeout: float = 300) -> bool:
