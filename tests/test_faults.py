@@ -326,3 +326,67 @@ def test_train_killed_then_resumed_finishes_the_run(ray_cluster, s3, tmp_path):
     history = read_history(run)
     assert list(history["epoch"]) == [0, 1, 2], history
     assert os.path.exists(os.path.join(run, "model", "model.keras"))
+
+
+LOCAL_PREDICT = """
+import json, sys
+import ray
+import segray
+from segray.config import PredictConfig
+ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+segray.predict(PredictConfig.from_dict(json.loads(sys.argv[1])))
+print("DONE predict", flush=True)
+"""
+
+
+def session_groups(sid: int) -> set[int]:
+    """The process groups of every live process in session ``sid`` (Ray gives each worker its own group)."""
+    groups = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == sid:
+                    groups.add(os.getpgid(int(name)))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return groups
+
+
+def test_predict_killed_by_process_group_then_rerun_equals_an_uninterrupted_one(ray_cluster, tmp_path, tally):
+    """A driver with its own Ray: driver, GCS, raylet and every worker SIGKILLed at once; the rerun finishes the job."""
+    raw, out, ref = str(tmp_path / "raw"), str(tmp_path / "out"), str(tmp_path / "ref")
+    write_raw(raw, {f"img_{i:02d}": (32, 24 + 8 * (i % 3)) for i in range(24)}, seed=6)
+    cfg = PredictConfig(model=write_run(str(tmp_path / "run"), [32, 32]), input=raw, output=out, batch_size=2, overlays=2)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "driver.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", LOCAL_PREDICT, json.dumps(cfg.to_dict())], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    masks = os.path.join(out, "masks")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (os.path.isdir(masks) and len(os.listdir(masks)) >= 4):
+        time.sleep(0.02)
+    groups = session_groups(proc.pid)
+    assert proc.poll() is None, f"the driver ended before it could be killed:\n{open(tmp_path / 'driver.log').read()[-3000:]}"
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
+    proc.wait()
+    gone = time.time() + 30
+    while session_groups(proc.pid) and time.time() < gone:
+        time.sleep(0.1)
+    assert session_groups(proc.pid) == set(), "processes of the killed driver's session are still alive"
+    assert len(groups) >= 3, groups  # the driver's group (driver, GCS, raylet) and the workers' own
+    at_kill = len([n for n in os.listdir(masks) if n.endswith(".png")])
+    assert 4 <= at_kill < 24 and not os.path.exists(os.path.join(out, "summary.json")), at_kill
+
+    result = predict(cfg)
+    reference = predict(PredictConfig.from_dict({**cfg.to_dict(), "output": ref}))
+    assert 0 < result.summary["images_this_run"] <= 24 - at_kill + 2 and reference.summary["images"] == 24
+    lost = assert_tables_equal(out, ref)
+    assert sorted(os.listdir(masks)) == sorted(os.listdir(os.path.join(ref, "masks")))
+    for name in os.listdir(masks):
+        assert open(os.path.join(masks, name), "rb").read() == open(os.path.join(ref, "masks", name), "rb").read(), name
+    assert [f.uri for f in storage.list_files(out) if ".tmp-" in f.uri] == []
+    print(f"\npredict killed by process group: {len(groups)} process groups killed at {at_kill} masks of 24; rows lost: {lost}")
+    tally.add("predict killed by process group", rows_lost=lost)
+    assert lost == 0
