@@ -9,6 +9,7 @@ endpoint. Nothing here ever formats a credential into a message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -280,6 +281,23 @@ def temporary_path(path: str) -> str:
     return f"{path}.tmp-{uuid.uuid4().hex}"
 
 
+@contextlib.contextmanager
+def _local_write(uri: str, tmp: str) -> Iterator[None]:
+    """Around a write to ``tmp``: a failed one leaves no temporary file, and its error names ``uri``.
+
+    A full disk's error names no file (``[Errno 28] No space left on device``).
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno and not e.filename:
+            raise OSError(e.errno, os.strerror(e.errno), uri) from e
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Writes ``data`` so that no reader ever sees a partial file at ``uri``.
 
@@ -291,9 +309,10 @@ def write_bytes(uri: str, data: bytes) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(parent, recursive=True)
         tmp = temporary_path(path)
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        os.replace(tmp, path)
+        with _local_write(uri, tmp):
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, path)
     else:
 
         def put() -> None:
@@ -398,12 +417,9 @@ def write_parquet(table, uri: str, **kwargs) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(posixpath.dirname(path), recursive=True)
         tmp = temporary_path(path)
-        try:
+        with _local_write(uri, tmp):
             pq.write_table(table, tmp, **kwargs)
             os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     else:
         retrying(f"writing {uri}", lambda: pq.write_table(table, path, filesystem=fs, **kwargs))
 

@@ -20,6 +20,7 @@ pytest's base temporary folder.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -389,4 +390,60 @@ def test_predict_killed_by_process_group_then_rerun_equals_an_uninterrupted_one(
     assert [f.uri for f in storage.list_files(out) if ".tmp-" in f.uri] == []
     print(f"\npredict killed by process group: {len(groups)} process groups killed at {at_kill} masks of 24; rows lost: {lost}")
     tally.add("predict killed by process group", rows_lost=lost)
+    assert lost == 0
+
+
+@contextlib.contextmanager
+def small_disk(path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` (root only): a disk that fills up; unmounted on exit."""
+    os.makedirs(path, exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {path} (needs root): {made.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def assert_every_file_whole(folder: str) -> list[str]:
+    """Every file under ``folder`` reads back whole (PNG, Parquet, JSON); no temporary name is left."""
+    files = [f.uri for f in storage.list_files(folder)]
+    assert [f for f in files if ".tmp-" in f] == []
+    for uri in files:
+        if uri.endswith(".png"):
+            assert cv2.imread(uri, cv2.IMREAD_UNCHANGED) is not None, uri
+        elif uri.endswith(".parquet"):
+            pq.read_table(uri)
+        elif uri.endswith(".json"):
+            json.loads(open(uri).read())
+    return files
+
+
+def test_predict_on_a_full_disk_fails_with_one_line_and_the_rerun_completes(ray_cluster, tmp_path, tally):
+    """OUT on a 96 KiB tmpfs: predict stops with one line naming the file; after the disk grows, the same command finishes."""
+    raw, ref, disk = str(tmp_path / "raw"), str(tmp_path / "ref"), tmp_path / "disk"
+    write_raw(raw, {f"img_{i:02d}": (32, 32) for i in range(24)}, seed=7)
+    run = write_run(str(tmp_path / "run"), [32, 32])
+    out = str(disk / "out")
+    argv = [sys.executable, "-m", "segray.cli", "predict", "--model", run, "--input", raw, "--output", out, "--batch-size", "4", "--overlays", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    with small_disk(disk, "96k"):
+        full = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+        errors = [line for line in full.stderr.splitlines() if line.startswith("segray predict: error:")]
+        assert full.returncode == 1, full.stderr[-3000:]
+        assert len(errors) == 1 and "No space left on device writing " + out in errors[0], full.stderr[-3000:]
+        assert "Traceback" not in full.stderr, full.stderr[-3000:]
+        left = assert_every_file_whole(out)
+        assert not os.path.exists(os.path.join(out, "summary.json")), left
+        # Space is freed: the same command resumes and completes.
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        predict(PredictConfig(model=run, input=raw, output=ref, batch_size=4, overlays=2))
+        lost = assert_tables_equal(out, ref)
+        assert sorted(os.listdir(os.path.join(out, "masks"))) == sorted(os.listdir(os.path.join(ref, "masks")))
+        assert_every_file_whole(out)
+    print(f"\npredict on a full disk: {errors[0]}; {len(left)} whole files left, rerun complete; rows lost: {lost}")
+    tally.add("predict on a full disk", rows_lost=lost)
     assert lost == 0
