@@ -10,6 +10,7 @@ end with a one-line message naming the flag, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import shlex
 import sys
@@ -496,7 +497,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, IngestError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"segray {args.command}: error: {render(e, flag_names(parser, args.command))}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from segray.storage import redact
+
+        full = disk_full(e)
+        if full is None:
+            raise
+        print(f"segray {args.command}: error: {redact(full)}; free some space and run the same command again", file=sys.stderr)
+        return 1
     return 0
+
+
+# A full disk or quota, as an OSError's text gives it: '[Errno 28] No space left on device: '/out/masks/a.png''.
+_DISK_FULL = re.compile(rf"\[Errno (?:{errno.ENOSPC}|{errno.EDQUOT})\] ([^:\n]+?)(?:: '([^'\n]+)')?(?:\n|$)")
+
+
+def disk_full(error: BaseException) -> str | None:
+    """'No space left on device writing FILE' when a full disk stopped the job, else None.
+
+    Read from the messages of the error's chain: past a Ray task only the
+    text of the worker's error survives (its cause is not pickled).
+    """
+    seen, found = set(), []
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        found += _DISK_FULL.findall(str(error))
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    named = [f for f in found if f[1]] or found
+    if not named:
+        return None
+    reason, path = named[0]
+    return f"{reason} writing {path}" if path else reason
 
 
 def job(command: str) -> None:
