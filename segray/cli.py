@@ -399,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="a training run (STORAGE/RUN), its model/ folder or a .keras file")
     p.add_argument("--format", choices=["savedmodel", "onnx", "keras"])
     p.add_argument("--output", help="a new or empty folder, local or s3://; required")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="export a run still training, killed or failed before its last epoch (the card says so)")
 
     p = _subparser(sub, "serve", cmd_serve, "serve a run's model over HTTP on Ray Serve", ServeConfig)
     p.add_argument("run", nargs="?", help="a training run (STORAGE/RUN), its model/ folder or a .keras file")

@@ -778,11 +778,15 @@ class ExportConfig(Config):
         format: ``savedmodel``, ``onnx`` or ``keras``.
         output: a folder (local or s3://) that does not exist yet or is
             empty; the model and ``model_card.json`` go there.
+        allow_unfinished: export a run that is still training, was killed or
+            failed before its last epoch (refused otherwise); the card says
+            how far it got and why it stopped.
     """
 
     run: str
     output: str
     format: Literal["savedmodel", "onnx", "keras"] = "onnx"
+    allow_unfinished: bool = False
 
     def validate(self) -> None:
         _uri(self, "run", "output")

@@ -18,7 +18,7 @@ import numpy as np
 
 from segray import storage
 from segray.config import ExportConfig, about
-from segray.export.card import CARD_FILE, model_card, run_records
+from segray.export.card import CARD_FILE, model_card, run_records, training_state
 from segray.export.formats import write_keras, write_onnx, write_savedmodel
 
 # The exported model's logits may differ from the original's by float rounding only.
@@ -91,8 +91,10 @@ def export(cfg: ExportConfig) -> ExportResult:
     Raises:
         FileNotFoundError: no model at ``cfg.run``.
         FileExistsError: ``cfg.output`` holds files.
-        ValueError: the model has a layer with no portable equivalent, or the
-            export's logits differ from the original's beyond ``PARITY_TOLERANCE``.
+        ValueError: the run is unfinished (still training, killed or failed
+            before its last epoch) and ``cfg.allow_unfinished`` is off; the
+            model has a layer with no portable equivalent; or the export's
+            logits differ from the original's beyond ``PARITY_TOLERANCE``.
     """
     import tensorflow as tf
 
@@ -102,6 +104,12 @@ def export(cfg: ExportConfig) -> ExportResult:
 
     _check_output(cfg.output)
     spec = resolve_model(cfg.run)
+    state = training_state(cfg.run, spec.uri)
+    if state is not None and not state.finished and not cfg.allow_unfinished:
+        raise about("run", ValueError(
+            f"run {cfg.run} is unfinished: {state.describe()}; its model is the best epoch so far. "
+            "Wait for the run to end (or `segray train --resume` it), or set `allow_unfinished` to export it anyway (the card says so)"
+        ))
     with tf.device("/CPU:0"):
         net = load_keras(spec.uri)
         multiple = export_multiple(net)
@@ -128,7 +136,7 @@ def export(cfg: ExportConfig) -> ExportResult:
             "max_abs_logit_diff": diff,
             "mask_agreement": float((got.argmax(-1) == expected.argmax(-1)).mean()),
         }
-        card = model_card(spec, cfg.format, multiple, config, best, parity)
+        card = model_card(spec, cfg.format, multiple, config, best, parity, state)
         with open(os.path.join(tmp, CARD_FILE), "w") as f:
             json.dump(card, f, indent=2)
         files = []

@@ -11,7 +11,7 @@ from segray.config import ConfigError, TrainConfig, about, field_defaults
 from segray.data.info import DatasetInfo, load_dataset_info
 from segray.ownership import canonical
 from segray.runtime import is_verbose
-from segray.training.artifacts import read_config, read_history, run_exists, write_config
+from segray.training.artifacts import HISTORY_FILE, clear_end, read_config, read_history, run_exists, write_config, write_end
 
 # What a resumed run may change: how long it goes on and how failures are handled.
 # Anything else (data, model, loss, sizes, learning rate ...) would make its
@@ -156,6 +156,8 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
     cfg, info, run_uri = run.config, run.info, run.run_uri
     if not write_config(run_uri, cfg.to_dict(), info.to_dict(), exclusive=not cfg.resume):
         raise about("name", FileExistsError(f"name {cfg.name}: the run {run_uri} was started by another process a moment ago; choose another `name`"))
+    if cfg.resume:
+        clear_end(run_uri)  # training again: the run is unfinished until its loop ends
 
     if cfg.plan:
         from segray.planning.plan import PLAN_FILE
@@ -202,6 +204,9 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
     )
     result = trainer.fit()
     if result.error:
+        done = len(read_history(run_uri)) if storage.exists(storage.join(run_uri, HISTORY_FILE)) else 0
+        detail = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else type(result.error).__name__
+        write_end(run_uri, done, cfg.epochs, "failed", detail)
         raise result.error
     history = read_history(run_uri)
     best_row = int(history["val_miou"].fillna(-1).idxmax())
