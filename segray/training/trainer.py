@@ -112,6 +112,13 @@ def _check_resumable(run_uri: str, cfg: TrainConfig) -> None:
         )
 
 
+def _record_failure(run_uri: str, epochs: int, error: BaseException) -> None:
+    """``ended.json`` of a run Ray Train gave up on: the epochs done and the error's last line."""
+    done = len(read_history(run_uri)) if storage.exists(storage.join(run_uri, HISTORY_FILE)) else 0
+    lines = str(error).strip().splitlines()
+    write_end(run_uri, done, epochs, "failed", f"{type(error).__name__}: {lines[-1][:300]}" if lines else type(error).__name__)
+
+
 def class_draw_for(cfg: TrainConfig, info: DatasetInfo) -> tuple[float, ...]:
     """The weights by class id an oversampled patch's class is drawn with: () for ``uniform``.
 
@@ -202,12 +209,14 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
         datasets=datasets,
         dataset_config=data_config(cfg.workers),
     )
-    result = trainer.fit()
-    if result.error:
-        done = len(read_history(run_uri)) if storage.exists(storage.join(run_uri, HISTORY_FILE)) else 0
-        detail = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else type(result.error).__name__
-        write_end(run_uri, done, cfg.epochs, "failed", detail)
-        raise result.error
+    try:
+        # Ray Train raises the run's error from fit() (older versions returned it in result.error).
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception as error:
+        _record_failure(run_uri, cfg.epochs, error)
+        raise
     history = read_history(run_uri)
     best_row = int(history["val_miou"].fillna(-1).idxmax())
     best = history.loc[best_row].to_dict()
