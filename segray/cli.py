@@ -32,8 +32,10 @@ from segray.config import (
     TuneConfig,
     field_defaults,
     load_file,
+    load_yaml,
     parse_duration,
     parse_size,
+    shown,
 )
 from segray.runtime import quiet_logging
 
@@ -82,9 +84,10 @@ def _model_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. depth=3")
-    import yaml
-
-    return key, yaml.safe_load(value)
+    try:
+        return key, load_yaml(value, f"{key}={shown(value)}")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # --- subcommands: flags -> config -> one API call -> what was written -----------------
@@ -413,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="a training run (STORAGE/RUN), its model/ folder or a .keras file")
     p.add_argument("--format", choices=["savedmodel", "onnx", "keras"])
     p.add_argument("--output", help="a new or empty folder, local or s3://; required")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="export a run still training, killed or failed before its last epoch (the card says so)")
 
     p = _subparser(sub, "serve", cmd_serve, "serve a run's model over HTTP on Ray Serve", ServeConfig)
     p.add_argument("run", nargs="?", help="a training run (STORAGE/RUN), its model/ folder or a .keras file")
@@ -460,29 +465,38 @@ def flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
     return names
 
 
-def render(error: BaseException, flags: dict[str, str]) -> str:
+def render(error: BaseException, flags: dict[str, str], config_file: str | None = None, from_file: frozenset[str] = frozenset()) -> str:
     """The message with config field names replaced by the flags a user types.
 
     A message starts with the field it is about (``error.field``) and names
-    other fields in backticks (`` `resume` ``); both become flags here. Any
-    credentials written into a URI are redacted.
+    other fields in backticks (`` `resume` ``); both become flags here, but
+    a field whose value came from ``config_file`` (``from_file``) is named as
+    the file's key, with the file. Any credentials written into a URI are redacted.
     """
     from segray.storage import redact
 
     message = redact(str(error))
     field = getattr(error, "field", None)
-    if field in flags and message.startswith(field):
+    if field in from_file and message.startswith(field):
+        message = f"{field} (in config file {redact(config_file)})" + message[len(field):]
+    elif field in flags and message.startswith(field):
         message = flags[field] + message[len(field):]
-    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+    elif config_file and isinstance(error, ConfigError) and message.startswith("unknown config key"):
+        message = f"config file {redact(config_file)}: {message}"
+    return re.sub(r"`([a-z_]+)`", lambda m: f"`{m.group(1)}`" if m.group(1) in from_file else flags.get(m.group(1), m.group(0)), message)
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    given = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "config", "verbose") and v is not None}
+    if "model_options" in given:
+        given["model_options"] = dict(given["model_options"])
+    return given
 
 
 def values_of(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields: the ``--config`` file's values, overridden by the flags given."""
-    given = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "config", "verbose") and v is not None}
-    if "model_options" in given:
-        given["model_options"] = dict(given["model_options"])
     values = load_file(args.config) if getattr(args, "config", None) else {}
-    values.update(given)
+    values.update(_given(args))
     return values
 
 
@@ -492,10 +506,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_logging(verbose=getattr(args, "verbose", False))
     from segray.data import IngestError
 
+    from_file: frozenset[str] = frozenset()
     try:
-        args.handler(values_of(args))
+        values = values_of(args)
+        if getattr(args, "config", None):
+            from_file = frozenset(set(values) - set(_given(args)))
+        args.handler(values)
     except (ConfigError, IngestError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"segray {args.command}: error: {render(e, flag_names(parser, args.command))}", file=sys.stderr)
+        message = render(e, flag_names(parser, args.command), getattr(args, "config", None), from_file)
+        print(f"segray {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Exception as e:
         from segray.storage import redact

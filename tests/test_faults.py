@@ -304,8 +304,9 @@ def test_ingest_killed_then_rerun_equals_an_uninterrupted_one(ray_cluster, s3, t
 
 
 def test_train_killed_then_resumed_finishes_the_run(ray_cluster, s3, tmp_path):
-    from segray.config import TrainConfig
-    from segray.training.artifacts import read_history
+    from segray import export_model
+    from segray.config import ExportConfig, TrainConfig
+    from segray.training.artifacts import read_history, run_state
 
     raw, ds = str(tmp_path / "raw"), str(tmp_path / "ds")
     synthesize(raw, n=48, size=(32, 32), num_classes=3, seed=9, show_progress=False)
@@ -322,10 +323,16 @@ def test_train_killed_then_resumed_finishes_the_run(ray_cluster, s3, tmp_path):
 
     assert _kill_when(proc, a_checkpoint), open(tmp_path / "train.log").read()[-3000:]
     time.sleep(3)  # the dead driver's Train workers are stopped by Ray
+    # Killed: no record of an end, so export refuses the run (its model is an early epoch's).
+    killed = run_state(run)
+    assert killed.stopped is None and not killed.finished and killed.epochs == 3 and killed.epochs_done < 3
+    with pytest.raises(ValueError, match=r"is unfinished: \d of 3 epochs done; no record of its end"):
+        export_model(ExportConfig(run=run, output=str(tmp_path / "exported")))
     result = run_driver(ray_cluster, "train", TrainConfig.from_dict({**cfg.to_dict(), "resume": True}), s3.endpoint, tmp_path / "resume.log")
     assert result.returncode == 0
     history = read_history(run)
     assert list(history["epoch"]) == [0, 1, 2], history
+    assert run_state(run).stopped == "epochs" and run_state(run).finished
     assert os.path.exists(os.path.join(run, "model", "model.keras"))
 
 
