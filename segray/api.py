@@ -216,12 +216,17 @@ def query(cfg: QueryConfig | dict[str, Any] | str, sql: str | None = None):
         The rows as a pandas DataFrame (also written to ``cfg.output`` when given).
 
     Raises:
-        ValueError: the SQL fails (DuckDB's message), or an unknown class.
+        ValueError: the SQL fails (DuckDB's message), an unknown class, or
+            ``cfg.output`` inside an output folder.
         FileNotFoundError: a table the query needs is missing from the output.
+        FileExistsError: ``cfg.output`` exists and segray did not write it,
+            or ``cfg.overwrite`` is off.
     """
     from segray.reporting import query as q
 
     cfg = QueryConfig(out=cfg, sql=sql) if isinstance(cfg, str) else _config(QueryConfig, cfg)
+    if cfg.output:
+        q.check_output_file(cfg.output, cfg.overwrite, "query result")  # before the work; again when writing
     try:
         tables = q.OutputTables(cfg.out)
     except (FileNotFoundError, ValueError) as e:
@@ -237,7 +242,7 @@ def query(cfg: QueryConfig | dict[str, Any] | str, sql: str | None = None):
     else:
         frame = tables.sql(cfg.sql)
     if cfg.output:
-        q.write_result(frame, cfg.output)
+        q.write_result(frame, cfg.output, cfg.overwrite)
     return frame
 def export_model(cfg: ExportConfig | dict[str, Any]):
     """Writes a run's model as a SavedModel, ONNX or plain Keras file that loads without segray.

@@ -10,6 +10,7 @@ end with a one-line message naming the flag, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import shlex
 import sys
@@ -31,8 +32,10 @@ from segray.config import (
     TuneConfig,
     field_defaults,
     load_file,
+    load_yaml,
     parse_duration,
     parse_size,
+    shown,
 )
 from segray.runtime import quiet_logging
 
@@ -81,9 +84,10 @@ def _model_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. depth=3")
-    import yaml
-
-    return key, yaml.safe_load(value)
+    try:
+        return key, load_yaml(value, f"{key}={shown(value)}")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # --- subcommands: flags -> config -> one API call -> what was written -----------------
@@ -267,6 +271,16 @@ def _subparser(sub, name: str, handler: Handler, help_text: str, config_cls=None
     return p
 
 
+def _layout_flags(p: argparse.ArgumentParser, where: str, model: str, classes: bool = True) -> None:
+    """Ingest's layout flags, for predict and evaluate reading a raw folder (images and truth) directly."""
+    p.add_argument("--layout", choices=["ids", "palette", "per-class", "voc"], help=f"read {where} as a raw folder of this layout, truth masks included (as ingest reads it)")
+    if classes:
+        p.add_argument("--classes", help="palette (and ids): classes.json (default INPUT/classes.json)")
+    p.add_argument("--class-order", type=_names, help=f"per-class: class folders in id order (default: {model} classes; must match them)")
+    p.add_argument("--priority", type=_names, help=f"per-class: overlap priority, first wins (default: {model}; must match it)")
+    p.add_argument("--images-dir", help="per-class: folder of images (default images)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segray", description="Distributed semantic segmentation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -281,11 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "ingest", cmd_ingest, "check a raw dataset and write Parquet shards + dataset.json", IngestConfig)
     p.add_argument("source", nargs="?", help="raw dataset: local folder or a bucket URI (s3, gs, az)")
     p.add_argument("destination", nargs="?", help="where the ingested dataset goes")
-    p.add_argument("--layout", choices=["ids", "palette", "per-class"])
-    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--layout", choices=["ids", "palette", "per-class", "voc"], help="voc: PASCAL VOC's JPEGImages/ and SegmentationClass/ (default ids)")
+    p.add_argument("--val-fraction", type=float, help="share of images in val: exactly round(F x N), by hash rank (default 0.1)")
+    p.add_argument("--val-ids", help="file of image ids, one a line: these are the val split (pins it; --val-fraction is not used)")
+    p.add_argument("--split-seed", type=int, help="draw another split of the same size (default 0)")
     p.add_argument("--shard-mb", type=float, help="target shard size in MB of source bytes")
     p.add_argument("--classes", help="classes.json (default SOURCE/classes.json)")
-    p.add_argument("--num-classes", type=int, help="ids layout without classes.json: declare C classes")
+    p.add_argument("--num-classes", type=int, help="ids or voc without classes.json or class_names.txt: declare C classes")
     p.add_argument("--class-order", type=_names, help="per-class: class folders in id order (ids 1..K)")
     p.add_argument("--priority", type=_names, help="per-class: overlap priority, first wins")
     p.add_argument("--images-dir", help="per-class: folder of images (default images)")
@@ -358,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a training run (STORAGE/RUN), a search (STORAGE/NAME: its best trial) or a .keras file; required")
     p.add_argument("--input", help="raw layout (images/ [+ masks/]) or an ingested split, local or a bucket URI; required")
     p.add_argument("--output", help="where masks and tables go; required")
-    p.add_argument("--split", help="with an ingested dataset as --input: the split (e.g. val)")
+    p.add_argument("--split", help="with an ingested dataset as --input: the split (train, val, or all)")
+    _layout_flags(p, "--input", "the model's")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="predictor actors")
     p.add_argument("--gpus-per-worker", type=float)
@@ -375,13 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", help="folder of predicted <id>.png class-id masks; required")
     p.add_argument("--truth", help="folder of true <id>.png class-id masks; required")
     p.add_argument("--output", help="where the tables go; required")
-    p.add_argument("--classes", help="classes.json (default: class_0..)")
+    p.add_argument("--classes", help="classes.json (default: class_0.., or the layout's classes)")
+    _layout_flags(p, "--truth", "the --pred output's model's", classes=False)
 
     p = _subparser(sub, "report", cmd_report, "write one self-contained HTML report of a predict output", ReportConfig)
     p.add_argument("out", nargs="?", help="a predict (or evaluate) output folder, local or a bucket URI")
     p.add_argument("--run", help="the training run (STORAGE/RUN) whose curves to show")
     p.add_argument("--output", help="the .html file to write (default report.html)")
     p.add_argument("--worst", type=int, help="image strips per class, worst IoU first (default 12)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if segray wrote it (any other file is refused)")
 
     p = _subparser(sub, "query", cmd_query, "SQL (DuckDB) over a predict output's tables, or a named question", QueryConfig)
     p.add_argument("out", nargs="?", help="a predict (or evaluate) output folder, local or a bucket URI")
@@ -392,10 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confused", nargs=2, metavar=("A", "B"), help="images with the most pixels of truth A predicted as B")
     p.add_argument("--format", choices=["table", "csv", "json"], help="what to print (default an aligned table)")
     p.add_argument("--output", help="write the result to a .parquet, .csv or .json file instead")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if segray wrote it (any other file is refused)")
     p = _subparser(sub, "export", cmd_export, "write a run's model as a SavedModel, ONNX or plain Keras file that loads without segray", ExportConfig)
     p.add_argument("run", nargs="?", help="a training run (STORAGE/RUN), its model/ folder or a .keras file")
     p.add_argument("--format", choices=["savedmodel", "onnx", "keras"])
     p.add_argument("--output", help="a new or empty folder, local or a bucket URI; required")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="export a run still training, killed or failed before its last epoch (the card says so)")
 
     p = _subparser(sub, "serve", cmd_serve, "serve a run's model over HTTP on Ray Serve", ServeConfig)
     p.add_argument("run", nargs="?", help="a training run (STORAGE/RUN), its model/ folder or a .keras file")
@@ -410,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["tensorflow", "onnxruntime"])
     p.add_argument("--replica-cpus", type=float, help="CPUs reserved per replica")
     p.add_argument("--max-pixels", type=int, help="refuse larger images (413) from their header")
+    p.add_argument("--max-body-mb", type=float,
+                   help="refuse larger request bodies (413) before reading them (MiB; default 4 bytes per pixel of --max-pixels + 1)")
 
     p = _subparser(sub, "models", cmd_models, "list models, show one's parameters and FLOPs, or benchmark speed against accuracy")
     p.add_argument("name", nargs="?")
@@ -441,29 +465,38 @@ def flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
     return names
 
 
-def render(error: BaseException, flags: dict[str, str]) -> str:
+def render(error: BaseException, flags: dict[str, str], config_file: str | None = None, from_file: frozenset[str] = frozenset()) -> str:
     """The message with config field names replaced by the flags a user types.
 
     A message starts with the field it is about (``error.field``) and names
-    other fields in backticks (`` `resume` ``); both become flags here. Any
-    credentials written into a URI are redacted.
+    other fields in backticks (`` `resume` ``); both become flags here, but
+    a field whose value came from ``config_file`` (``from_file``) is named as
+    the file's key, with the file. Any credentials written into a URI are redacted.
     """
     from segray.storage import redact
 
     message = redact(str(error))
     field = getattr(error, "field", None)
-    if field in flags and message.startswith(field):
+    if field in from_file and message.startswith(field):
+        message = f"{field} (in config file {redact(config_file)})" + message[len(field):]
+    elif field in flags and message.startswith(field):
         message = flags[field] + message[len(field):]
-    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+    elif config_file and isinstance(error, ConfigError) and message.startswith("unknown config key"):
+        message = f"config file {redact(config_file)}: {message}"
+    return re.sub(r"`([a-z_]+)`", lambda m: f"`{m.group(1)}`" if m.group(1) in from_file else flags.get(m.group(1), m.group(0)), message)
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    given = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "config", "verbose") and v is not None}
+    if "model_options" in given:
+        given["model_options"] = dict(given["model_options"])
+    return given
 
 
 def values_of(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields: the ``--config`` file's values, overridden by the flags given."""
-    given = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "config", "verbose") and v is not None}
-    if "model_options" in given:
-        given["model_options"] = dict(given["model_options"])
     values = load_file(args.config) if getattr(args, "config", None) else {}
-    values.update(given)
+    values.update(_given(args))
     return values
 
 
@@ -473,12 +506,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_logging(verbose=getattr(args, "verbose", False))
     from segray.data import IngestError
 
+    from_file: frozenset[str] = frozenset()
     try:
-        args.handler(values_of(args))
+        values = values_of(args)
+        if getattr(args, "config", None):
+            from_file = frozenset(set(values) - set(_given(args)))
+        args.handler(values)
     except (ConfigError, IngestError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"segray {args.command}: error: {render(e, flag_names(parser, args.command))}", file=sys.stderr)
+        message = render(e, flag_names(parser, args.command), getattr(args, "config", None), from_file)
+        print(f"segray {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from segray.storage import redact
+
+        full = disk_full(e)
+        if full is None:
+            raise
+        print(f"segray {args.command}: error: {redact(full)}; free some space and run the same command again", file=sys.stderr)
+        return 1
     return 0
+
+
+# A full disk or quota, as an OSError's text gives it: '[Errno 28] No space left on device: '/out/masks/a.png''.
+_DISK_FULL = re.compile(rf"\[Errno (?:{errno.ENOSPC}|{errno.EDQUOT})\] ([^:\n]+?)(?:: '([^'\n]+)')?(?:\n|$)")
+
+
+def disk_full(error: BaseException) -> str | None:
+    """'No space left on device writing FILE' when a full disk stopped the job, else None.
+
+    Read from the messages of the error's chain: past a Ray task only the
+    text of the worker's error survives (its cause is not pickled).
+    """
+    seen, found = set(), []
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        found += _DISK_FULL.findall(str(error))
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    named = [f for f in found if f[1]] or found
+    if not named:
+        return None
+    reason, path = named[0]
+    return f"{reason} writing {path}" if path else reason
 
 
 def job(command: str) -> None:

@@ -25,6 +25,10 @@ T = TypeVar("T")
 # set aside before decoding (the header says how large) unless a job raises
 # its ``max_pixels``.
 DEFAULT_MAX_PIXELS = 100_000_000
+MIB = 2**20
+# segray serve's default body limit per pixel of max_pixels: an uncompressed
+# 8-bit RGBA file (or 16-bit grey with alpha) fits; compressed files are smaller.
+BODY_BYTES_PER_PIXEL = 4
 
 
 class ConfigError(ValueError):
@@ -37,6 +41,35 @@ class ConfigError(ValueError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+# A value in a message is cut to about this many characters: a config can hold
+# any amount of data, and a message that formats all of it could be gigabytes.
+SHOWN_CHARS = 120
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters, saying how large a cut value was.
+
+    Built without the full repr (``reprlib`` stops at a few items and levels),
+    so a value of billions of items costs no more than a small one.
+    """
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring = r.maxother = r.maxlong = limit
+    text = r.repr(value)
+    cut = len(text) > limit or "..." in text
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if not cut:
+        return text
+    if isinstance(value, (str, bytes)):
+        return f"{text} ({len(value):,} characters)"
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"{text} (a {type(value).__name__} of {len(value):,} items)"
+    return text
 
 
 def about(field_name: str, error: BaseException) -> BaseException:
@@ -66,47 +99,47 @@ def _check(name: str, value: Any, hint: Any) -> Any:
                 return _check(name, value, arg)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{name}: expected {hint}, got {value!r}")
+        raise ConfigError(f"{name}: expected {hint}, got {shown(value)}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{name}: expected one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{name}: expected one of {list(args)}, got {shown(value)}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
+            raise ConfigError(f"{name}: expected a list, got {shown(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{name}: expected {len(args)} values, got {value!r}")
+                raise ConfigError(f"{name}: expected {len(args)} values, got {shown(value)}")
             return tuple(_check(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         return origin(_check(f"{name}[{i}]", v, item) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{name}: expected a mapping, got {shown(value)}")
         return dict(value)
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{name}: expected a mapping, got {shown(value)}")
         return from_dict(hint, value, prefix=f"{name}.")
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
+            raise ConfigError(f"{name}: expected a number, got {shown(value)}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+            raise ConfigError(f"{name}: expected an integer, got {shown(value)}")
         return value
     if isinstance(hint, type) and not isinstance(value, hint):
-        raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{name}: expected {hint.__name__}, got {shown(value)}")
     return value
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Builds ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {shown(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -115,7 +148,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _check(prefix + name, data[name], hints[name])
+            try:
+                kwargs[name] = _check(prefix + name, data[name], hints[name])
+            except ConfigError as e:
+                if not prefix and e.field is None:
+                    e.field = name
+                raise
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{prefix + name} is required", field=None if prefix else name)
     return cls(**kwargs)
@@ -151,22 +189,101 @@ def parse_size(text: str) -> tuple[int, int]:
 def load_file(uri: str) -> dict[str, Any]:
     """The mapping in a YAML (or JSON) config file, local or on S3.
 
-    Raises:
-        ConfigError: the file is not YAML or does not hold a mapping.
-    """
-    import yaml
+    Every error names the file (and the line, where YAML has one).
 
+    Raises:
+        FileNotFoundError: no file at ``uri``.
+        ConfigError: the file is not UTF-8, not YAML, uses what a config file
+            does not need (anchors, aliases, tags, a key given twice), or does
+            not hold a mapping.
+    """
     from segray import storage
 
     try:
-        data = yaml.safe_load(storage.read_text(uri))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{uri}: not valid YAML ({e})") from None
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {uri}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {uri}: cannot be read ({e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"config file {uri}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}, offset {e.start}); save it as UTF-8"
+        ) from None
+    data = load_yaml(text, f"config file {uri}")
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{uri}: expected a mapping of config fields, got {type(data).__name__}")
+        raise ConfigError(f"config file {uri}: expected a mapping of config fields, got {type(data).__name__}")
     return data
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``text`` parsed as YAML without anchors, aliases, tags or duplicate keys.
+
+    A config needs none of them, and an alias can expand a few hundred bytes
+    into billions of values (nine levels of ``&a [*b, *b, ...]`` took 3.6 GB
+    before failing). They are refused while the document is composed, before
+    anything is expanded.
+
+    Args:
+        source: what the text is (``config file run.yaml``), the start of every message.
+
+    Raises:
+        ConfigError: ``source``, the line and column, and what is wrong.
+    """
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = "; ".join(p for p in (e.context, e.problem) if p)
+        raise ConfigError(f"{source}{where}: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({e})") from None
+
+
+def _strict_loader():
+    """A ``yaml.SafeLoader`` subclass that refuses anchors, aliases and tags as it composes, and keys given twice."""
+    import yaml
+
+    def refuse(event, what: str):
+        return yaml.composer.ComposerError(None, None, f"{what} refused: config values are plain YAML; write each value out", event.start_mark)
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                raise refuse(event, f"alias *{event.anchor}")
+            if getattr(event, "anchor", None) is not None:
+                raise refuse(event, f"anchor &{event.anchor}")
+            if getattr(event, "tag", None) is not None:
+                raise refuse(event, f"tag {event.tag.replace('tag:yaml.org,2002:', '!!')}")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = first_line.get(key)
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "a key must be a plain name, not a list or mapping", key_node.start_mark
+                    ) from None
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {shown(key)} is given twice (first on line {first}); give it once", key_node.start_mark
+                    )
+                first_line[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 class Config:
@@ -204,7 +321,7 @@ def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
-            raise ConfigError(f"{name} must be positive, got {value!r}", field=name)
+            raise ConfigError(f"{name} must be positive, got {shown(value)}", field=name)
 
 
 def _uri(cfg: Any, *names: str) -> None:
@@ -214,7 +331,7 @@ def _uri(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
         if not value:
-            raise ConfigError(f"{name}: expected a path or a storage URI, got {value!r}", field=name)
+            raise ConfigError(f"{name}: expected a path or a storage URI, got {shown(value)}", field=name)
         try:
             check_uri(value)
         except ValueError as e:
@@ -225,7 +342,19 @@ def _uri(cfg: Any, *names: str) -> None:
 def _hw(cfg: Any, name: str) -> None:
     value = getattr(cfg, name)
     if value is not None and (len(value) != 2 or min(value) <= 0):
-        raise ConfigError(f"{name}: expected [H, W] with positive integers, got {value!r}", field=name)
+        raise ConfigError(f"{name}: expected [H, W] with positive integers, got {shown(value)}", field=name)
+
+
+def _layout_options(cfg: Any, where: str) -> None:
+    """The per-class options of predict and evaluate: only with ``layout`` per-class."""
+    if cfg.layout != "per-class":
+        for name in ("class_order", "priority"):
+            if getattr(cfg, name):
+                raise ConfigError(f"{name} is for the per-class layout; set `layout` per-class to read `{where}` that way", field=name)
+        if cfg.images_dir != "images":
+            raise ConfigError(f"images_dir is for the per-class layout; set `layout` per-class to read `{where}` that way", field="images_dir")
+    if cfg.classes:
+        _uri(cfg, "classes")
 
 
 @dataclass(frozen=True)
@@ -235,11 +364,17 @@ class IngestConfig(Config):
     Attributes:
         source: the raw dataset, a local folder or a storage URI (``segray.storage``).
         destination: where the Parquet shards and ``dataset.json`` go.
-        layout: ``ids``, ``palette`` or ``per-class`` (see the README).
-        val_fraction: share of ids (by stable hash) in the val split.
+        layout: ``ids``, ``palette``, ``per-class`` or ``voc`` (see the README).
+        val_fraction: share of ids in the val split: exactly
+            ``round(val_fraction x N)`` of the N listed pairs (at least 1 when
+            above 0 and N >= 2, at most N - 1), those of lowest stable hash.
+        val_ids: a file of image ids, one a line: these are the val split
+            (``val_fraction`` is then not used).
+        split_seed: salts the hash that ranks ids for the split (0: the plain
+            hash); another seed draws another split of the same size.
         shard_mb: target shard size in MB of source bytes.
         classes: a classes.json (default ``SOURCE/classes.json`` when present).
-        num_classes: ``ids`` layout without classes.json: declare C classes.
+        num_classes: ``ids`` or ``voc`` without classes.json: declare C classes.
         class_order: ``per-class``: class folders in id order (ids 1..K).
         priority: ``per-class``: overlap priority, the first listed wins.
         images_dir: ``per-class``: the folder of images.
@@ -250,8 +385,10 @@ class IngestConfig(Config):
 
     source: str
     destination: str
-    layout: Literal["ids", "palette", "per-class"] = "ids"
+    layout: Literal["ids", "palette", "per-class", "voc"] = "ids"
     val_fraction: float = 0.1
+    val_ids: str | None = None
+    split_seed: int = 0
     shard_mb: float = 128.0
     classes: str | None = None
     num_classes: int | None = None
@@ -266,6 +403,10 @@ class IngestConfig(Config):
         _uri(self, "source", "destination")
         if self.classes:
             _uri(self, "classes")
+        if self.val_ids:
+            _uri(self, "val_ids")
+        if self.split_seed < 0:
+            raise ConfigError(f"split_seed must be 0 or more, got {self.split_seed}", field="split_seed")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}", field="val_fraction")
         _positive(self, "shard_mb", "num_classes")
@@ -411,7 +552,7 @@ class TrainConfig(Config):
     def validate(self) -> None:
         _uri(self, "data", "storage")
         if self.deep_supervision and self.model != "unet":
-            raise ConfigError(f"deep_supervision is for the U-Net's decoder; model {self.model!r} has none", field="deep_supervision")
+            raise ConfigError(f"deep_supervision is for the U-Net's decoder; model {shown(self.model)} has none", field="deep_supervision")
         _positive(self, "epochs", "batch_size", "workers", "cpus_per_worker", "lr", "keep_checkpoints", "patches_per_image", "time_budget")
         unknown = [a for a in self.augment_set if a not in AUGMENTATIONS]
         if unknown:
@@ -420,9 +561,9 @@ class TrainConfig(Config):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be a share in [0, 1], got {getattr(self, name)!r}", field=name)
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
-            raise ConfigError(f"name {self.name!r}: expected a plain run name (no '/', not '.' or '..')", field="name")
+            raise ConfigError(f"name {shown(self.name)}: expected a plain run name (no '/', not '.' or '..')", field="name")
         if isinstance(self.class_weights, str) and self.class_weights not in ("auto", "none"):
-            raise ConfigError(f"class_weights {self.class_weights!r}: expected auto, none or w0,w1,...", field="class_weights")
+            raise ConfigError(f"class_weights {shown(self.class_weights)}: expected auto, none or w0,w1,...", field="class_weights")
         for name in ("size", "crop"):
             _hw(self, name)
         for name in ("patience", "max_failures", "dice_weight", "augment_strength"):
@@ -482,7 +623,7 @@ class TuneConfig(Config):
             _uri(self, "search_space")
         _positive(self, "trials", "time_budget", "workers_per_trial", "cpus_per_worker", "max_concurrent", "epochs", "grace_epochs")
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
-            raise ConfigError(f"name {self.name!r}: expected a plain search name (no '/', not '.' or '..')", field="name")
+            raise ConfigError(f"name {shown(self.name)}: expected a plain search name (no '/', not '.' or '..')", field="name")
         if self.grace_epochs > self.epochs:
             raise ConfigError(f"grace_epochs {self.grace_epochs} is above `epochs` {self.epochs}", field="grace_epochs")
         if self.reduction_factor <= 1:
@@ -525,6 +666,16 @@ class PredictConfig(Config):
         backend: ``tensorflow`` runs the Keras model; ``onnxruntime`` runs it
             converted to ONNX on the driver (``segray export``'s converter),
             CPU only.
+        layout: read ``input`` as a raw folder of this layout (``ids``,
+            ``palette``, ``per-class``, ``voc``: see ``IngestConfig``), images and
+            truth masks straight from it, with ingest's quarantine rules;
+            None: a raw ``ids`` folder (masks optional) or ingested data.
+        classes: ``palette`` (and ``ids``): the classes.json (default ``INPUT/classes.json``).
+        class_order: ``per-class``: class folders in id order; default the
+            model's classes. Must give the model's classes, in its order.
+        priority: ``per-class``: overlap priority, first wins; default the
+            model's (recorded at training), else ``class_order``.
+        images_dir: ``per-class``: the folder of images.
     """
 
     model: str
@@ -542,10 +693,20 @@ class PredictConfig(Config):
     weighting: Literal["gaussian", "linear"] = "gaussian"
     tta: Literal["none", "flip", "flip8"] = "none"
     min_component: int = 0
+    layout: Literal["ids", "palette", "per-class", "voc"] | None = None
+    classes: str | None = None
+    class_order: list[str] | None = None
+    priority: list[str] | None = None
+    images_dir: str = "images"
 
     def validate(self) -> None:
         _positive(self, "max_pixels")
         _uri(self, "model", "input", "output")
+        _layout_options(self, "input")
+        if self.layout is not None and self.split is not None:
+            raise ConfigError(f"split {self.split!r} is for an ingested dataset; with `layout` {self.layout} the input is read as a raw folder", field="split")
+        if self.classes and self.split is not None:
+            raise ConfigError("classes is for a raw input; an ingested dataset's classes are in its dataset.json", field="classes")
         _positive(self, "batch_size", "workers")
         for name in ("overlays", "gpus_per_worker", "min_component"):
             if getattr(self, name) < 0:
@@ -554,7 +715,7 @@ class PredictConfig(Config):
             raise ConfigError(f"overlap must be a fraction of the tile in [0, 0.9], got {self.overlap!r}", field="overlap")
         _hw(self, "tile")
         if self.split is not None and (not self.split or "/" in self.split):
-            raise ConfigError(f"split: expected a split name such as val, got {self.split!r}", field="split")
+            raise ConfigError(f"split: expected a split name such as val, got {shown(self.split)}", field="split")
         if self.backend == "onnxruntime" and self.gpus_per_worker > 0:
             raise ConfigError(
                 f"backend onnxruntime runs on CPUs; `gpus_per_worker` {self.gpus_per_worker:g} needs `backend` tensorflow",
@@ -571,18 +732,32 @@ class EvaluateConfig(Config):
         truth: a folder of ``<id>.png`` truth class-id masks (255: ignored).
         output: where the tables go.
         classes: a classes.json naming the classes; default ``class_0 .. class_{C-1}``
-            with C = 1 + the largest id found.
+            with C = 1 + the largest id found (with ``layout``: the layout's
+            classes; ``palette`` reads its colours from it, default ``TRUTH/classes.json``).
+        layout: read ``truth`` as a raw folder of this layout (``ids``,
+            ``palette``, ``per-class``), its masks paired with the images by
+            id as ingest pairs them; None: a folder of class-id masks.
+        class_order: ``per-class``: class folders in id order; default the
+            classes of the predict output ``pred`` belongs to, else the folders sorted.
+        priority: ``per-class``: overlap priority, first wins; default that
+            output's model's, else ``class_order``.
+        images_dir: ``per-class``: the folder of images.
     """
 
     pred: str
     truth: str
     output: str
     classes: str | None = None
+    layout: Literal["ids", "palette", "per-class", "voc"] | None = None
+    class_order: list[str] | None = None
+    priority: list[str] | None = None
+    images_dir: str = "images"
 
     def validate(self) -> None:
         _uri(self, "pred", "truth", "output")
         if self.classes:
             _uri(self, "classes")
+        _layout_options(self, "truth")
 
 
 @dataclass(frozen=True)
@@ -600,7 +775,10 @@ class QueryConfig(Config):
         below: ``[CLASS, IOU]``: the images whose IoU for CLASS is below IOU.
         confused: ``[A, B]``: the images with the most pixels of truth A predicted as B.
         format: ``table`` (aligned text), ``csv`` or ``json`` on standard output.
-        output: a ``.parquet``, ``.csv`` or ``.json`` file to write the result to instead.
+        output: a ``.parquet``, ``.csv`` or ``.json`` file to write the result
+            to instead: a new file, outside any predict or evaluate output.
+        overwrite: replace ``output`` when it is a file segray wrote (its
+            ``.NAME.segray.json`` sidecar holds its hash); any other file is refused.
     """
 
     out: str
@@ -611,6 +789,7 @@ class QueryConfig(Config):
     confused: tuple[str, str] | None = None
     format: Literal["table", "csv", "json"] = "table"
     output: str | None = None
+    overwrite: bool = False
 
     def validate(self) -> None:
         _uri(self, "out")
@@ -634,14 +813,18 @@ class ReportConfig(Config):
     Attributes:
         out: the predict (or evaluate) output folder, local or a storage URI.
         run: the training run (``STORAGE/RUN``) whose curves to show, or None.
-        output: the HTML file to write (local or a storage URI).
+        output: the HTML file to write (local or a storage URI): a new file, outside
+            any predict or evaluate output.
         worst: images shown per class, worst IoU first (0: none).
+        overwrite: replace ``output`` when it is a report segray wrote (its
+            ``.NAME.segray.json`` sidecar holds its hash); any other file is refused.
     """
 
     out: str
     run: str | None = None
     output: str = "report.html"
     worst: int = 12
+    overwrite: bool = False
 
     def validate(self) -> None:
         _uri(self, "out", "output")
@@ -662,11 +845,15 @@ class ExportConfig(Config):
         format: ``savedmodel``, ``onnx`` or ``keras``.
         output: a folder (local or a storage URI) that does not exist yet or is
             empty; the model and ``model_card.json`` go there.
+        allow_unfinished: export a run that is still training, was killed or
+            failed before its last epoch (refused otherwise); the card says
+            how far it got and why it stopped.
     """
 
     run: str
     output: str
     format: Literal["savedmodel", "onnx", "keras"] = "onnx"
+    allow_unfinished: bool = False
 
     def validate(self) -> None:
         _uri(self, "run", "output")
@@ -687,6 +874,10 @@ class ServeConfig(Config):
         backend: ``onnxruntime`` (the model converted on start) or ``tensorflow``.
         replica_cpus: CPUs Ray reserves per replica (fractions allowed).
         max_pixels: larger images are refused (413) from their header, before decoding.
+        max_body_mb: larger request bodies are refused (413) from their
+            Content-Length, or as they arrive, before they are read whole
+            (MiB; default: ``BODY_BYTES_PER_PIXEL`` bytes per pixel of
+            ``max_pixels`` + 1 MiB, see ``max_body_bytes``).
         blocking: keep serving until interrupted (the CLI); False returns once it is up.
     """
 
@@ -702,15 +893,23 @@ class ServeConfig(Config):
     backend: Literal["tensorflow", "onnxruntime"] = "onnxruntime"
     replica_cpus: float = 0.5
     max_pixels: int = 25_000_000
+    max_body_mb: float | None = None
     blocking: bool = True
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body accepted: ``max_body_mb`` MiB, or room for an uncompressed RGBA image of ``max_pixels``."""
+        if self.max_body_mb is not None:
+            return int(self.max_body_mb * MIB)
+        return self.max_pixels * BODY_BYTES_PER_PIXEL + MIB
 
     def validate(self) -> None:
         _uri(self, "run")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1..65535, got {self.port}", field="port")
         if isinstance(self.replicas, str) and self.replicas != "auto":
-            raise ConfigError(f"replicas: expected auto or a positive count, got {self.replicas!r}", field="replicas")
-        _positive(self, "min_replicas", "max_replicas", "max_batch", "target_ongoing_requests", "max_pixels")
+            raise ConfigError(f"replicas: expected auto or a positive count, got {shown(self.replicas)}", field="replicas")
+        _positive(self, "min_replicas", "max_replicas", "max_batch", "target_ongoing_requests", "max_pixels", "max_body_mb")
         if isinstance(self.replicas, int) and self.replicas <= 0:
             raise ConfigError(f"replicas must be positive, got {self.replicas}", field="replicas")
         if self.min_replicas > self.max_replicas:

@@ -18,6 +18,7 @@ Callers pass URIs and never branch on a scheme: a new store is one entry in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -104,6 +105,7 @@ def check_uri(uri: str) -> None:
 
 ATTEMPTS = 6  # tries of one storage call on transient errors (the S3 SDKs' own, then ours)
 BACKOFF_S = 0.2  # first wait; doubled on each retry, with jitter
+TIMEOUT_S = 5  # seconds without a byte from the store before boto3 retries (pyarrow's SDK: 3; boto3's own: 60)
 _TRANSIENT = re.compile(
     r"slow[ _]?down|internal[ _]?(error|failure)|service[ _]?unavailable|http status 5\d\d|\b50[0-4]\b|request[ _]?time[ _]?out"
     r"|timed? ?out|timeout|connection (was )?(reset|refused|aborted|closed)|network[ _]connection|response stream"
@@ -377,6 +379,23 @@ def temporary_path(path: str) -> str:
     return f"{path}.tmp-{uuid.uuid4().hex}"
 
 
+@contextlib.contextmanager
+def _local_write(uri: str, tmp: str) -> Iterator[None]:
+    """Around a write to ``tmp``: a failed one leaves no temporary file, and its error names ``uri``.
+
+    A full disk's error names no file (``[Errno 28] No space left on device``).
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno and not e.filename:
+            raise OSError(e.errno, os.strerror(e.errno), uri) from e
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Writes ``data`` so that no reader ever sees a partial file at ``uri``.
 
@@ -388,9 +407,10 @@ def write_bytes(uri: str, data: bytes) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(parent, recursive=True)
         tmp = temporary_path(path)
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        os.replace(tmp, path)
+        with _local_write(uri, tmp):
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, path)
     else:
 
         def put() -> None:
@@ -446,21 +466,26 @@ def _s3_create_exclusive(uri: str, path: str, data: bytes) -> bool:
         "s3",
         endpoint_url=_endpoint(),
         region_name=_region(),
-        config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": ATTEMPTS}),
+        config=Config(
+            s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": ATTEMPTS},
+            connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S,
+        ),
     )
     tries = {"n": 0}
+    # Marks this call's PUT: two claims may hold the same bytes (the same marker).
+    nonce = uuid.uuid4().hex
 
     def put() -> bool:
         tries["n"] += 1
         try:
-            response = client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            response = client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", Metadata={"segray-claim": nonce})
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
                 raise
             retried = tries["n"] > 1 or e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
             # A retried PUT can find the object its own lost first try created:
-            # then the bytes there are ours (callers' claims hold a run id).
-            return retried and read_bytes(uri) == data
+            # then the object carries this call's nonce.
+            return retried and client.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get("segray-claim") == nonce
         return response is not None
 
     return retrying(f"claiming {uri}", put)
@@ -534,12 +559,9 @@ def write_parquet(table, uri: str, **kwargs) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(posixpath.dirname(path), recursive=True)
         tmp = temporary_path(path)
-        try:
+        with _local_write(uri, tmp):
             pq.write_table(table, tmp, **kwargs)
             os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     else:
         retrying(f"writing {uri}", lambda: pq.write_table(table, path, filesystem=fs, **kwargs))
 

@@ -93,6 +93,9 @@ def test_export_of_a_trained_run_carries_its_data_config_and_metrics(example):
     assert card["training"]["data"] == config["data"] == str(Path(example["workdir"], "demo", "data"))
     assert card["training"]["config_hash"] == config_hash(config)
     assert card["training"]["epoch"] == trained.best_epoch
+    # A run that ended: how far it got is on the card, with no warning about it.
+    assert card["training"]["finished"] is True and card["training"]["stopped"] in ("epochs", "patience", "time_budget")
+    assert card["training"]["epochs_done"] == len(trained.history) and not [w for w in card["warnings"] if "unfinished" in w]
     assert card["validation_metrics"]["val_miou"] == pytest.approx(trained.best["val_miou"])
 
 

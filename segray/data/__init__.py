@@ -2,7 +2,7 @@
 
 from segray.data.imageio import BadInput, decode_image, decode_mask, encode_png
 from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, load_classes, load_dataset_info
-from segray.data.ingest import IngestError, IngestResult, ingest, split_of
+from segray.data.ingest import IngestError, IngestResult, choose_val, ingest
 from segray.data.layouts import Plan, index_folder, list_pairs, pair_by_id
 from segray.data.pipeline import read_split
 from segray.data.synthetic import synthesize
@@ -15,6 +15,7 @@ __all__ = [
     "IngestError",
     "IngestResult",
     "Plan",
+    "choose_val",
     "decode_image",
     "decode_mask",
     "encode_png",
@@ -25,6 +26,5 @@ __all__ = [
     "load_dataset_info",
     "pair_by_id",
     "read_split",
-    "split_of",
     "synthesize",
 ]

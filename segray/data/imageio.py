@@ -1,12 +1,17 @@
-"""Decoding and encoding of image and mask bytes with OpenCV.
+"""Decoding and encoding of image and mask bytes with OpenCV (and Pillow for colour-mapped masks).
 
 Decoders raise ``BadInput`` with a reason a person can act on; callers add the
 file's URI. OpenCV happily returns a partial picture for a truncated JPEG or
 PNG, so the container's end marker is checked before decoding.
+
+OpenCV expands a colour-mapped (indexed) PNG to its colours; PASCAL VOC and
+the tools that export it store class ids as the indices of such a PNG, so
+masks of that kind are read with Pillow, which keeps the indices.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 
@@ -190,8 +195,60 @@ def decode_raw(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.n
     return array
 
 
+_PNG_INDEXED = 3  # the IHDR colour type of a colour-mapped PNG
+
+
+def is_indexed_png(data: bytes) -> bool:
+    """True for a colour-mapped PNG (IHDR colour type 3), whose pixels are indices into its palette."""
+    return data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) > 25 and data[25] == _PNG_INDEXED
+
+
+def png_palette(data: bytes) -> list[tuple[int, int, int]] | None:
+    """The colours of a colour-mapped PNG's palette (PLTE chunk), entry i at index i; None for other files.
+
+    Read from the chunks, nothing decoded: the driver reads one mask's palette
+    to colour the classes.
+    """
+    if not is_indexed_png(data):
+        return None
+    at = len(_PNG_SIGNATURE)
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        body = data[at + 8:at + 8 + length]
+        if kind == b"PLTE" and len(body) == length and length % 3 == 0:
+            return [tuple(body[i:i + 3]) for i in range(0, length, 3)]  # type: ignore[misc]
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        at += 12 + length
+    return None
+
+
+def _palette_indices(data: bytes) -> np.ndarray:
+    """(H, W) uint8 palette indices of a colour-mapped PNG (any bit depth)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            if image.mode != "P":
+                raise BadInput(f"colour-mapped PNG decodes as mode {image.mode!r}, not palette indices")
+            return np.asarray(image, dtype=np.uint8)
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for a damaged file
+        raise BadInput(f"not a decodable colour-mapped PNG ({len(data)} bytes): {type(e).__name__}: {e}") from None
+
+
 def decode_mask(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decodes a stored class-id mask (one channel PNG) to (H, W) uint8."""
+    """Decodes a class-id mask to (H, W) uint8.
+
+    A one-channel PNG holds the ids as values; a colour-mapped PNG (PASCAL
+    VOC's format) holds them as palette indices, read as they are, not as
+    the colours they map to.
+    """
+    if is_indexed_png(data):
+        _check_container(data)
+        check_pixels(data, max_pixels)
+        return _palette_indices(data)
     array = decode_raw(data, max_pixels)
     if array.ndim == 3:
         if not all(np.array_equal(array[..., 0], array[..., c]) for c in range(1, min(3, array.shape[2]))):

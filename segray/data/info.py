@@ -93,6 +93,7 @@ class DatasetInfo:
     errors: int = 0
     priority: list[str] | None = None
     val_fraction: float = 0.1
+    val_ids: list[str] | None = None  # the val split's ids (None in datasets ingested before they were recorded)
     format: str = DATASET_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the resolved IngestConfig
@@ -119,7 +120,7 @@ class DatasetInfo:
         lines = [
             f"dataset: {uri}",
             f"  layout {self.layout}, {self.num_classes} classes, size {size}",
-            "  splits: " + ", ".join(f"{k} {v}" for k, v in self.splits.items()) + f"; rejected inputs: {self.errors}",
+            "  splits: " + ", ".join(f"{k} {v}" for k, v in self.splits.items()) + self._split_note() + f"; rejected inputs: {self.errors}",
             f"  mean {[round(x, 2) for x in self.mean]}  std {[round(x, 2) for x in self.std]}",
             "  pixel frequency (train):",
         ]
@@ -128,7 +129,36 @@ class DatasetInfo:
             lines.append(f"    {name:<{width}}  {freq:7.2%}  {'#' * int(round(freq * 40))}")
         if self.priority:
             lines.append(f"  overlap priority (first wins): {', '.join(self.priority)}")
+        survival = self.extra.get("layer_survival")
+        if survival:
+            lines.append("  share of each class layer's pixels kept after the overlap priority:")
+            for name, s in survival.items():
+                top = next(iter(s["covered_by"].items()), None)
+                under = f"  (under {top[0]}: {top[1]:.2%})" if top else ""
+                flag = "  <- under half kept" if s["layer_pixels"] and s["kept"] < 0.5 else ""
+                lines.append(f"    {name:<{width}}  {s['kept']:7.2%} of {s['layer_pixels']:,}{under}{flag}")
         return "\n".join(lines)
+
+    def _split_note(self) -> str:
+        """How the split came out: the realised val share and the rule that made it."""
+        split = self.extra.get("split")
+        if not split:
+            return ""
+        total = sum(self.splits.values())
+        share = self.splits.get("val", 0) / total if total else 0.0
+        if split.get("rule") == "pinned":
+            how = f"pinned by {split['val_ids_file']}"
+            if split.get("pinned_missing"):
+                how += f", {split['pinned_missing']} of its {split['pinned']} ids not in the source"
+        else:
+            f = split["fraction"]
+            how = f"asked {f:g}: round({f:g} x {split['listed']}) = {split['assigned_val']} by hash rank"
+            if split.get("seed"):
+                how += f", seed {split['seed']}"
+        short = split["assigned_val"] - self.splits.get("val", 0)
+        if short > 0:
+            how += f"; {short} val pair(s) rejected"
+        return f" ({share:.1%} val; {how})"
 
     @classmethod
     def from_json(cls, text: str, source: str = "dataset.json") -> "DatasetInfo":

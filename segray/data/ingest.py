@@ -10,12 +10,15 @@ last: a DST without it is not a dataset, whatever else it holds.
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import math
 import re
 import time
 import uuid
+import warnings
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +26,13 @@ import numpy as np
 import pyarrow as pa
 
 from segray import storage
-from segray.config import IngestConfig, about
+from segray.config import ConfigError, IngestConfig, about
 from segray.data.imageio import VALUE_RANGE, VALUE_RULE, BadInput, check_pixels, decode_image, encode_png, to_common_range
 from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color
-from segray.data.layouts import Plan, build_mask, list_pairs
+from segray.data.layouts import PaintedLayers, Plan, build_mask, list_pairs, paint_layers
 from segray.data.quarantine import ERRORS_FILE, errors_uri, write_errors
 from segray.data.shards import stable_hash
-from segray.ownership import claim_folder, clear_owned, refuse_overlap, write_marker
+from segray.ownership import MARKER, canonical, claim_folder, clear_owned, read_marker, refuse_overlap, write_marker
 from segray.runtime import bounded_retries
 
 DATASET_FILE = "dataset.json"
@@ -53,13 +56,72 @@ class IngestError(RuntimeError):
     """Ingest cannot produce a dataset (no valid pair, DST in the way)."""
 
 
-def split_of(image_id: str, val_fraction: float) -> str:
-    """A stable split for ``image_id``: the same id always lands in the same split.
+def val_count(n: int, fraction: float) -> int:
+    """How many of ``n`` ids go to val: ``round(fraction x n)`` (halves up).
 
-    The id's hash, read as a number in [0, 1), is compared with the fraction,
-    so growing the dataset or re-running never moves an earlier id.
+    At least 1 when ``fraction`` is above 0 and ``n`` is 2 or more, and at
+    most ``n - 1``, so neither split is emptied by rounding.
     """
-    return "val" if stable_hash(image_id) / 2.0**64 < val_fraction else "train"
+    if n < 2 or fraction <= 0:
+        return 0
+    return min(max(math.floor(fraction * n + 0.5), 1), n - 1)
+
+
+def split_rank(image_id: str, seed: int = 0) -> int:
+    """An id's place in the split draw: its stable hash (salted by ``seed``, 0 being the plain hash)."""
+    return stable_hash(image_id if seed == 0 else f"{seed}\x00{image_id}")
+
+
+def choose_val(image_ids: Iterable[str], fraction: float, seed: int = 0) -> set[str]:
+    """The val ids: the ``val_count`` ids of lowest ``split_rank``.
+
+    The same ids (and seed) always give the same split, in any order and in
+    any process. Adding ids can move an earlier id between splits: the
+    cut-off rank moves with the count (see the README; pin a split with
+    ``val_ids``).
+    """
+    ids = list(image_ids)
+    k = val_count(len(ids), fraction)
+    return set(heapq.nsmallest(k, ids, key=lambda i: (split_rank(i, seed), i)))
+
+
+def read_val_ids(uri: str) -> list[str]:
+    """The ids of a ``val_ids`` file: one a line; blank lines and lines starting with '#' are skipped.
+
+    Raises:
+        ConfigError: the file is missing or lists no id.
+    """
+    if not storage.exists(uri):
+        raise ConfigError(f"val_ids {uri}: no such file", field="val_ids")
+    ids = [line.strip() for line in storage.read_text(uri).splitlines()]
+    ids = list(dict.fromkeys(i for i in ids if i and not i.startswith("#")))
+    if not ids:
+        raise ConfigError(f"val_ids {uri}: lists no image id (one id a line)", field="val_ids")
+    return ids
+
+
+def split_plan(cfg: IngestConfig, image_ids: Sequence[str]) -> tuple[set[str], dict[str, Any]]:
+    """(the val ids, the record of how they were chosen) for the listed ids.
+
+    ``val_ids`` pins the split (its ids found in the listing are val, every
+    other id is train); else ``choose_val`` draws ``val_fraction`` of the ids.
+    """
+    if cfg.val_ids:
+        pinned = read_val_ids(cfg.val_ids)
+        listed = set(image_ids)
+        val = {i for i in pinned if i in listed}
+        missing = [i for i in pinned if i not in listed]
+        record: dict[str, Any] = {"rule": "pinned", "val_ids_file": cfg.val_ids, "pinned": len(pinned), "pinned_missing": len(missing)}
+        if not val:
+            raise ConfigError(f"val_ids {cfg.val_ids}: none of its {len(pinned)} ids is in the source {cfg.source}", field="val_ids")
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            warnings.warn(f"val_ids {cfg.val_ids}: {len(missing)} of its {len(pinned)} ids are not in the source {cfg.source} ({shown}); the others are the val split", UserWarning, stacklevel=3)
+    else:
+        val = choose_val(image_ids, cfg.val_fraction, cfg.split_seed)
+        record = {"rule": "hash-rank", "fraction": cfg.val_fraction, "seed": cfg.split_seed}
+    record.update(listed=len(image_ids), assigned_val=len(val))
+    return val, record
 
 
 @dataclass(frozen=True)
@@ -95,11 +157,12 @@ def _chunks(plan: Plan, shard_mb: float, min_chunks: int) -> list[tuple[int, int
     return bounds
 
 
-def chunk_items(plan: Plan, src: str, bounds: list[tuple[int, int]]) -> list[dict[str, Any]]:
+def chunk_items(plan: Plan, src: str, bounds: list[tuple[int, int]], val: Collection[str] = frozenset()) -> list[dict[str, Any]]:
     """One Ray item per chunk: its pairs as compact JSON, file names relative to ``src``.
 
-    ``[[image_id, image, [mask, ...]], ...]``: a million pairs take about
-    70 MB of text on the driver, not a dict per pair.
+    ``[[image_id, image, [mask, ...], in_val], ...]`` (``in_val`` 1 for the
+    ids in ``val``, else 0): a million pairs take about 70 MB of text on the
+    driver, not a dict per pair.
     """
     root = src.rstrip("/") + "/"
 
@@ -112,7 +175,7 @@ def chunk_items(plan: Plan, src: str, bounds: list[tuple[int, int]]) -> list[dic
         text.write("[")
         for k in range(start, stop):
             p = plan.pairs[k]
-            text.write(("," if k > start else "") + json.dumps([p.image_id, rel(p.image_uri), [rel(m) for m in p.mask_uris]], separators=(",", ":")))
+            text.write(("," if k > start else "") + json.dumps([p.image_id, rel(p.image_uri), [rel(m) for m in p.mask_uris], int(p.image_id in val)], separators=(",", ":")))
         text.write("]")
         items.append({"chunk": number, "root": root, "pairs": text.getvalue()})
     return items
@@ -124,22 +187,25 @@ def _pairs_of(item: dict[str, Any]) -> list[dict[str, Any]]:
     def uri(name: str) -> str:
         return name if storage.is_absolute(name) else root + name
 
-    return [{"image_id": i, "image_uri": uri(image), "mask_uris": [uri(m) for m in masks]} for i, image, masks in json.loads(item["pairs"])]
+    pairs = []
+    for image_id, image, masks, *in_val in json.loads(item["pairs"]):
+        split = "val" if in_val and in_val[0] else "train"
+        pairs.append({"image_id": image_id, "image_uri": uri(image), "mask_uris": [uri(m) for m in masks], "split": split})
+    return pairs
 
 
 class _ChunkWriter:
     """Ray task body: checks the pairs of one chunk and writes its shards."""
 
-    def __init__(self, dst: str, layout: str, classes: list[ClassInfo] | None, val_fraction: float, run_id: str, max_pixels: int):
+    def __init__(self, dst: str, layout: str, classes: list[ClassInfo] | None, run_id: str, max_pixels: int):
         self.max_pixels = max_pixels
         self.dst = dst
         self.layout = layout
         self.classes = classes
-        self.val_fraction = val_fraction
         self.run_id = run_id
 
-    def _process_pair(self, pair: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray, str]:
-        """(shard row, image on the common 0..255 scale, class-id mask, the file's dtype)."""
+    def _process_pair(self, pair: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray, str, PaintedLayers | None]:
+        """(shard row, image on the common 0..255 scale, class-id mask, the file's dtype, per-class: the painted layers)."""
         image_bytes = storage.read_bytes(pair["image_uri"])
         try:
             stored = decode_image(image_bytes, self.max_pixels, keep_dtype=True)
@@ -154,8 +220,13 @@ class _ChunkWriter:
             except BadInput as e:
                 raise BadInput(f"{uri}: {e}") from None
             blobs.append((uri, blob))
+        painted = None
         try:
-            mask = build_mask(self.layout, blobs, self.classes, self.max_pixels)
+            if self.layout == "per-class":
+                painted = paint_layers(blobs, self.classes or [], self.max_pixels)
+                mask = painted.mask
+            else:
+                mask = build_mask(self.layout, blobs, self.classes, self.max_pixels)
         except BadInput as e:
             raise BadInput(f"{pair['mask_uris'][0]}: {e}") from None
         if mask.shape != image.shape[:2]:
@@ -172,7 +243,7 @@ class _ChunkWriter:
             "source_image": pair["image_uri"],
             "source_mask": "\n".join(pair["mask_uris"]),
         }
-        return row, image, mask, str(stored.dtype)
+        return row, image, mask, str(stored.dtype), painted
 
     def __call__(self, item: dict[str, Any]) -> list[dict[str, Any]]:
         """One row per rejected pair, then one row of the chunk's statistics.
@@ -185,9 +256,9 @@ class _ChunkWriter:
         stats = _Stats()
         out = []
         for pair in _pairs_of(item):
-            split = split_of(pair["image_id"], self.val_fraction)
+            split = pair["split"]
             try:
-                row, image, mask, dtype = self._process_pair(pair)
+                row, image, mask, dtype, painted = self._process_pair(pair)
             except BadInput as e:
                 out.append(_error(pair["image_uri"], str(e)))
                 continue
@@ -195,7 +266,9 @@ class _ChunkWriter:
                 out.append(_error(pair["image_uri"], f"{pair['image_uri']}: {type(e).__name__}: {e}"))
                 continue
             rows[split].append(row)
-            stats.add(split, image, mask, dtype)
+            stats.add(split, image, mask, dtype, painted)
+            if split == "val":
+                stats.val_ids.append(pair["image_id"])
         for split, split_rows in rows.items():
             if split_rows:
                 table = pa.Table.from_pylist(split_rows, schema=SHARD_SCHEMA)
@@ -215,8 +288,13 @@ class _Stats:
         self.pixels = {s: 0 for s in SPLITS}
         self.sizes: set[tuple[int, int]] = set()
         self.dtypes: dict[str, int] = {}
+        # The val split's ids (recorded in dataset.json), and per-class layers:
+        # pixels per layer and pixels of a layer another class took ("lost,winner").
+        self.val_ids: list[str] = []
+        self.layer_pixels = np.zeros(256, np.int64)
+        self.covered: dict[str, int] = {}
 
-    def add(self, split: str, image: np.ndarray, mask: np.ndarray, dtype: str) -> None:
+    def add(self, split: str, image: np.ndarray, mask: np.ndarray, dtype: str, painted: PaintedLayers | None = None) -> None:
         pixels = image.reshape(-1, 3).astype(np.float64)
         self.images[split] += 1
         self.class_pixels[split] += np.bincount(mask.ravel(), minlength=256).astype(np.int64)
@@ -226,6 +304,12 @@ class _Stats:
         if len(self.sizes) < 2:  # one shared size or "mixed": two are enough to tell
             self.sizes.add((int(image.shape[0]), int(image.shape[1])))
         self.dtypes[dtype] = self.dtypes.get(dtype, 0) + 1
+        if painted is not None:
+            for class_id, count in painted.layer_pixels.items():
+                self.layer_pixels[class_id] += count
+            for (lost, winner), count in painted.covered.items():
+                key = f"{lost},{winner}"
+                self.covered[key] = self.covered.get(key, 0) + count
 
     def row(self) -> dict[str, Any]:
         return {
@@ -240,6 +324,9 @@ class _Stats:
                     "pixels": self.pixels,
                     "sizes": sorted(self.sizes),
                     "dtypes": self.dtypes,
+                    "val_ids": self.val_ids,
+                    "layer_pixels": self.layer_pixels.tolist(),
+                    "covered": self.covered,
                 }
             ),
         }
@@ -256,6 +343,52 @@ class _Stats:
             self.sizes.update(tuple(x) for x in other["sizes"])
         for kind, n in other["dtypes"].items():
             self.dtypes[kind] = self.dtypes.get(kind, 0) + n
+        self.val_ids.extend(other.get("val_ids", []))
+        self.layer_pixels += np.asarray(other.get("layer_pixels", np.zeros(256)), np.int64)
+        for key, n in other.get("covered", {}).items():
+            self.covered[key] = self.covered.get(key, 0) + n
+
+
+# A class that keeps less of its layer than this, because other classes lie
+# on it, is named in a warning: its class-order or priority is likely wrong.
+SURVIVAL_WARNING = 0.5
+
+
+def layer_survival(stats: _Stats, classes: list[ClassInfo]) -> dict[str, dict[str, Any]]:
+    """Per class of a per-class layout: its layer's pixels, the share the priority order kept, and who took the rest.
+
+    Returns:
+        ``{class: {"layer_pixels": n, "kept": share, "covered_by": {class: share}}}``,
+        the ``covered_by`` shares of the layer's pixels, largest first.
+    """
+    names = {c.id: c.name for c in classes}
+    lost: dict[int, dict[int, int]] = {}
+    for key, count in stats.covered.items():
+        loser, winner = (int(x) for x in key.split(","))
+        lost.setdefault(loser, {})[winner] = count
+    out = {}
+    for c in classes:
+        if c.id == 0 or c.id == IGNORE_INDEX:
+            continue
+        n = int(stats.layer_pixels[c.id])
+        taken = lost.get(c.id, {})
+        covered = {names.get(w, str(w)): count / n for w, count in sorted(taken.items(), key=lambda kv: -kv[1])} if n else {}
+        out[c.name] = {"layer_pixels": n, "kept": (n - sum(taken.values())) / n if n else 1.0, "covered_by": covered}
+    return out
+
+
+def survival_warnings(info: DatasetInfo) -> list[str]:
+    """One line per class that keeps under ``SURVIVAL_WARNING`` of its layer, naming the class on top of it."""
+    lines = []
+    for name, s in info.extra.get("layer_survival", {}).items():
+        if s["layer_pixels"] and s["kept"] < SURVIVAL_WARNING and s["covered_by"]:
+            top, share = next(iter(s["covered_by"].items()))
+            lines.append(
+                f"class {name!r} keeps {s['kept']:.2%} of its layer's {s['layer_pixels']:,} pixels: {top!r} lies on {share:.2%} of it "
+                f"and comes first in the overlap priority ({', '.join(info.priority or [])}); if {name!r} is meant to show, "
+                f"list it before {top!r} in `priority` (`class_order` sets the priority when `priority` is not given)"
+            )
+    return lines
 
 
 def _error(uri: str, reason: str) -> dict[str, Any]:
@@ -276,15 +409,36 @@ def _sweep_other_runs(dst: str, run_id: str) -> None:
                 storage.delete_file(entry.uri)
 
 
-def _prepare_dst(dst: str, overwrite: bool, run_id: str) -> None:
+def _unfinished(dst: str, src: str, command: str) -> IngestError | None:
+    """The refusal for a DST that holds an ingest stopped before its end (its claim, no finished marker), else None."""
+    marker = read_marker(dst, "dataset")
+    if marker is None or marker.get("complete"):
+        return None
+    run = marker.get("run") if isinstance(marker.get("run"), dict) else {}
+    theirs = run.get("source") if isinstance(run.get("source"), str) else None
+    rerun = f"`{command} --overwrite`" if command else "the same ingest with `overwrite`"
+    if theirs is not None and canonical(theirs) == canonical(src):
+        what = f"an interrupted ingest of the same `source` {src}"
+    else:
+        what = f"an interrupted ingest of {'another source, ' + theirs if theirs else 'an unrecorded source'} (not `source` {src})"
+    return IngestError(
+        f"destination {dst} holds {what}: its claim {MARKER} is there but it never finished (no {DATASET_FILE}; it was killed, "
+        f"or is still running: make sure no ingest writes there); nothing was written: to replace it, run {rerun}"
+    )
+
+
+def _prepare_dst(dst: str, src: str, overwrite: bool, run_id: str, command: str = "") -> None:
     """An empty destination, or one segray ingested before (with ``overwrite``): only its own files are deleted."""
     if storage.list_files(dst, limit=1):
         if not overwrite:
+            unfinished = _unfinished(dst, src, command)
+            if unfinished is not None:
+                raise about("destination", unfinished)
             raise about("destination", IngestError(f"destination {dst} already holds files; set `overwrite` to replace it whole (nothing was written)"))
         clear_owned(dst, "dataset", "destination", required=(DATASET_FILE,))
     # What this run may leave even if it stops before it lists its files.
     patterns = [rf"(train|val)/part-\d+-{run_id}\.parquet", re.escape(ERRORS_FILE), re.escape(DATASET_FILE)]
-    claim_folder(dst, "dataset", "destination", patterns)
+    claim_folder(dst, "dataset", "destination", patterns, run={"source": canonical(src), "run_id": run_id})
 
 
 def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
@@ -300,27 +454,29 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     """
     import ray
 
-    src, dst, layout, val_fraction = cfg.source, cfg.destination, cfg.layout, cfg.val_fraction
+    src, dst, layout = cfg.source, cfg.destination, cfg.layout
     refuse_overlap(src, "source", dst, "destination")
     if not storage.is_dir(src):
         raise about("source", IngestError(f"source {src} does not exist or is empty"))
     plan = list_pairs(src, layout, cfg.classes, cfg.num_classes, cfg.class_order, cfg.priority, cfg.images_dir)
     if not plan.pairs:
         raise IngestError(f"{src}: no image/mask pairs found ({len(plan.errors)} rejected inputs); expected the {layout} layout")
+    val, split_record = split_plan(cfg, [p.image_id for p in plan.pairs])
     run_id = uuid.uuid4().hex[:8]
-    _prepare_dst(dst, cfg.overwrite, run_id)
+    _prepare_dst(dst, src, cfg.overwrite, run_id, command)
 
     start = time.time()
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
     bounds = _chunks(plan, cfg.shard_mb, min_chunks=2 * max(cpus, 1))
-    items = chunk_items(plan, src, bounds)
+    items = chunk_items(plan, src, bounds, val)
+    del val
     total_pairs = len(plan.pairs)
-    writer = _ChunkWriter(dst, layout, plan.classes, val_fraction, run_id, cfg.max_pixels)
+    writer = _ChunkWriter(dst, layout, plan.classes, run_id, cfg.max_pixels)
     # A bad file is an error row, never a task failure; what still fails a task
     # (a lost node, storage down) is retried a bounded number of times.
     with bounded_retries() as retries:
         ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer, num_cpus=1, **retries)
-    plan_errors, classes, priority = list(plan.errors), plan.classes, plan.priority
+    plan_errors, classes, priority, colors, without_mask = list(plan.errors), plan.classes, plan.priority, plan.colors, plan.images_without_mask
     del items, plan  # the listing is not needed while the pipeline runs
     stats = _Stats()
     found = []
@@ -348,7 +504,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         # predicts, or scoring it would fail after the first epoch.
         present = np.nonzero(seen[:IGNORE_INDEX])[0]
         top = int(present.max()) if present.size else 0
-        classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(default_color(k))) for k in range(top + 1)]
+        classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(colors[k] if colors and k < len(colors) else default_color(k))) for k in range(top + 1)]
     real = [c for c in classes if c.id != IGNORE_INDEX]
     n_pix = float(sum(stats.pixels[s] for s in stats_splits))
     mean = sum(stats.channel_sum[s] for s in stats_splits) / n_pix
@@ -367,8 +523,11 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         size=[int(x) for x in next(iter(stats.sizes))] if len(stats.sizes) == 1 else None,
         errors=len(errors),
         priority=priority,
-        val_fraction=val_fraction,
+        val_fraction=cfg.val_fraction,
+        val_ids=sorted(stats.val_ids),
         extra={
+            # How the split was made; ``val_ids`` above is what it gave.
+            "split": {**split_record, "val": int(stats.images["val"]), "train": int(stats.images["train"])},
             "ignored_pixels": int(counts[IGNORE_INDEX]),
             "seconds": round(time.time() - start, 2),
             "shards": len(bounds),
@@ -378,9 +537,13 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
             "value_range": VALUE_RANGE,
             "value_rule": VALUE_RULE,
             "dtypes": dict(sorted(stats.dtypes.items())),
+            **({"layer_survival": layer_survival(stats, classes)} if layout == "per-class" else {}),
+            **({"images_without_mask": without_mask} if without_mask else {}),
         },
         config=cfg.to_dict(),
     )
+    for message in survival_warnings(info):
+        warnings.warn(message, UserWarning, stacklevel=2)
     _sweep_other_runs(dst, run_id)
     storage.write_text(storage.join(dst, DATASET_FILE), info.to_json())
     write_marker(dst, "dataset")

@@ -4,6 +4,13 @@
 - ``palette``: the same folders, RGB masks mapped to ids through classes.json colours.
 - ``per-class``: ``ROOT/<images_dir>/<id>.<ext>`` and one folder of binary masks per
   class, ``ROOT/<class>/<id>.png``; overlaps are settled by a priority order.
+- ``voc``: PASCAL VOC, ``ROOT/JPEGImages/<id>.jpg`` with colour-mapped
+  ``ROOT/SegmentationClass/<id>.png`` (``SegmentationClassPNG/`` in labelme's
+  export); images without a mask (VOC's detection-only images) are left out.
+
+``ids`` and ``voc`` masks may be colour-mapped PNGs: their indices are the
+class ids. Without classes.json, class names come from ``ROOT/class_names.txt``
+(one a line, id 0 first) and colours from the first mask's palette.
 
 Planning runs on the driver and reads only listings; the pixel checks run in
 Ray tasks (``build_mask``) so that they scale with the cluster.
@@ -21,10 +28,14 @@ import numpy as np
 
 from segray import storage
 from segray.config import ConfigError
-from segray.data.imageio import BadInput, decode_mask, decode_raw, is_image_name
-from segray.data.info import IGNORE_INDEX, ClassInfo, default_color, load_classes
+from segray.data.imageio import BadInput, decode_mask, decode_raw, is_image_name, png_palette
+from segray.data.info import IGNORE_INDEX, ClassInfo, default_color, load_classes, parse_classes
 
-LAYOUTS = ("ids", "palette", "per-class")
+LAYOUTS = ("ids", "palette", "per-class", "voc")
+
+CLASS_NAMES_FILE = "class_names.txt"
+VOC_IMAGES = "JPEGImages"
+VOC_MASKS = ("SegmentationClassPNG", "SegmentationClass")  # labelme's export keeps .npy in SegmentationClass/
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ class Plan:
     classes: list[ClassInfo] | None  # None: infer 0..max from the masks
     priority: list[str] | None = None
     has_masks: bool = True
+    colors: list[tuple[int, int, int]] | None = None  # the masks' palette: colours of inferred classes
+    images_without_mask: int = 0  # ``voc``: images left out, not errors
 
 
 def _relative_id(uri: str, root: str) -> tuple[str, str]:
@@ -197,15 +210,19 @@ class PairList(Sequence[PairSpec]):
         return (self[k] for k in range(len(self._ids)))
 
 
-def pair_folders(images: FolderIndex, masks: FolderIndex | None, errors: list) -> PairList:
-    """Pairs each image with the mask of the same id (``masks`` None: images alone); the unpaired become errors."""
+def pair_folders(images: FolderIndex, masks: FolderIndex | None, errors: list, images_need_masks: bool = True) -> PairList:
+    """Pairs each image with the mask of the same id (``masks`` None: images alone); the unpaired become errors.
+
+    Args:
+        images_need_masks: False: an image without a mask is left out, not an error.
+    """
     if masks is None:
         return PairList(images, None, sorted(images))
     ids = []
     for image_id in sorted(images):
         if image_id in masks:
             ids.append(image_id)
-        else:
+        elif images_need_masks:
             uri = images[image_id].uri
             errors.append((uri, f"{uri}: image has no mask (id {image_id!r})"))
     for image_id in sorted(k for k in masks if k not in images):
@@ -239,21 +256,76 @@ def _classes_file(src: str, classes_file: str | None) -> str | None:
     return default if storage.exists(default) else None
 
 
+def _mask_palette(masks: FolderIndex) -> list[tuple[int, int, int]] | None:
+    """The palette of the first mask, when masks are colour-mapped PNGs (one small read on the driver)."""
+    if not masks:
+        return None
+    first = masks[min(masks)]
+    if not first.uri.lower().endswith(".png"):
+        return None
+    try:
+        return png_palette(storage.read_bytes(first.uri))
+    except OSError:  # unreadable here: its task sets it aside with the reason; the classes get default colours
+        return None
+
+
+def _declared_classes(src: str, classes_file: str | None, num_classes: int | None, palette: list | None) -> list[ClassInfo] | None:
+    """The classes of an ``ids`` or ``voc`` source: classes.json, else class_names.txt, else ``num_classes``, else None (inferred).
+
+    Colours come from classes.json, else from the masks' palette, else the default table.
+    """
+    path = _classes_file(src, classes_file)
+    if path:
+        return load_classes(path)
+
+    def color(k: int) -> tuple[int, int, int]:
+        return tuple(palette[k]) if palette and k < len(palette) else tuple(default_color(k))  # type: ignore[return-value]
+
+    names_uri = storage.join(src, CLASS_NAMES_FILE)
+    if storage.exists(names_uri):
+        names = [line.strip() for line in storage.read_text(names_uri).splitlines() if line.strip()]
+        if len(names) > IGNORE_INDEX:
+            raise ConfigError(f"{names_uri}: {len(names)} class names; at most {IGNORE_INDEX} (ids 0..254, 255 is ignore)")
+        if num_classes and num_classes != len(names):
+            raise ConfigError(f"num_classes is {num_classes} but {names_uri} names {len(names)} classes", field="num_classes")
+        return parse_classes([{"id": k, "name": name, "color": list(color(k))} for k, name in enumerate(names)], names_uri)
+    if num_classes:
+        return [ClassInfo(k, "background" if k == 0 else f"class_{k}", color(k)) for k in range(num_classes)]
+    return None
+
+
 def plan_ids(src: str, classes_file: str | None = None, num_classes: int | None = None, masks_optional: bool = False) -> Plan:
     """Plans the ``ids`` layout; with ``masks_optional`` and no ``masks/`` folder, pairs carry no mask."""
     errors: list[tuple[str, str]] = []
     images = index_folder(storage.join(src, "images"), "images", errors)
-    path = _classes_file(src, classes_file)
-    if path:
-        classes = load_classes(path)
-    elif num_classes:
-        classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(default_color(k))) for k in range(num_classes)]
-    else:
-        classes = None
     if masks_optional and not storage.is_dir(storage.join(src, "masks")):
+        classes = _declared_classes(src, classes_file, num_classes, None)
         return Plan("ids", pair_folders(images, None, errors), errors, classes, has_masks=False)
     masks = index_folder(storage.join(src, "masks"), "masks", errors, lossless=True)
-    return Plan("ids", pair_folders(images, masks, errors), errors, classes)
+    palette = _mask_palette(masks) if not _classes_file(src, classes_file) else None
+    classes = _declared_classes(src, classes_file, num_classes, palette)
+    return Plan("ids", pair_folders(images, masks, errors), errors, classes, colors=palette)
+
+
+def plan_voc(src: str, classes_file: str | None = None, num_classes: int | None = None) -> Plan:
+    """Plans a PASCAL VOC folder: ``JPEGImages/`` and ``SegmentationClassPNG/`` or ``SegmentationClass/``.
+
+    VOC's JPEGImages also holds the images annotated for detection only, so an
+    image without a mask is left out (counted), not an error.
+    """
+    images_uri = storage.join(src, VOC_IMAGES)
+    if not storage.is_dir(images_uri):
+        raise ConfigError(f"layout voc: {images_uri} is no folder; expected a PASCAL VOC folder (JPEGImages/, SegmentationClass/)", field="layout")
+    masks_dir = next((d for d in VOC_MASKS if storage.is_dir(storage.join(src, d))), None)
+    if masks_dir is None:
+        raise ConfigError(f"layout voc: {src} holds neither {VOC_MASKS[0]}/ nor {VOC_MASKS[1]}/ (the class masks)", field="layout")
+    errors: list[tuple[str, str]] = []
+    images = index_folder(images_uri, VOC_IMAGES, errors)
+    masks = index_folder(storage.join(src, masks_dir), masks_dir, errors, lossless=True)
+    palette = _mask_palette(masks) if not _classes_file(src, classes_file) else None
+    classes = _declared_classes(src, classes_file, num_classes, palette)
+    pairs = pair_folders(images, masks, errors, images_need_masks=False)
+    return Plan("voc", pairs, errors, classes, colors=palette, images_without_mask=sum(1 for i in images if i not in masks))
 
 
 def plan_palette(src: str, classes_file: str | None = None) -> Plan:
@@ -320,7 +392,7 @@ def list_pairs(
     """Lists ``src`` and pairs its images with their masks, for any layout (listings only, no pixels).
 
     Args:
-        layout: ``ids``, ``palette`` or ``per-class``.
+        layout: ``ids``, ``palette``, ``per-class`` or ``voc``.
         masks_optional: ``ids`` only: a source without ``masks/`` gives pairs
             without masks (images to segment) instead of errors.
 
@@ -333,6 +405,8 @@ def list_pairs(
         return plan_palette(src, classes_file)
     if layout == "per-class":
         return plan_per_class(src, class_order, priority, images_dir)
+    if layout == "voc":
+        return plan_voc(src, classes_file, num_classes)
     raise ConfigError(f"layout {layout!r} is unknown; expected one of {', '.join(LAYOUTS)}", field="layout")
 
 
@@ -357,7 +431,7 @@ def build_mask(
         BadInput: undecodable mask, unknown colour, layers of different sizes,
             or class ids outside the declared classes.
     """
-    if layout == "ids":
+    if layout in ("ids", "voc"):
         mask = decode_mask(mask_blobs[0][1], max_pixels)
         if classes is not None:
             num = sum(1 for c in classes if c.id != IGNORE_INDEX)
@@ -383,19 +457,55 @@ def build_mask(
         return ids[inverse.reshape(packed.shape)]
     if layout == "per-class":
         assert classes is not None
-        mask = None
-        shape = None
-        # Paint lowest priority first so that the first-priority class ends on top.
-        for uri, data in reversed(mask_blobs):
-            raw = decode_raw(data, max_pixels)
-            # Binary layers: any colour channel above 127 is set (alpha is ignored:
-            # it is 255 everywhere in RGBA layers).
-            layer = raw if raw.ndim == 2 else raw[..., :3].max(axis=2)
-            if shape is None:
-                shape = layer.shape
-                mask = np.zeros(shape, np.uint8)
-            elif layer.shape != shape:
-                raise BadInput(f"layer {uri} is {layer.shape[1]}x{layer.shape[0]}, other layers are {shape[1]}x{shape[0]}")
-            mask[layer > 127] = layer_class(uri, classes)
-        return mask
+        return paint_layers(mask_blobs, classes, max_pixels).mask
     raise ConfigError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+@dataclass
+class PaintedLayers:
+    """A per-class pair's class-id mask, and what the overlap priority did to its layers.
+
+    Attributes:
+        mask: (H, W) uint8 class ids.
+        layer_pixels: class id -> pixels set in its layer.
+        covered: (class id, class id on top) -> pixels of the first's layer
+            that the second (listed before it in the priority) took.
+    """
+
+    mask: np.ndarray
+    layer_pixels: dict[int, int]
+    covered: dict[tuple[int, int], int]
+
+
+def paint_layers(mask_blobs: list[tuple[str, bytes]], classes: list[ClassInfo], max_pixels: int | None = None) -> PaintedLayers:
+    """Paints per-class layers (in priority order, first wins) into one class-id mask.
+
+    Raises:
+        BadInput: an undecodable layer, layers of different sizes, a folder that is no class.
+    """
+    mask = None
+    shape = None
+    layers: list[tuple[int, np.ndarray]] = []
+    # Paint lowest priority first so that the first-priority class ends on top.
+    for uri, data in reversed(mask_blobs):
+        raw = decode_raw(data, max_pixels)
+        # Binary layers: any colour channel above 127 is set (alpha is ignored:
+        # it is 255 everywhere in RGBA layers).
+        layer = raw if raw.ndim == 2 else raw[..., :3].max(axis=2)
+        if shape is None:
+            shape = layer.shape
+            mask = np.zeros(shape, np.uint8)
+        elif layer.shape != shape:
+            raise BadInput(f"layer {uri} is {layer.shape[1]}x{layer.shape[0]}, other layers are {shape[1]}x{shape[0]}")
+        on = layer > 127
+        class_id = layer_class(uri, classes)
+        mask[on] = class_id
+        layers.append((class_id, on))
+    layer_pixels, covered = {}, {}
+    for class_id, on in layers:
+        layer_pixels[class_id] = layer_pixels.get(class_id, 0) + int(on.sum())
+        on_top = mask[on]
+        for winner, count in enumerate(np.bincount(on_top[on_top != class_id], minlength=0)):
+            if count:
+                covered[(class_id, winner)] = covered.get((class_id, winner), 0) + int(count)
+    return PaintedLayers(mask, layer_pixels, covered)

@@ -18,8 +18,9 @@ import numpy as np
 
 from segray import storage
 from segray.config import ExportConfig, about
-from segray.export.card import CARD_FILE, model_card, run_records
+from segray.export.card import CARD_FILE, model_card, run_records, training_state
 from segray.export.formats import write_keras, write_onnx, write_savedmodel
+from segray.training.artifacts import RunState, run_state
 
 # The exported model's logits may differ from the original's by float rounding only.
 PARITY_TOLERANCE = 1e-4
@@ -85,14 +86,24 @@ def _check_output(output: str) -> None:
         raise about("output", FileExistsError(f"output {output} is a file; export writes to a new or empty folder"))
 
 
+def _refuse_unfinished(cfg: ExportConfig, state: RunState | None) -> None:
+    if state is not None and not state.finished and not cfg.allow_unfinished:
+        raise about("run", ValueError(
+            f"run {cfg.run} is unfinished: {state.describe()}; its model, if any, is the best epoch so far. "
+            "Wait for the run to end (or `segray train --resume` it), or set `allow_unfinished` to export it anyway (the card says so)"
+        ))
+
+
 def export(cfg: ExportConfig) -> ExportResult:
     """Writes ``cfg.run``'s model in ``cfg.format`` to ``cfg.output`` with ``model_card.json``.
 
     Raises:
         FileNotFoundError: no model at ``cfg.run``.
         FileExistsError: ``cfg.output`` holds files.
-        ValueError: the model has a layer with no portable equivalent, or the
-            export's logits differ from the original's beyond ``PARITY_TOLERANCE``.
+        ValueError: the run is unfinished (still training, killed or failed
+            before its last epoch) and ``cfg.allow_unfinished`` is off; the
+            model has a layer with no portable equivalent; or the export's
+            logits differ from the original's beyond ``PARITY_TOLERANCE``.
     """
     import tensorflow as tf
 
@@ -101,7 +112,11 @@ def export(cfg: ExportConfig) -> ExportResult:
     from segray.models.saved import load_keras
 
     _check_output(cfg.output)
+    # RUN itself first: a run that failed or was killed before its first epoch has no model yet.
+    _refuse_unfinished(cfg, None if cfg.run.endswith(".keras") else run_state(cfg.run))
     spec = resolve_model(cfg.run)
+    state = training_state(cfg.run, spec.uri)
+    _refuse_unfinished(cfg, state)
     with tf.device("/CPU:0"):
         net = load_keras(spec.uri)
         multiple = export_multiple(net)
@@ -128,7 +143,7 @@ def export(cfg: ExportConfig) -> ExportResult:
             "max_abs_logit_diff": diff,
             "mask_agreement": float((got.argmax(-1) == expected.argmax(-1)).mean()),
         }
-        card = model_card(spec, cfg.format, multiple, config, best, parity)
+        card = model_card(spec, cfg.format, multiple, config, best, parity, state)
         with open(os.path.join(tmp, CARD_FILE), "w") as f:
             json.dump(card, f, indent=2)
         files = []

@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+from dataclasses import replace
 from typing import Any
 
 from segray import storage
 from segray.export.formats import ONNX_OPSET, describe_outputs
 from segray.models.saved import BEST_FILE, MODEL_DIR, class_list
-from segray.training.artifacts import CONFIG_FILE
+from segray.training.artifacts import CONFIG_FILE, RunState, run_state
 
 CARD_FILE = "model_card.json"
 
@@ -30,16 +31,46 @@ def _json_or_none(uri: str) -> dict[str, Any] | None:
         raise ValueError(f"{uri}: not valid JSON ({e})") from None
 
 
+def run_folder(keras_uri: str) -> str | None:
+    """``RUN`` for ``RUN/model/model.keras`` when RUN holds a run's config.json; None for a bare .keras file."""
+    folder = keras_uri.rstrip("/").rsplit("/", 1)[0]
+    parent, _, name = folder.rpartition("/")
+    return parent if name == MODEL_DIR and parent and storage.exists(storage.join(parent, CONFIG_FILE)) else None
+
+
 def run_records(keras_uri: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(the run's config.json, the model's best.json) for ``RUN/model/model.keras``; None where absent (a bare .keras file)."""
     folder = keras_uri.rstrip("/").rsplit("/", 1)[0]
     best = _json_or_none(storage.join(folder, BEST_FILE))
-    parent, _, name = folder.rpartition("/")
-    config = _json_or_none(storage.join(parent, CONFIG_FILE)) if name == MODEL_DIR and parent else None
+    run = run_folder(keras_uri)
+    config = _json_or_none(storage.join(run, CONFIG_FILE)) if run else None
     return config, best
 
 
-def model_card(spec, fmt: str, multiple: int, config: dict[str, Any] | None, best: dict[str, Any] | None, parity: dict[str, Any]) -> dict[str, Any]:
+def training_state(run: str, keras_uri: str) -> RunState | None:
+    """How far the run behind ``keras_uri`` got (None for a bare .keras file).
+
+    ``run`` is what the user named: for a search (``segray tune``'s folder)
+    a trial with no end of its own is judged by the search's trials table,
+    where ASHA or the search's time budget may have stopped it.
+    """
+    folder = run_folder(keras_uri)
+    if folder is None:
+        return None
+    state = run_state(folder)
+    if state is not None and state.stopped is None and folder.rstrip("/") != run.rstrip("/"):
+        from segray.tuning.results import trial_end
+
+        end = trial_end(run, folder)
+        if end is not None:
+            state = replace(state, stopped=end[0], detail=end[1])
+    return state
+
+
+def model_card(
+    spec, fmt: str, multiple: int, config: dict[str, Any] | None, best: dict[str, Any] | None, parity: dict[str, Any],
+    state: RunState | None = None,
+) -> dict[str, Any]:
     """The card of one export.
 
     Args:
@@ -48,7 +79,11 @@ def model_card(spec, fmt: str, multiple: int, config: dict[str, Any] | None, bes
         multiple: what H and W are padded to (savedmodel, onnx) or must be divisible by (keras).
         config, best: the run's config.json and best.json (or None).
         parity: what the export checked against the original model.
+        state: how far the run got (``training_state``), or None for a bare .keras file.
     """
+    warnings = list(spec.warnings)
+    if state is not None and not state.finished:
+        warnings.append(f"unfinished run, exported with allow_unfinished: {state.describe()}; the model is its best epoch so far")
     if fmt == "keras":
         rule = f"H and W divisible by {multiple}"
     else:
@@ -83,9 +118,14 @@ def model_card(spec, fmt: str, multiple: int, config: dict[str, Any] | None, bes
             "data": (config or {}).get("data"),
             "config_hash": config_hash(config) if config else None,
             "epoch": (best or {}).get("epoch"),
+            "finished": None if state is None else state.finished,
+            "epochs_done": None if state is None else state.epochs_done,
+            "epochs_planned": None if state is None else state.epochs,
+            "stopped": None if state is None else state.stopped,
+            "stopped_because": None if state is None else state.describe(),
         },
         "validation_metrics": metrics,
         "parity": parity,
-        "warnings": list(spec.warnings),
+        "warnings": warnings,
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

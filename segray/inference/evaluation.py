@@ -1,7 +1,9 @@
 """``segray evaluate``: predict's tables from masks that already exist.
 
 PRED and TRUTH are folders of ``<id>.png`` class-id masks paired by id (the
-same rules as a raw layout). Ray tasks decode each pair and keep its sparse
+same rules as a raw layout), or TRUTH is a raw folder of one of ingest's
+layouts (``layout``), whose masks are read as ingest reads them (a pair's
+``truth_uri`` then lists its mask files, one a line). Ray tasks decode each pair and keep its sparse
 confusion matrix; the driver merges the small records into the same tables
 ``predict`` writes, so any model's output is scored the same way.
 """
@@ -19,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segray import storage
-from segray.config import EvaluateConfig, about
+from segray.config import ConfigError, EvaluateConfig, about
 from segray.data.imageio import BadInput, decode_mask
-from segray.data.info import IGNORE_INDEX, load_classes
-from segray.data.layouts import index_folder
+from segray.data.info import IGNORE_INDEX, ClassInfo, load_classes
+from segray.data.layouts import Plan, build_mask, index_folder, list_pairs
 from segray.inference.output import PredictResult, claim, write_results
 from segray.inference.pipeline import LIGHT_TASK_CPUS
 from segray.inference.tables import (
@@ -45,18 +47,26 @@ FORMAT = "segray-evaluate/1"
 class ScorePairs:
     """``map_batches`` body (Ray tasks): (pred, truth) mask URIs -> records."""
 
-    def __init__(self, num_classes: int | None, ignore_index: int, run: int):
+    def __init__(self, num_classes: int | None, ignore_index: int, run: int, layout: str | None = None, truth_classes: list[ClassInfo] | None = None):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.run = run
+        self.layout = layout
+        self.truth_classes = truth_classes
+
+    def _truth(self, truth_uris: str) -> np.ndarray:
+        if self.layout is None:
+            return decode_mask(storage.read_bytes(truth_uris))
+        return build_mask(self.layout, [(u, storage.read_bytes(u)) for u in truth_uris.split("\n")], self.truth_classes)
 
     def _record(self, image_id: str, pred_uri: str, truth_uri: str) -> dict[str, Any]:
         try:
             pred = decode_mask(storage.read_bytes(pred_uri))
         except BadInput as e:
             return error_record(image_id, pred_uri, f"{pred_uri}: {e}", self.run)
+        truth_uris, truth_uri = truth_uri, truth_uri.split("\n")[0]
         try:
-            truth = decode_mask(storage.read_bytes(truth_uri))
+            truth = self._truth(truth_uris)
         except BadInput as e:
             return error_record(image_id, truth_uri, f"{truth_uri}: {e}", self.run)
         if pred.shape != truth.shape:
@@ -82,18 +92,24 @@ class ScorePairs:
         return records_table(records)
 
 
-def _pairs(pred: str, truth: str) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
+def _pairs(pred: str, truth: str, plan: Plan | None = None) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
+    """Prediction and truth pairs by id; ``plan``: the truth's listing in its layout (else TRUTH's masks)."""
     errors: list[tuple[str, str]] = []
     preds = index_folder(pred, "pred", errors, lossless=True)
-    truths = index_folder(truth, "truth", errors, lossless=True)
+    if plan is None:
+        truths = {i: e.uri for i, e in index_folder(truth, "truth", errors, lossless=True).items()}
+    else:
+        errors += plan.errors
+        truths = {p.image_id: "\n".join(p.mask_uris) for p in plan.pairs}
     pairs = []
     for image_id in sorted(set(preds) | set(truths)):
         if image_id not in truths:
             errors.append((preds[image_id].uri, f"{preds[image_id].uri}: prediction has no truth mask (id {image_id!r} not in {truth})"))
         elif image_id not in preds:
-            errors.append((truths[image_id].uri, f"{truths[image_id].uri}: truth mask has no prediction (id {image_id!r} not in {pred})"))
+            first = truths[image_id].split("\n")[0]
+            errors.append((first, f"{first}: truth mask has no prediction (id {image_id!r} not in {pred})"))
         else:
-            pairs.append({"image_id": image_id, "pred_uri": preds[image_id].uri, "truth_uri": truths[image_id].uri})
+            pairs.append({"image_id": image_id, "pred_uri": preds[image_id].uri, "truth_uri": truths[image_id]})
     return pairs, errors
 
 
@@ -107,16 +123,71 @@ def _inferred_classes(records: pa.Table) -> int:
     return int(max((cells // CELL_BASE).max(), (cells % CELL_BASE).max())) + 1
 
 
+def _summary_of(pred: str) -> dict[str, Any]:
+    """``summary.json`` of the predict run whose ``masks/`` folder ``pred`` is, else {}."""
+    parent = _output_of(pred)
+    if not parent or not storage.exists(storage.join(parent, "summary.json")):
+        return {}
+    try:
+        summary = json.loads(storage.read_text(storage.join(parent, "summary.json")))
+    except ValueError:
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def _output_of(pred: str) -> str:
+    """The predict output folder ``pred`` is the ``masks/`` of, else ''."""
+    if storage.basename(pred.rstrip("/")) != "masks":
+        return ""
+    return storage.parent(pred.rstrip("/"))
+
+
 def _model_of(pred: str) -> str:
     """The weights' hash of the predict run whose ``masks/`` folder ``pred`` is, else ''."""
-    parent = storage.parent(pred)
-    if storage.basename(pred.rstrip("/")) != "masks" or not storage.exists(storage.join(parent, "summary.json")):
-        return ""
-    try:
-        model_id = json.loads(storage.read_text(storage.join(parent, "summary.json"))).get("model_id")
-    except (ValueError, AttributeError):
-        return ""
+    model_id = _summary_of(pred).get("model_id")
     return model_id if isinstance(model_id, str) else ""
+
+
+def _predicted_classes(pred: str) -> tuple[list[str] | None, list[str] | None]:
+    """(class names, per-class priority) of the model of the predict output ``pred`` belongs to; None where unknown."""
+    parent = _output_of(pred)
+    names = None
+    if parent and storage.exists(storage.join(parent, "classes.json")):
+        try:
+            names = [c.name for c in load_classes(storage.join(parent, "classes.json")) if c.id != IGNORE_INDEX]
+        except ConfigError:
+            names = None
+    model = _summary_of(pred).get("config", {}).get("resolved", {}).get("model", {})
+    priority = model.get("priority") if isinstance(model, dict) else None
+    return names, priority if isinstance(priority, list) else None
+
+
+def _truth_plan(cfg: EvaluateConfig) -> tuple[Plan, list[ClassInfo]]:
+    """TRUTH listed in its layout, with the classes and priority the predictions were made with.
+
+    Raises:
+        ValueError: the layout's classes or priority differ from those of the
+            predict output PRED belongs to, naming both.
+    """
+    names, model_priority = _predicted_classes(cfg.pred)
+    order, priority = cfg.class_order, cfg.priority
+    if cfg.layout == "per-class":
+        order = order or (names[1:] if names else None)
+        priority = priority or model_priority
+    plan = list_pairs(cfg.truth, cfg.layout, cfg.classes, None, order, priority, cfg.images_dir)
+    read = [c for c in plan.classes or [] if c.id != IGNORE_INDEX]
+    if names is not None and plan.classes is not None and [c.name for c in read] != names:
+        field = "class_order" if cfg.layout == "per-class" else "classes"
+        raise about(field, ValueError(
+            f"{field}: truth {cfg.truth} read as {cfg.layout} gives the classes [{', '.join(c.name for c in read)}]; "
+            f"the predictions in {cfg.pred} are of [{', '.join(names)}] (ids 0..{len(names) - 1}); give their classes in their order"
+        ))
+    if cfg.layout == "per-class" and model_priority and list(plan.priority or []) != list(model_priority):
+        raise about("priority", ValueError(
+            f"priority [{', '.join(plan.priority or [])}] differs from the overlap priority the model of {cfg.pred} was trained with "
+            f"[{', '.join(model_priority)}]; leave `priority` out to use it"
+        ))
+    return plan, read
 
 
 def evaluate(cfg: EvaluateConfig) -> PredictResult:
@@ -142,14 +213,21 @@ def evaluate(cfg: EvaluateConfig) -> PredictResult:
         if not storage.exists(classes):
             raise about("classes", FileNotFoundError(f"classes {classes}: no such file"))
         declared = [c for c in load_classes(classes) if c.id != IGNORE_INDEX]
-    pairs, errors = _pairs(pred, truth)
+    plan, truth_classes, identity = None, None, {}
+    if cfg.layout is not None:
+        plan, layout_classes = _truth_plan(cfg)
+        declared = layout_classes or declared
+        truth_classes = plan.classes if cfg.layout != "ids" else None
+        # Named only with a layout, so OUTs written before layouts existed still resume.
+        identity = {"layout": cfg.layout, "truth_classes": [c.name for c in layout_classes], "priority": plan.priority}
+    pairs, errors = _pairs(pred, truth, plan)
     if not pairs:
         raise FileNotFoundError(f"no prediction and truth masks share an id between `pred` {pred} and `truth` {truth} ({len(errors)} unpaired files)")
-    claim(output, {"format": FORMAT, "pred": canonical(pred), "truth": canonical(truth), "classes": canonical(classes) if classes else None})
+    claim(output, {"format": FORMAT, "pred": canonical(pred), "truth": canonical(truth), "classes": canonical(classes) if classes else None, **identity})
 
     per_block = 64
     ds = ray.data.from_items(pairs, override_num_blocks=max(1, math.ceil(len(pairs) / per_block)))
-    scorer = ScorePairs(len(declared) if declared else None, IGNORE_INDEX, run)
+    scorer = ScorePairs(len(declared) if declared else None, IGNORE_INDEX, run, cfg.layout, truth_classes)
     with bounded_retries() as retries:
         ds = ds.map_batches(scorer, batch_size=per_block, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS, **retries)
     parts = [pa.Table.from_batches([b], schema=RECORD_SCHEMA) if isinstance(b, pa.RecordBatch) else b.cast(RECORD_SCHEMA) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]

@@ -41,6 +41,8 @@ class ModelSpec:
         window: ``(H, W)`` of the patches the model was trained on
             (``preprocessing.json``'s ``window``): predict slides it over each
             image unless told otherwise; None: the model saw whole images.
+        priority: the overlap priority of the per-class data it was trained
+            on, or None (another layout, or a model saved before it was recorded).
     """
 
     uri: str
@@ -57,6 +59,7 @@ class ModelSpec:
     static_size: tuple[int, int] | None
     warnings: tuple[str, ...] = ()
     window: tuple[int, int] | None = None
+    priority: tuple[str, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -64,6 +67,7 @@ class ModelSpec:
 
     def describe(self) -> dict[str, Any]:
         """The JSON-ready description written into ``_run.json`` and ``summary.json``."""
+        extra = {"priority": list(self.priority)} if self.priority else {}
         return {
             "uri": self.uri,
             "preprocessing": self.preprocessing_uri,
@@ -78,6 +82,7 @@ class ModelSpec:
             "ignore_index": self.ignore_index,
             "multiple": self.multiple,
             "window": list(self.window) if self.window else None,
+            **extra,
         }
 
 
@@ -145,11 +150,11 @@ def resolve_model(model: str) -> ModelSpec:
             raise ValueError(f"{pre_uri} declares {pre.num_classes} classes, the model {keras_uri} outputs {channels} channels")
         classes, size = list(pre.classes), pre.size
         fit_mode, mean, std, ignore = pre.fit, pre.mean, pre.std, pre.ignore_index
-        name, window = pre.model, pre.window
+        name, window, priority = pre.model, pre.window, pre.priority
     else:
         classes = [ClassInfo(k, f"class_{k}", tuple(default_color(k))) for k in range(channels)]
         size, fit_mode, mean, std, ignore = None, "resize", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), IGNORE_INDEX
-        name, window = net.name, None
+        name, window, priority = net.name, None, None
         note = (
             f"no {PREPROCESSING_FILE} beside {keras_uri}: assuming no normalisation (mean 0, std 1), "
             f"images at their own size, and classes class_0..class_{channels - 1} from the model's {channels} output channels"
@@ -183,4 +188,5 @@ def resolve_model(model: str) -> ModelSpec:
         static_size=static,
         warnings=tuple(notes),
         window=tuple(window) if window else None,
+        priority=tuple(priority) if priority else None,
     )

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from segray import storage
-from segray.config import PredictConfig, about
+from segray.config import ConfigError, PredictConfig, about
 from segray.inference.geometry import Geometry
 from segray.inference.model import ModelSpec, resolve_model
 from segray.inference.output import Output, PredictResult, claim, completed, merged_records, remove_temporaries, write_results
@@ -108,8 +108,11 @@ def _overlap_pixels(window: tuple[int, int], overlap: float) -> tuple[int, int]:
 
 def _identity(spec: ModelSpec, source: Source, geometry: Geometry, backend: str) -> dict[str, Any]:
     """What the results depend on; written to OUT/_run.json before anything else."""
-    # The backend is named only when it is not TensorFlow, so OUTs written before it existed still resume.
+    # The backend is named only when it is not TensorFlow, so OUTs written before it existed still resume;
+    # so is a layout other than ids (its truth depends on the classes and priority read).
     extra = {"backend": backend} if backend != "tensorflow" else {}
+    if source.layout != "ids":
+        extra.update(layout=source.layout, truth_classes=[c.name for c in source.truth_classes or []], priority=source.priority)
     return {
         **extra,
         "format": FORMAT,
@@ -122,6 +125,44 @@ def _identity(spec: ModelSpec, source: Source, geometry: Geometry, backend: str)
         "std": list(spec.std),
         "ignore_index": spec.ignore_index,
     }
+
+
+def layout_options(cfg: PredictConfig, spec: ModelSpec) -> tuple[list[str] | None, list[str] | None]:
+    """(class_order, priority) to read a per-class input with: the flags', else the model's.
+
+    The model's classes after background are its class order, and its
+    recorded priority (``preprocessing.json``) the priority, so a held-out
+    folder of the training data's layout is read the way the model was trained.
+    """
+    if cfg.layout != "per-class":
+        return cfg.class_order, cfg.priority
+    order = cfg.class_order or [c.name for c in spec.classes[1:]]
+    priority = cfg.priority or (list(spec.priority) if spec.priority else None)
+    return order, priority
+
+
+def _check_layout_classes(cfg: PredictConfig, source: Source, spec: ModelSpec) -> None:
+    """A raw palette or per-class input must give the model's classes in its order, and a per-class one its priority.
+
+    Raises:
+        ValueError: naming both orders.
+    """
+    if source.layout == "ids" or spec.preprocessing_uri is None:  # no class names to compare (ids: counts are checked)
+        return
+    read = [c.name for c in source.classes or []]
+    model = [c.name for c in spec.classes]
+    if read != model:
+        field = "class_order" if source.layout == "per-class" else "classes"
+        how = "`class_order` (ids 1.. after background)" if source.layout == "per-class" else "the classes file"
+        raise about(field, ValueError(
+            f"{field}: {source.uri} read with {how} gives the classes [{', '.join(read)}]; "
+            f"the model {spec.uri} predicts [{', '.join(model)}] (ids 0..{len(model) - 1}); give the model's classes in its order"
+        ))
+    if source.layout == "per-class" and spec.priority and list(source.priority or []) != list(spec.priority):
+        raise about("priority", ValueError(
+            f"priority [{', '.join(source.priority or [])}] differs from the overlap priority the model {spec.uri} was trained with "
+            f"[{', '.join(spec.priority)}]: the truth would be painted otherwise than in training; leave `priority` out to use the model's"
+        ))
 
 
 def _check_classes(source: Source, spec: ModelSpec) -> None:
@@ -167,7 +208,7 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
     _check_gpus(cfg)
     overlay_ids = frozenset(source.ids[: cfg.overlays])
     skip = frozenset(finished) if source.kind == SHARDS else frozenset()
-    reader = ReadDecode(source.kind, geometry, spec.num_classes, skip, overlay_ids, cfg.max_pixels)
+    reader = ReadDecode(source.kind, geometry, spec.num_classes, skip, overlay_ids, cfg.max_pixels, source.layout, source.truth_classes)
     writer = WriteResults(cfg.output, spec.ignore_index, [tuple(c.color) for c in spec.classes], run)
     predictor_args: dict[str, Any] = {"num_cpus": 1}
     predictor_kwargs: dict[str, Any] = {
@@ -283,7 +324,16 @@ def predict(cfg: PredictConfig) -> PredictResult:
     started, run = time.time(), time.time_ns()
     spec = resolve_model(cfg.model)
     geometry = resolve_geometry(cfg, spec)
-    source = list_source(cfg.input, cfg.split)
+    class_order, priority = layout_options(cfg, spec)
+    try:
+        source = list_source(cfg.input, cfg.split, cfg.layout, cfg.classes, class_order, priority, cfg.images_dir)
+    except ConfigError as e:
+        if e.field != "class_order" or cfg.class_order:
+            raise
+        # The order came from the model: say so, or the message blames a flag the user never gave.
+        detail = str(e).removeprefix("class_order: ")
+        raise ConfigError(f"class_order (the model's classes after background, {', '.join(class_order or [])}): {detail}", field="class_order") from None
+    _check_layout_classes(cfg, source, spec)
     _check_classes(source, spec)
     if not source.ids and not source.errors:
         raise about("input", FileNotFoundError(f"input {cfg.input}: no images found"))

@@ -4,8 +4,12 @@
   ``ROOT/masks/<id>.png`` (class ids); pairing by id follows
   ``segray.data.layouts``. When ``masks/`` exists, an image without a mask (or
   a mask without an image) is a rejected input, as in ingest.
+- Any raw layout of ingest (``ids``, ``palette``, ``per-class``) when it is
+  named: images and truth masks read as ingest reads them, with its
+  quarantine rules (``segray.data.layouts``).
 - Parquet shards of an ingested split (``DATA/val``), or ``DATA`` with a
-  split: rows ``image_id``, ``image`` and (when present) ``mask`` bytes.
+  split (``all``: every split): rows ``image_id``, ``image`` and (when
+  present) ``mask`` bytes.
 
 Listing reads names only; the pixels are read by ``ReadDecode`` in Ray tasks,
 one batch at a time.
@@ -40,11 +44,16 @@ class Source:
         kind: ``raw`` or ``shards``.
         ids: every image id, sorted.
         has_truth: masks come with the images.
-        items: raw: ``{"image_id", "image_uri", "mask_uri"}`` per id, sorted.
+        items: raw: ``{"image_id", "image_uri", "mask_uri"}`` per id, sorted
+            (``mask_uri``: the mask files, one a line; per-class layers in priority order).
         shards: the Parquet files (shards only).
         errors: ``(uri, reason)`` of inputs rejected by the listing.
         classes: classes declared beside the data (classes.json or
-            dataset.json), or None.
+            dataset.json, or the per-class folders), or None.
+        layout: how the raw masks become class ids (``build_mask``'s layout).
+        truth_classes: the classes ``build_mask`` reads them with (palette
+            colours, per-class folders), or None (ids: the model's ids).
+        priority: per-class: the overlap priority the truth is painted with.
     """
 
     uri: str
@@ -56,6 +65,9 @@ class Source:
     errors: list[tuple[str, str]]
     classes: list[ClassInfo] | None
     fingerprint: str = ""
+    layout: str = "ids"
+    truth_classes: list[ClassInfo] | None = None
+    priority: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
@@ -82,27 +94,53 @@ def _shard_files(uri: str) -> list[storage.FileEntry]:
     return [f for f in storage.list_files(uri) if f.uri.endswith(".parquet") and not storage.basename(f.uri).startswith((".", "_"))]
 
 
-def list_source(src: str, split: str | None = None) -> Source:
+ALL_SPLITS = "all"
+
+
+def list_source(
+    src: str,
+    split: str | None = None,
+    layout: str | None = None,
+    classes_file: str | None = None,
+    class_order: list[str] | None = None,
+    priority: list[str] | None = None,
+    images_dir: str = "images",
+) -> Source:
     """Lists SRC (names only).
+
+    Args:
+        split: of an ingested dataset: a split's name, or ``all``.
+        layout: read SRC as a raw folder of this layout (truth masks
+            required); None: a raw ``ids`` folder (masks optional), shards or
+            an ingested dataset, told apart by what SRC holds.
+        classes_file, class_order, priority, images_dir: the layout's options, as ingest's.
 
     Raises:
         FileNotFoundError: SRC holds neither ``images/`` nor Parquet shards, or
             the split is missing.
         ValueError: ``split`` given for a raw layout, or missing for a dataset.
+        ConfigError: the layout's folders or classes do not fit SRC.
     """
     import pyarrow.parquet as pq
 
     from segray.data.info import load_dataset_info
 
+    if layout is not None:
+        return _raw_source(src, layout, classes_file, class_order, priority, images_dir)
     if storage.exists(storage.join(src, "dataset.json")):
         info = load_dataset_info(src)
         if split is None:
-            raise about("input", ValueError(f"input {src} is an ingested dataset; name the split to predict with `split` ({', '.join(info.splits)})"))
+            raise about("input", ValueError(f"input {src} is an ingested dataset; name the split to predict with `split` ({', '.join(info.splits)}, or {ALL_SPLITS})"))
+        classes = [c for c in info.classes if c.id != info.ignore_index]
+        if split == ALL_SPLITS:
+            shards = [f for name in info.splits for f in _shard_files(storage.join(src, name))]
+            if not shards:
+                raise about("split", FileNotFoundError(f"split {split}: no Parquet shards under any split of {src} ({', '.join(info.splits)})"))
+            return _shard_source(src, shards, classes, pq)
         folder = storage.join(src, split)
         shards = _shard_files(folder)
         if not shards:
-            raise about("split", FileNotFoundError(f"split {split}: no Parquet shards under {folder} (splits: {', '.join(info.splits)})"))
-        classes = [c for c in info.classes if c.id != info.ignore_index]
+            raise about("split", FileNotFoundError(f"split {split}: no Parquet shards under {folder} (splits: {', '.join(info.splits)}, or {ALL_SPLITS})"))
         return _shard_source(folder, shards, classes, pq)
     if split is not None:
         folder = storage.join(src, split)
@@ -118,22 +156,34 @@ def list_source(src: str, split: str | None = None) -> Source:
     raise about(
         "input",
         FileNotFoundError(
-            f"input {src}: expected a raw layout (images/ with or without masks/), a folder of Parquet shards "
+            f"input {src}: expected a raw layout (images/ with or without masks/; another layout with `layout`), a folder of Parquet shards "
             f"(an ingested split such as DATA/val) or an ingested dataset with `split`; found none of them"
         ),
     )
 
 
-def _raw_source(src: str) -> Source:
-    plan = list_pairs(src, "ids", masks_optional=True)
+def _raw_source(
+    src: str, layout: str | None = None, classes_file: str | None = None, class_order: list[str] | None = None,
+    priority: list[str] | None = None, images_dir: str = "images",
+) -> Source:
+    if layout in (None, "ids"):
+        plan = list_pairs(src, "ids", classes_file, masks_optional=True)
+    else:
+        if not storage.is_dir(src):
+            raise about("input", FileNotFoundError(f"input {src}: no such folder"))
+        plan = list_pairs(src, layout, classes_file, None, class_order, priority, images_dir)
     items = [
-        {"image_id": p.image_id, "image_uri": p.image_uri, "mask_uri": p.mask_uris[0] if p.mask_uris else "", "nbytes": p.nbytes}
+        {"image_id": p.image_id, "image_uri": p.image_uri, "mask_uri": "\n".join(p.mask_uris), "nbytes": p.nbytes}
         for p in plan.pairs
     ]
     classes = [c for c in plan.classes if c.id != IGNORE_INDEX] if plan.classes else None
     if not items and not plan.errors:
-        raise about("input", FileNotFoundError(f"input {src}: {storage.join(src, 'images')} holds no images"))
-    return Source(src, RAW, [i["image_id"] for i in items], plan.has_masks, items, [], list(plan.errors), classes)
+        raise about("input", FileNotFoundError(f"input {src}: {storage.join(src, images_dir if layout == 'per-class' else 'images')} holds no images"))
+    truth_classes = plan.classes if plan.layout != "ids" else None
+    return Source(
+        src, RAW, [i["image_id"] for i in items], plan.has_masks, items, [], list(plan.errors), classes,
+        layout=plan.layout, truth_classes=truth_classes, priority=plan.priority,
+    )
 
 
 def _shard_source(folder: str, shards: list[storage.FileEntry], classes: list[ClassInfo] | None, pq) -> Source:
@@ -202,27 +252,32 @@ class ReadDecode:
 
     def __init__(
         self, kind: str, geometry: Geometry, num_classes: int, skip: frozenset[str], overlay_ids: frozenset[str],
-        max_pixels: int | None = None,
+        max_pixels: int | None = None, layout: str = "ids", truth_classes: list[ClassInfo] | None = None,
     ):
         self.max_pixels = max_pixels
         self.kind = kind
         self.geometry = geometry
-        self.classes = [ClassInfo(k, str(k)) for k in range(num_classes)]
+        # Truth masks become class ids as ingest makes them: ids checked against the
+        # model's classes, palette colours and per-class layers through their classes.
+        self.layout = layout
+        self.classes = truth_classes if truth_classes is not None else [ClassInfo(k, str(k)) for k in range(num_classes)]
         # Ids already done (Parquet sources on a re-run; a raw listing leaves them out itself).
         self.skip = skip
         self.overlay_ids = overlay_ids
 
     def _encoded(self, batch: dict[str, np.ndarray], i: int) -> tuple[str, str, str, Any, Any]:
-        """(image_id, image uri, mask uri, image bytes or a reader, mask bytes or a reader)."""
+        """(image_id, image uri, mask uri, a reader of the image bytes, a reader of the mask files' ``(uri, bytes)`` or None)."""
         image_id = str(batch["image_id"][i])
         if self.kind == RAW:
-            image_uri, mask_uri = str(batch["image_uri"][i]), str(batch["mask_uri"][i])
-            return image_id, image_uri, mask_uri, lambda: storage.read_bytes(image_uri), (lambda: storage.read_bytes(mask_uri)) if mask_uri else None
+            image_uri, mask_uris = str(batch["image_uri"][i]), str(batch["mask_uri"][i])
+            uris = mask_uris.split("\n") if mask_uris else []
+            read_masks = (lambda: [(u, storage.read_bytes(u)) for u in uris]) if uris else None
+            return image_id, image_uri, uris[0] if uris else "", lambda: storage.read_bytes(image_uri), read_masks
         shard = str(batch["path"][i])  # the shard's URI
         where = f"{shard}#{image_id}"
         image_bytes = batch["image"][i]
         mask_bytes = batch["mask"][i] if "mask" in batch else None
-        return image_id, where, where, lambda: image_bytes, (lambda: mask_bytes) if mask_bytes is not None else None
+        return image_id, where, where, lambda: image_bytes, (lambda: [(where, mask_bytes)]) if mask_bytes is not None else None
 
     def _row(self, image_id: str, image_uri: str, mask_uri: str, read_image, read_mask) -> dict[str, Any]:
         problem = id_problem(image_id)
@@ -235,7 +290,7 @@ class ReadDecode:
         truth = empty_array(np.uint8, None)
         if read_mask is not None:
             try:
-                truth = build_mask("ids", [(mask_uri, read_mask())], self.classes, self.max_pixels)
+                truth = build_mask(self.layout, read_mask(), self.classes, self.max_pixels)
             except BadInput as e:
                 return _error_row(image_id, mask_uri, f"mask {mask_uri}: {e}")
             if truth.shape != image.shape[:2]:

@@ -48,6 +48,9 @@ class Preprocessing:
             trained on patches of larger images: predict slides a window of this
             size over each image (after fitting to ``size``, if any). None: the
             model saw whole images.
+        priority: the overlap priority of the per-class layout it was trained
+            on (``dataset.json``'s), so truth read from raw layers is painted
+            the same way; None for other layouts.
     """
 
     model: str
@@ -58,12 +61,15 @@ class Preprocessing:
     classes: tuple[ClassInfo, ...]
     ignore_index: int = IGNORE_INDEX
     window: tuple[int, int] | None = None
+    priority: tuple[str, ...] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def to_dict(self) -> dict[str, Any]:
+        # ``priority`` only where there is one: files of other layouts read as before.
+        extra = {"priority": list(self.priority)} if self.priority else {}
         return {
             "model": self.model,
             "size": list(self.size) if self.size else None,
@@ -74,6 +80,7 @@ class Preprocessing:
             "classes": class_list(self.classes),
             "ignore_index": self.ignore_index,
             "window": list(self.window) if self.window else None,
+            **extra,
         }
 
     @classmethod
@@ -100,6 +107,7 @@ class Preprocessing:
             classes=tuple(classes),
             ignore_index=raw.ignore_index,
             window=tuple(raw.window) if raw.window else None,
+            priority=tuple(raw.priority) if raw.priority else None,
         )
 
 
@@ -116,6 +124,7 @@ class _PreprocessingFile:
     classes: list[dict[str, Any]]
     ignore_index: int = IGNORE_INDEX
     window: list[int] | None = None
+    priority: list[str] | None = None
 
 
 def class_list(classes: list[ClassInfo] | tuple[ClassInfo, ...]) -> list[dict[str, Any]]:

@@ -3,9 +3,8 @@
 The tables are read with pyarrow through ``segray.storage`` (local or a storage URI)
 and registered with an in-memory DuckDB as views, so a query works offline and
 on any S3 endpoint without DuckDB's own httpfs extension. A view is read only
-when a query names it. The connection may not touch files or the network
-(``enable_external_access`` off): a query reads the output's tables and
-nothing else.
+when a query names it. The connection may not touch files or the network:
+a query reads the output's tables and nothing else (see ``sandboxed_connection``).
 
 Views:
 
@@ -99,6 +98,35 @@ def open_output(out: str) -> OutputInfo:
     return OutputInfo(out, kind, summary, classes)
 
 
+def sandboxed_connection():
+    """An in-memory DuckDB connection that can reach no file, folder, extension or network.
+
+    ``enable_external_access`` off is not enough on its own: DuckDB still
+    allows its temporary folder (``.tmp`` in the working directory by
+    default) and ``<cwd>/:memory:.wal`` and its siblings, where a query could
+    COPY, ATTACH and read. So, before any query runs: no temporary folder
+    (nothing spills to disk; the tables are in memory already), empty
+    ``allowed_directories`` and ``allowed_paths``, external access off, and
+    the configuration locked, so a query cannot undo any of it.
+    """
+    import duckdb
+
+    # Allowed lists can only be emptied while external access is on, so it is turned off after them.
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False, "temp_directory": ""})
+    try:
+        for statement in (
+            "SET allowed_directories = []",
+            "SET allowed_paths = []",
+            "SET enable_external_access = false",
+            "SET lock_configuration = true",
+        ):
+            con.execute(statement)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
 def _one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
@@ -117,9 +145,7 @@ class OutputTables:
         self.info = open_output(out)
         self.layout = Output(out)
         self._duckdb = duckdb
-        self._con = duckdb.connect(
-            config={"enable_external_access": False, "autoinstall_known_extensions": False, "autoload_known_extensions": False}
-        )
+        self._con = sandboxed_connection()
         self._tables: dict[str, pa.Table] = {}
 
     @property
@@ -287,17 +313,44 @@ def format_text(frame: pd.DataFrame) -> str:
     return frame.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}")
 
 
-def write_result(frame: pd.DataFrame, uri: str) -> None:
-    """Writes a query result to ``uri`` by its extension: ``.parquet``, ``.csv`` or ``.json`` (one array of objects)."""
+# A report or a query result is never written inside these folders (at any depth).
+OUTPUT_FOLDERS = {RUN_FILE: "the predict or evaluate output"}
+
+
+def check_output_file(uri: str, overwrite: bool, kind: str) -> None:
+    """Refuses ``uri`` (the ``output`` field) inside an output folder, or an existing file segray did not write.
+
+    An existing file segray wrote (its sidecar holds its hash) is replaced
+    only with ``overwrite``; see ``segray.ownership.check_new_file``.
+    """
+    from segray.ownership import check_new_file
+
+    check_new_file(uri, "output", overwrite, kind, OUTPUT_FOLDERS)
+
+
+def result_bytes(frame: pd.DataFrame, uri: str) -> bytes:
+    """A query result as the file ``uri`` names by its extension: ``.parquet``, ``.csv`` or ``.json`` (one array of objects)."""
+    import pyarrow.parquet as pq
+
     lower = uri.lower()
     if lower.endswith(".parquet"):
-        storage.write_parquet(pa.Table.from_pandas(frame, preserve_index=False), uri)
-    elif lower.endswith(".csv"):
-        storage.write_text(uri, frame.to_csv(index=False))
-    elif lower.endswith(".json"):
-        storage.write_text(uri, to_json(frame))
-    else:
-        raise ValueError(f"{uri}: expected a file ending in .parquet, .csv or .json")
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+        return sink.getvalue().to_pybytes()
+    if lower.endswith(".csv"):
+        return frame.to_csv(index=False).encode("utf-8")
+    if lower.endswith(".json"):
+        return to_json(frame).encode("utf-8")
+    raise ValueError(f"{uri}: expected a file ending in .parquet, .csv or .json")
+
+
+def write_result(frame: pd.DataFrame, uri: str, overwrite: bool = False) -> None:
+    """Writes a query result to ``uri`` (checked by ``check_output_file`` first), with its sidecar."""
+    from segray.ownership import write_owned_file
+
+    data = result_bytes(frame, uri)
+    check_output_file(uri, overwrite, "query result")
+    write_owned_file(uri, data, "query result")
 
 
 def to_json(frame: pd.DataFrame) -> str:

@@ -24,7 +24,8 @@ import pandas as pd
 from segray import storage
 from segray.config import ReportConfig, about
 from segray.reporting import svg
-from segray.reporting.query import OutputTables, iou_histogram, worst
+from segray.ownership import write_owned_file
+from segray.reporting.query import OutputTables, check_output_file, iou_histogram, worst
 from segray.reporting.strips import ERROR_COLOURS, colour_table, read_pixels, strip_png
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
@@ -307,13 +308,18 @@ def write_report(cfg: ReportConfig) -> ReportResult:
 
     Raises:
         FileNotFoundError: OUT, one of its tables, or the run's history is missing (named).
-        ValueError: OUT is not a finished predict or evaluate output.
+        FileExistsError: OUTPUT exists and segray did not write it, or
+            ``overwrite`` is off (``segray.ownership.check_new_file``).
+        ValueError: OUT is not a finished predict or evaluate output, or
+            OUTPUT lies inside an output folder.
     """
+    check_output_file(cfg.output, cfg.overwrite, "report")  # before the work, and again just before writing
     try:
         tables = OutputTables(cfg.out)
     except (FileNotFoundError, ValueError) as e:
         raise about("out", type(e)(f"out {e}")) from None
     page, strips = render(tables, cfg.run, cfg.worst)
     data = page.encode("utf-8")
-    storage.write_bytes(cfg.output, data)
+    check_output_file(cfg.output, cfg.overwrite, "report")
+    write_owned_file(cfg.output, data, "report")
     return ReportResult(cfg.output, len(data), strips)

@@ -8,7 +8,9 @@ Each replica loads the model once, pinned by the weights' hash the driver
 resolved (and, with ONNX Runtime, the hash of the conversion the driver made),
 and runs it through ``segray.inference.predictor.Predictor``, the class the
 batch job uses, so a served mask equals ``segray predict``'s. Requests are
-decoded and checked one by one in the replica's event loop; only good images
+decoded and checked one by one in the replica's event loop (a body over
+``max_body_bytes`` is refused from its Content-Length, or counted as it
+arrives, never read whole); only good images
 reach ``@serve.batch``, which groups up to ``max_batch`` of them (one model
 call per image size) within ``batch_wait_ms``. The model runs in a thread, so
 the loop keeps taking requests meanwhile.
@@ -32,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from segray.config import ServeConfig
-from segray.serving.requests import RequestError, decode_request, error_body, json_body, mask_response
+from segray.config import BODY_BYTES_PER_PIXEL, ServeConfig
+from segray.serving.requests import FORMATS, RequestError, answer_format, decode_request, error_body, json_body, mask_response, read_body
 
 APP_NAME = "segray"
 READY_TIMEOUT_S = 180.0
@@ -90,6 +92,7 @@ def _deployment_class():
             self.model_id = settings["model_id"]
             self.class_names = [c["name"] for c in self.card["classes"]]
             self.max_pixels = settings["max_pixels"]
+            self.max_body_bytes = settings["max_body_bytes"]
             self.segment.set_max_batch_size(settings["max_batch"])
             self.segment.set_batch_wait_timeout_s(settings["batch_wait_ms"] / 1000.0)
 
@@ -111,14 +114,17 @@ def _deployment_class():
             if method != "POST":
                 return self._json(405, {"error": f"{method} /segment: send the image with POST", "status": 405})
             try:
-                image = decode_request(await request.body(), request.headers.get("content-type", ""), self.max_pixels)
+                as_json = answer_format(request.query_params.get("format")) == "json"
+                # Never request.body(): it reads any body whole, however large.
+                body = await read_body(request.stream(), request.headers.get("content-length"), self.max_body_bytes)
+                image = decode_request(body, request.headers.get("content-type", ""), self.max_pixels)
+                del body
                 height, width = image.shape[:2]
                 result = await self.segment((self.model.prepare(image), height, width))
             except RequestError as e:
                 return Response(error_body(e), status_code=e.status, media_type="application/json")
             if isinstance(result, str):
                 return self._json(500, {"error": result, "status": 500})
-            as_json = request.query_params.get("format", "png") == "json"
             status, body, media = mask_response(result, as_json, self.class_names, self.model_id)
             return Response(body, status_code=status, media_type=media, headers={"X-Model-Id": self.model_id})
 
@@ -212,7 +218,16 @@ def serve(cfg: ServeConfig) -> Served:
         f"; a {geometry.tile[0]}x{geometry.tile[1]} window slides over it (overlap {geometry.overlap[0]}x{geometry.overlap[1]} pixels, "
         f"{geometry.weighting} weights), as segray predict does" if geometry.tile else ""
     )
-    card["input"] = {"body": "PNG, JPEG, TIFF or BMP file, or multipart/form-data with a file part", "max_pixels": cfg.max_pixels}
+    card["input"] = {
+        "body": "PNG, JPEG, TIFF or BMP file, or multipart/form-data with a file part",
+        "max_pixels": cfg.max_pixels,
+        "max_body_bytes": cfg.max_body_bytes,
+        "max_body_rule": (
+            f"max_body_mb {cfg.max_body_mb:g} (MiB)" if cfg.max_body_mb is not None
+            else f"{BODY_BYTES_PER_PIXEL} bytes per pixel of max_pixels + 1 MiB (an uncompressed 8-bit RGBA image and multipart framing)"
+        ),
+        "formats": list(FORMATS),
+    }
     settings = {
         "model_uri": spec.uri,
         "model_id": spec.model_id,
@@ -223,6 +238,7 @@ def serve(cfg: ServeConfig) -> Served:
         "max_batch": cfg.max_batch,
         "batch_wait_ms": cfg.batch_wait_ms,
         "max_pixels": cfg.max_pixels,
+        "max_body_bytes": cfg.max_body_bytes,
         "card": json.loads(json.dumps(card)),
     }
     logging = {"log_level": "INFO" if is_verbose() else "WARNING", "enable_access_log": is_verbose()}

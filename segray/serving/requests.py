@@ -3,14 +3,18 @@
 A request carries the image file as its body (PNG, JPEG, TIFF, BMP) or as
 the first file part of a ``multipart/form-data`` body. Statuses:
 
-- 400: no body, not an image, truncated, or a multipart body without a file;
-- 413: more pixels than the limit, read from the header before decoding;
+- 400: no body, not an image, truncated, a multipart body without a file, or
+  a ``format`` other than ``png`` and ``json``;
+- 413: a body over the byte limit (refused from its Content-Length before any
+  of it is read; a body without one is counted as it arrives and refused at
+  the limit), or more pixels than the limit, read from the header before decoding;
 - 422: an image with a channel count no model takes.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterable
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
@@ -27,6 +31,51 @@ class RequestError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+FORMATS = ("png", "json")
+
+
+def answer_format(value: str | None) -> str:
+    """The ``format`` query parameter: ``png`` (the default) or ``json``.
+
+    Raises:
+        RequestError: 400 naming the allowed values.
+    """
+    if value is None:
+        return "png"
+    if value not in FORMATS:
+        shown = value if len(value) <= 40 else value[:40] + f"... ({len(value)} characters)"
+        raise RequestError(400, f"format {shown!r} is not one of {', '.join(FORMATS)}; use ?format=png (the mask) or ?format=json (class fractions)")
+    return value
+
+
+def _too_large(size: str, limit: int) -> RequestError:
+    return RequestError(413, f"request body {size} is over the limit of {limit:,} bytes (max_body_mb); send a smaller file")
+
+
+async def read_body(chunks: AsyncIterable[bytes], content_length: str | None, limit: int) -> bytes:
+    """The request body, read only while it stays within ``limit`` bytes.
+
+    Args:
+        chunks: the body as it arrives (Starlette's ``request.stream()``).
+        content_length: the Content-Length header, or None (a chunked body).
+        limit: the largest body accepted, in bytes.
+
+    Raises:
+        RequestError: 413 when Content-Length says more than ``limit`` (before
+            anything is read), or when the bytes received pass it.
+    """
+    if content_length is not None and content_length.strip().isdigit() and int(content_length) > limit:
+        raise _too_large(f"of {int(content_length):,} bytes (Content-Length)", limit)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"passed {size:,} bytes as it arrived", limit)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def image_bytes(body: bytes, content_type: str) -> bytes:

@@ -26,7 +26,7 @@ from segray.config import TrainConfig
 from segray.data.info import IGNORE_INDEX, DatasetInfo
 from segray.models.saved import Preprocessing
 from segray.runtime import BF16_CPU_FLAGS, cpu_has_bf16, normal_priority
-from segray.training.artifacts import RunArtifacts, load_state, save_state
+from segray.training.artifacts import RunArtifacts, load_state, save_state, write_end
 from segray.training.report import PREVIEW_IMAGES, epoch_line, preview_strips
 
 
@@ -52,6 +52,7 @@ def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
         std=tuple(info.std),
         classes=tuple(c for c in info.classes if c.id != info.ignore_index),
         ignore_index=info.ignore_index,
+        priority=tuple(info.priority) if info.priority else None,
     )
 
 
@@ -369,10 +370,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard(val_dataset_name(rank))
 
+    stopped = "epochs"  # why the loop ends (ended.json): all epochs, unless a break says otherwise
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.time_budget is not None and epoch > start_epoch and worker.elapsed() + worker.last_val_seconds >= cfg.time_budget:
             if rank == 0:
                 print(f"time budget {cfg.time_budget:g} s reached after {epoch} epoch(s); the best model is kept", file=sys.__stdout__, flush=True)
+            stopped = "time_budget"
             break
         t0 = time.time()
         loss_sum, weight_sum, cm, images, train_seconds = worker.run_epoch(train_shard, train=True)
@@ -408,8 +411,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics, checkpoint=None)
         if cfg.patience and stale >= cfg.patience:
+            stopped = "patience"
             break
         if worker.out_of_time:
             if rank == 0:
                 print(f"time budget {cfg.time_budget:g} s reached after {epoch + 1} epoch(s); the best model is kept", file=sys.__stdout__, flush=True)
+            stopped = "time_budget"
             break
+    if rank == 0:
+        # Last: a run without it is still training or was killed (`segray export` refuses it).
+        write_end(loop_config["run_uri"], len(history), cfg.epochs, stopped)

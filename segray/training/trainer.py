@@ -11,7 +11,7 @@ from segray.config import ConfigError, TrainConfig, about, field_defaults
 from segray.data.info import DatasetInfo, load_dataset_info
 from segray.ownership import canonical
 from segray.runtime import is_verbose
-from segray.training.artifacts import read_config, read_history, run_exists, write_config
+from segray.training.artifacts import HISTORY_FILE, clear_end, read_config, read_history, run_exists, write_config, write_end
 
 # What a resumed run may change: how long it goes on and how failures are handled.
 # Anything else (data, model, loss, sizes, learning rate ...) would make its
@@ -112,6 +112,13 @@ def _check_resumable(run_uri: str, cfg: TrainConfig) -> None:
         )
 
 
+def _record_failure(run_uri: str, epochs: int, error: BaseException) -> None:
+    """``ended.json`` of a run Ray Train gave up on: the epochs done and the error's last line."""
+    done = len(read_history(run_uri)) if storage.exists(storage.join(run_uri, HISTORY_FILE)) else 0
+    lines = str(error).strip().splitlines()
+    write_end(run_uri, done, epochs, "failed", f"{type(error).__name__}: {lines[-1][:300]}" if lines else type(error).__name__)
+
+
 def class_draw_for(cfg: TrainConfig, info: DatasetInfo) -> tuple[float, ...]:
     """The weights by class id an oversampled patch's class is drawn with: () for ``uniform``.
 
@@ -156,6 +163,8 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
     cfg, info, run_uri = run.config, run.info, run.run_uri
     if not write_config(run_uri, cfg.to_dict(), info.to_dict(), exclusive=not cfg.resume):
         raise about("name", FileExistsError(f"name {cfg.name}: the run {run_uri} was started by another process a moment ago; choose another `name`"))
+    if cfg.resume:
+        clear_end(run_uri)  # training again: the run is unfinished until its loop ends
 
     if cfg.plan:
         from segray.planning.plan import PLAN_FILE
@@ -200,9 +209,14 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
         datasets=datasets,
         dataset_config=data_config(cfg.workers),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        # Ray Train raises the run's error from fit() (older versions returned it in result.error).
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception as error:
+        _record_failure(run_uri, cfg.epochs, error)
+        raise
     history = read_history(run_uri)
     best_row = int(history["val_miou"].fillna(-1).idxmax())
     best = history.loc[best_row].to_dict()

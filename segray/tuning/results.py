@@ -246,6 +246,28 @@ def write_outputs(uri: str, table: pd.DataFrame, curve: pd.DataFrame) -> dict[st
     return best
 
 
+def trial_end(uri: str, run_uri: str) -> tuple[str, str] | None:
+    """How the search at ``uri`` ended the trial whose run is ``run_uri``: (a key of
+    ``training.artifacts.STOP_REASONS``, a detail), or None when its trials table does not list it.
+    """
+    trials_uri = storage.join(uri, TRIALS_FILE)
+    if not storage.exists(trials_uri):
+        return None
+    table = storage.read_parquet(trials_uri).to_pandas()
+    rows = table[table["run_uri"].astype(str).str.rstrip("/") == run_uri.rstrip("/")] if "run_uri" in table else table.iloc[:0]
+    if not len(rows):
+        return None
+    row = rows.iloc[0]
+    detail = f"{trials_uri}, trial {row['trial_id']}"
+    if isinstance(row.get("error"), str) and row["error"]:
+        return "failed", f"{detail}: {row['error']}"
+    if bool(row.get("stopped_early", False)):
+        return "asha", detail
+    if bool(row.get("complete", False)):
+        return "epochs", detail
+    return "search_time_budget", detail
+
+
 def read_best(uri: str) -> dict[str, Any]:
     """``URI/best.json`` of a finished search.
 

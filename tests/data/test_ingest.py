@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+import signal
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -13,7 +18,7 @@ import pytest
 from segray import storage
 from segray.cli import main as cli_main
 from segray.config import IngestConfig
-from segray.data import IngestError, decode_image, decode_mask, ingest, load_dataset_info, split_of, synthesize
+from segray.data import IngestError, choose_val, decode_image, decode_mask, ingest, load_dataset_info, synthesize
 from segray.data.imageio import encode_png
 from tests.conftest import EPFL_MINI
 
@@ -39,7 +44,9 @@ def test_ids_layout_roundtrip(tmp_path):
     info = load_dataset_info(dst)
     assert info == result.info
     assert info.num_classes == 4 and info.size == [32, 40]
-    assert sum(info.splits.values()) == 24 and info.splits["val"] > 0
+    assert info.splits == {"train": 18, "val": 6}  # exactly 0.25 x 24
+    val_ids = choose_val([f"img_{i:06d}" for i in range(24)], 0.25)
+    assert info.val_ids == sorted(val_ids)
     assert errors_of(dst) == []
     assert abs(sum(info.pixel_frequency.values()) - 1.0) < 1e-9
     # Every row: the image bytes are the source file's, the mask decodes to the source mask.
@@ -47,7 +54,7 @@ def test_ids_layout_roundtrip(tmp_path):
         table = read_split_table(dst, split)
         assert table.num_rows == info.splits[split]
         for row in table.to_pylist():
-            assert split_of(row["image_id"], 0.25) == split
+            assert (row["image_id"] in val_ids) == (split == "val")
             assert row["image"] == open(row["source_image"], "rb").read()
             src_mask = cv2.imread(row["source_mask"], cv2.IMREAD_UNCHANGED)
             np.testing.assert_array_equal(decode_mask(row["mask"]), src_mask)
@@ -252,34 +259,36 @@ def test_synth_is_reproducible(tmp_path):
     assert any(len(np.unique(m)) < 4 for m in masks)
 
 
-def test_grown_dataset_keeps_split_assignments(tmp_path):
+def test_grown_dataset_keeps_split_assignments_with_the_earlier_val_ids(tmp_path):
     small, grown = str(tmp_path / "small"), str(tmp_path / "grown")
     synthesize(small, n=20, size=(16, 16), seed=2, show_progress=False)
     synthesize(grown, n=40, size=(16, 16), seed=2, show_progress=False)
-    ingest(IngestConfig(source=small, destination=str(tmp_path / "ds1"), val_fraction=0.3))
-    ingest(IngestConfig(source=grown, destination=str(tmp_path / "ds2"), val_fraction=0.3))
+    first_info = ingest(IngestConfig(source=small, destination=str(tmp_path / "ds1"), val_fraction=0.3)).info
+    pinned = tmp_path / "val.txt"
+    pinned.write_text("# the first ingest's val split\n" + "\n".join(first_info.val_ids) + "\n")
+    ingest(IngestConfig(source=grown, destination=str(tmp_path / "ds2"), val_ids=str(pinned)))
 
     def assignment(dst):
         return {i: s for s in ("train", "val") for i in read_split_table(dst, s)["image_id"].to_pylist()}
 
     first, second = assignment(str(tmp_path / "ds1")), assignment(str(tmp_path / "ds2"))
+    assert sum(s == "val" for s in first.values()) == 6  # exactly 0.3 x 20
     assert len(second) == 40 and all(second[i] == s for i, s in first.items())
-    fraction = np.mean([split_of(f"id-{i}", 0.3) == "val" for i in range(4000)])
-    assert 0.27 < fraction < 0.33
+    assert sum(s == "val" for s in second.values()) == 6  # the 20 new ids went to train
 
 
 def test_classes_are_inferred_from_every_split(tmp_path):
     # A class that only a val image holds: inferred from train alone, training crashed after an epoch.
     raw = tmp_path / "raw"
-    val_id = next(f"img_{k}" for k in range(1000) if split_of(f"img_{k}", 0.5) == "val")
-    train_ids = [f"img_{k}" for k in range(1000) if split_of(f"img_{k}", 0.5) == "train"][:3]
+    val_id, train_ids = "img_3", ["img_0", "img_1", "img_2"]
+    (tmp_path / "val.txt").write_text(val_id + "\n")
     for image_id in [*train_ids, val_id]:
         mask = np.zeros((8, 8), np.uint8)
         mask[:4] = 3 if image_id == val_id else 1
         _png(str(raw / "images" / f"{image_id}.png"), np.full((8, 8, 3), 100, np.uint8))
         _png(str(raw / "masks" / f"{image_id}.png"), mask)
-    info = ingest(IngestConfig(source=str(raw), destination=str(tmp_path / "ds"), val_fraction=0.5)).info
-    assert info.splits == {"train": 3, "val": 1}
+    info = ingest(IngestConfig(source=str(raw), destination=str(tmp_path / "ds"), val_ids=str(tmp_path / "val.txt"))).info
+    assert info.splits == {"train": 3, "val": 1} and info.val_ids == [val_id]
     assert info.num_classes == 4, info.class_names
     assert info.pixel_frequency["class_3"] == 0.0  # frequencies stay those of the train split
 
@@ -391,8 +400,8 @@ def test_chunk_tasks_send_sums_not_a_row_per_image(tmp_path):
     plan = list_pairs(raw, "ids", None, 3)
     bounds = _chunks(plan, 128, min_chunks=2)
     assert len(bounds) == 2 and bounds[0][0] == 0 and bounds[-1][1] == len(plan.pairs) == 30
-    items = chunk_items(plan, raw, bounds)
-    writer = _ChunkWriter(str(tmp_path / "ds"), "ids", None, 0.2, "r1", 10**6)
+    items = chunk_items(plan, raw, bounds, val={p.image_id for p in plan.pairs[:5]})
+    writer = _ChunkWriter(str(tmp_path / "ds"), "ids", None, "r1", 10**6)
     rows = [row for item in items for row in writer(item)]
     sums = [r for r in rows if r["stats"]]
     rejects = [r for r in rows if not r["stats"]]
@@ -402,6 +411,7 @@ def test_chunk_tasks_send_sums_not_a_row_per_image(tmp_path):
     for r in sums:
         total.merge(r["stats"])
     assert sum(total.images.values()) == 29 and total.dtypes == {"uint8": 29}
+    assert total.images["val"] == 5 and sorted(total.val_ids) == sorted(p.image_id for p in plan.pairs[:5])
     assert sum(int(v.sum()) for v in total.class_pixels.values()) == 29 * 16 * 16
 
 
@@ -418,3 +428,126 @@ def test_folder_index_gives_back_every_uri_and_size(tmp_path):
     assert errors == []
     got = {k: (index[k].uri, index[k].size) for k in index}
     assert got == {os.path.splitext(n)[0]: (str(root / n), k + 1) for k, n in enumerate(names)}
+
+
+def test_val_count_is_the_rounded_fraction_and_leaves_both_splits_something():
+    from segray.data.ingest import val_count
+
+    assert [val_count(27, 0.1), val_count(24, 0.25), val_count(10, 0.25), val_count(20, 0.3)] == [3, 6, 3, 6]
+    assert val_count(2, 0.1) == 1 and val_count(30, 0.01) == 1  # at least one when asked for any
+    assert val_count(1, 0.5) == 0 and val_count(5, 0.0) == 0 and val_count(2, 0.9) == 1  # never every image
+
+
+def test_val_split_is_exact_on_a_small_set_and_stable(tmp_path, capsys):
+    # The EPFL train set's size: --val-fraction 0.1 gave 7 of 27 images (26%) by comparing each hash with the fraction.
+    raw = str(tmp_path / "raw")
+    synthesize(raw, n=27, size=(8, 8), num_classes=3, seed=4, show_progress=False)
+    assert cli_main(["ingest", raw, str(tmp_path / "a"), "--val-fraction", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "splits: train 24, val 3 (11.1% val; asked 0.1: round(0.1 x 27) = 3 by hash rank)" in out, out
+    a = load_dataset_info(str(tmp_path / "a"))
+    assert a.splits == {"train": 24, "val": 3} and len(a.val_ids) == 3
+    assert sorted(read_split_table(str(tmp_path / "a"), "val")["image_id"].to_pylist()) == a.val_ids
+    assert a.extra["split"] == {"rule": "hash-rank", "fraction": 0.1, "seed": 0, "listed": 27, "assigned_val": 3, "val": 3, "train": 24}
+    # The same ids give the same split; another seed draws another split of the same size.
+    again = ingest(IngestConfig(source=raw, destination=str(tmp_path / "b"), val_fraction=0.1)).info
+    other = ingest(IngestConfig(source=raw, destination=str(tmp_path / "c"), val_fraction=0.1, split_seed=7)).info
+    assert again.val_ids == a.val_ids
+    assert other.splits == a.splits and other.val_ids != a.val_ids and other.config["split_seed"] == 7
+
+
+def test_val_ids_pin_the_split_and_name_what_they_miss(tmp_path, capsys):
+    raw = str(tmp_path / "raw")
+    synthesize(raw, n=10, size=(8, 8), num_classes=3, seed=4, show_progress=False)
+    pinned = tmp_path / "published-val.txt"
+    pinned.write_text("img_000002\n\nimg_000007\nnot_here\n")
+    with pytest.warns(UserWarning, match=r"1 of its 3 ids are not in the source .*\(not_here\)"):
+        info = ingest(IngestConfig(source=raw, destination=str(tmp_path / "a"), val_ids=str(pinned))).info
+    assert info.val_ids == ["img_000002", "img_000007"] and info.splits == {"train": 8, "val": 2}
+    assert "pinned by" in info.describe("a") and "1 of its 3 ids not in the source" in info.describe("a")
+    pinned.write_text("nothing\nmatches\n")
+    assert cli_main(["ingest", raw, str(tmp_path / "b"), "--val-ids", str(pinned)]) == 2
+    err = capsys.readouterr().err
+    assert f"--val-ids {pinned}: none of its 2 ids is in the source" in err, err
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+def _layer(name: str, image_id: str) -> np.ndarray:
+    return cv2.imread(os.path.join(EPFL_MINI, name, image_id + ".png"), cv2.IMREAD_UNCHANGED)[..., :3].max(2) > 127
+
+
+def test_per_class_ingest_reports_what_the_priority_leaves_of_each_layer(tmp_path, capsys):
+    # The mitochondrial boundaries lie on the mitochondria: listed after them, they keep almost nothing.
+    wrong = ["membranes", "mitochondrion", "mitochondrial boundaries", "PSD", "vesicles", "axon"]
+    common = dict(source=EPFL_MINI, layout="per-class", images_dir="slices", val_fraction=0.0)
+    with pytest.warns(UserWarning, match=r"class 'mitochondrial boundaries' keeps .* 'mitochondrion' lies on") as caught:
+        info = ingest(IngestConfig(destination=str(tmp_path / "wrong"), class_order=wrong, **common)).info
+    flagged = [str(w.message) for w in caught if "keeps" in str(w.message)]
+    assert len(flagged) == 1, flagged
+    survival = info.extra["layer_survival"]
+    # An independent count from the layer files: boundary pixels outside the higher-priority layers.
+    ids = ["training0000", "training0001", "training0002"]
+    bound = sum(int(_layer("mitochondrial boundaries", i).sum()) for i in ids)
+    kept = sum(int((_layer("mitochondrial boundaries", i) & ~_layer("membranes", i) & ~_layer("mitochondrion", i)).sum()) for i in ids)
+    under = sum(int((_layer("mitochondrial boundaries", i) & ~_layer("membranes", i) & _layer("mitochondrion", i)).sum()) for i in ids)
+    assert survival["mitochondrial boundaries"]["layer_pixels"] == bound
+    assert survival["mitochondrial boundaries"]["kept"] == pytest.approx(kept / bound) and kept / bound < 0.5
+    assert survival["mitochondrial boundaries"]["covered_by"]["mitochondrion"] == pytest.approx(under / bound)
+    assert survival["membranes"]["kept"] == 1.0  # first in the priority
+    assert "<- under half kept" in info.describe("wrong")
+    # Boundaries first: every class keeps more than half of its layer, and nothing is flagged.
+    right = ["mitochondrial boundaries", "PSD", "vesicles", "mitochondrion", "membranes", "axon"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli_main(["ingest", EPFL_MINI, str(tmp_path / "right"), "--layout", "per-class", "--images-dir", "slices",
+                         "--class-order", ",".join(wrong), "--priority", ",".join(right), "--val-fraction", "0"]) == 0
+    assert not [w for w in caught if "keeps" in str(w.message)]
+    assert "share of each class layer's pixels kept" in capsys.readouterr().out
+    kept_right = load_dataset_info(str(tmp_path / "right")).extra["layer_survival"]
+    assert kept_right["mitochondrial boundaries"]["kept"] == 1.0
+    assert all(s["kept"] > 0.5 for s in kept_right.values()), kept_right
+
+
+# The `segray` command as a user runs it (sys.argv is the command line recorded and echoed).
+SEGRAY = [sys.executable, "-c", "import sys; from segray.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+@pytest.mark.slow  # a real `segray` process started and killed: its imports take most of the time
+def test_an_interrupted_ingest_is_named_with_its_source_and_the_command_that_replaces_it(ray_cluster, tmp_path, monkeypatch, capsys):
+    raw, other, dst = str(tmp_path / "raw"), str(tmp_path / "other"), str(tmp_path / "ds")
+    synthesize(raw, n=60, size=(40, 40), num_classes=3, seed=8, show_progress=False)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    command = ["ingest", raw, dst]
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([*SEGRAY, *command], env=env, stdout=log, stderr=subprocess.STDOUT)
+        train = os.path.join(dst, "train")
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.isdir(train) and any(n.endswith(".parquet") for n in os.listdir(train)):
+                break
+            time.sleep(0.02)
+        finished = proc.poll() is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not finished, open(tmp_path / "killed.log").read()[-3000:]
+    assert os.path.exists(os.path.join(dst, "_segray.json")) and not os.path.exists(os.path.join(dst, "dataset.json"))
+    left = sorted(os.path.relpath(os.path.join(d, f), dst) for d, _, fs in os.walk(dst) for f in fs)
+
+    # The same command says what is there and what to run.
+    monkeypatch.setattr(sys, "argv", ["segray", *command])  # what the shell gives `segray`
+    assert cli_main(command) == 2
+    err = capsys.readouterr().err
+    assert f"DESTINATION {dst} holds an interrupted ingest of the same SOURCE {raw}:" in err, err
+    assert f"to replace it, run `segray {' '.join(command)} --overwrite`" in err, err
+    # Another source into the same DESTINATION is told whose it is.
+    synthesize(other, n=4, size=(16, 16), seed=1, show_progress=False)
+    with pytest.raises(IngestError, match=rf"holds an interrupted ingest of another source, {raw} \(not `source` {other}\)"):
+        ingest(IngestConfig(source=other, destination=dst))
+    assert sorted(os.path.relpath(os.path.join(d, f), dst) for d, _, fs in os.walk(dst) for f in fs) == left, "nothing written"
+
+    # --overwrite replaces it as before.
+    assert cli_main([*command, "--overwrite"]) == 0
+    info = load_dataset_info(dst)
+    assert sum(info.splits.values()) == 60 and info.errors == 0
+    killed_shards = {n for n in left if n.endswith(".parquet") and n.startswith(("train/", "val/"))}
+    assert killed_shards and not killed_shards & {os.path.relpath(f.uri, dst) for f in storage.list_files(dst)}

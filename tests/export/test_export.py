@@ -197,3 +197,51 @@ def test_predict_with_onnxruntime_gives_the_masks_and_tables_of_tensorflow(expor
     # An OUT written by one backend is not resumed by the other.
     with pytest.raises(FileExistsError):
         predict(PredictConfig(model=run, input=raw, output=str(root / "pred-tensorflow"), batch_size=4, overlays=0, backend="onnxruntime"))
+
+
+def test_export_refuses_an_unfinished_run_unless_allowed_and_the_card_says_so(tmp_path, capsys):
+    """A run in its 5th epoch of 8 (config, history and best model as the loop leaves them) is refused; allowed, the card says so."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from segray.cli import main
+    from segray.config import TrainConfig
+    from segray.training.artifacts import HISTORY_FILE, run_state, write_config, write_end
+
+    run = write_run(str(tmp_path / "runs" / "r"), [32, 32])
+    cfg = TrainConfig(data=str(tmp_path / "ds"), storage=str(tmp_path / "runs"), name="r", epochs=8, time_budget=600.0)
+    write_config(run, cfg.to_dict(), {"num_classes": 3}, exclusive=True)
+    scores = [0.2, 0.5, 0.6, 0.55]  # the best is epoch 2 (from 0), as the saved model's best.json says
+    history = pd.DataFrame({"epoch": range(4), "val_miou": scores, "seconds": [5.0] * 4, "ended_at": [1.8e9 + 5 * i for i in range(4)]})
+    storage.write_parquet(pa.Table.from_pandas(history, preserve_index=False), storage.join(run, HISTORY_FILE))
+    storage.write_text(storage.join(run, "model", "best.json"), json.dumps({"epoch": 2, "val_miou": 0.6}))
+    assert run_state(run).stopped is None and not run_state(run).finished
+
+    out = tmp_path / "out"
+    assert main(["export", run, "--format", "keras", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: RUN {run} is unfinished: 4 of 8 epochs done; no record of its end: still training, or killed" in err, err
+    assert "--allow-unfinished" in err and not out.exists()
+
+    allowed = export(ExportConfig(run=run, format="keras", output=str(out), allow_unfinished=True))
+    card = json.loads((out / "model_card.json").read_text())
+    assert card == allowed.card
+    training = card["training"]
+    assert training["finished"] is False and training["epochs_done"] == 4 and training["epochs_planned"] == 8 and training["epoch"] == 2
+    assert training["stopped"] is None and "still training, or killed" in training["stopped_because"]
+    assert any("unfinished run" in w and "4 of 8 epochs done" in w for w in card["warnings"]), card["warnings"]
+
+    # Failed (the driver's record when Ray Train gives up): refused, saying why.
+    write_end(run, 4, 8, "failed", "RuntimeError: worker died")
+    assert main(["export", run, "--format", "keras", "--output", str(tmp_path / "failed")]) == 2
+    assert "4 of 8 epochs done; failed (RuntimeError: worker died)" in capsys.readouterr().err
+    # Stopped by its time budget: a normal end, exported with no warning.
+    write_end(run, 4, 8, "time_budget")
+    done = export(ExportConfig(run=run, format="keras", output=str(tmp_path / "budget")))
+    assert done.card["training"]["finished"] is True and done.card["training"]["stopped"] == "time_budget"
+    assert done.card["training"]["stopped_because"] == "4 of 8 epochs done; stopped by its `time_budget`"
+    assert not [w for w in done.card["warnings"] if "unfinished" in w]
+    # A run of old, without ended.json, whose last `patience` epochs brought nothing better ended by early stopping.
+    storage.delete_file(storage.join(run, "ended.json"))
+    write_config(run, {**cfg.to_dict(), "patience": 1}, {"num_classes": 3}, exclusive=False)
+    assert run_state(run).stopped == "patience" and run_state(run).finished

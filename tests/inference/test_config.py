@@ -132,7 +132,7 @@ def test_inputs_are_recognised(tmp_path):
         pixel_frequency={n: 1 / 3 for n in CLASS_NAMES}, mean=[0.0] * 3, std=[1.0] * 3, layout="ids", source="x", command="",
     )
     storage.write_text(str(tmp_path / "ds" / "dataset.json"), info.to_json())
-    with pytest.raises(ValueError, match="ingested dataset; name the split to predict with `split` \\(train, val\\)"):
+    with pytest.raises(ValueError, match="ingested dataset; name the split to predict with `split` \\(train, val, or all\\)"):
         list_source(str(tmp_path / "ds"))
     with pytest.raises(FileNotFoundError, match="^split val: no Parquet shards"):
         list_source(str(tmp_path / "ds"), split="val")

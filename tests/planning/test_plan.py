@@ -14,6 +14,7 @@ from segray.config import ConfigError, IngestConfig
 from segray.data import ingest, synthesize
 from segray.planning import make_plan, plan_uri, read_plan
 from segray.training import config_from
+from segray.training.artifacts import run_state
 
 TINY = ["--model-option", "depth=2", "--model-option", "width=8"]
 
@@ -118,4 +119,7 @@ def test_train_follows_the_plan_a_given_flag_wins_and_is_recorded_and_the_budget
     # last validation. The best model is written.
     history = storage.read_parquet(os.path.join(runs, "r", "history.parquet")).to_pandas()
     assert 1 <= len(history) < 10000 and history["seconds"].sum() <= 12 + history["seconds"].iloc[0], history[["epoch", "seconds"]]
+    # Stopped by its budget is a normal end: recorded as such, so export takes the run.
+    state = run_state(os.path.join(runs, "r"))
+    assert state.finished and state.stopped == "time_budget" and state.epochs_done == len(history) and state.epochs == 10000
     assert os.path.exists(os.path.join(runs, "r", "model", "model.keras"))

@@ -155,6 +155,93 @@ def test_bad_input_gets_one_line_naming_the_problem(output, tmp_path, capsys):
     assert OutputTables(broken).sql("SELECT count(*) AS n FROM per_class")["n"][0] == 3
 
 
+def test_sql_reaches_no_file_from_a_folder_with_a_dot_tmp(output, tmp_path, monkeypatch, capsys):
+    """DuckDB allows its temporary folder (``.tmp`` of the working directory) and ``:memory:.wal`` even without external access."""
+    work = tmp_path / "work"
+    (work / ".tmp").mkdir(parents=True)
+    (work / ".tmp" / "planted.csv").write_text("secret\n42\n")
+    monkeypatch.chdir(work)
+    tables = OutputTables(output.out)
+    statements = [
+        "COPY per_class TO '.tmp/x.csv'",
+        "COPY per_class TO ':memory:.wal' (FORMAT csv)",
+        "ATTACH '.tmp/evil.db' AS evil",
+        "SELECT * FROM read_csv('.tmp/planted.csv')",
+        f"SELECT * FROM read_csv('{work}/.tmp/planted.csv')",
+        "SELECT * FROM read_text('/etc/passwd')",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "SET enable_external_access = true",
+        "SET allowed_directories = ['/']",
+        "SET allowed_paths = ['.tmp/x.csv']",
+        "SET temp_directory = '.tmp'",
+        "SET lock_configuration = false",
+    ]
+    for sql in statements:
+        with pytest.raises(ValueError, match=r"SQL error: .*(Permission Error|locked|disabled)") as refused:
+            tables.sql(sql)
+        assert "\n" not in str(refused.value), sql
+    assert cli_main(["query", output.out, "COPY per_class TO '.tmp/cli.csv'"]) == 2
+    assert "Permission Error" in capsys.readouterr().err
+    assert sorted(os.listdir(work)) == [".tmp"] and os.listdir(work / ".tmp") == ["planted.csv"]
+    settings = dict(tables.sql(
+        "SELECT name, value FROM duckdb_settings() WHERE name IN "
+        "('allowed_directories', 'allowed_paths', 'temp_directory', 'lock_configuration', 'enable_external_access')"
+    ).itertuples(index=False))
+    assert settings == {"allowed_directories": "[]", "allowed_paths": "[]", "temp_directory": "", "lock_configuration": "true",
+                        "enable_external_access": "false"}
+    # The views still answer, the ones named first in this connection too.
+    assert tables.sql("SELECT count(*) AS n FROM per_image")["n"][0] == len(SIZES) * len(CLASS_NAMES)
+    assert tables.sql("SELECT count(*) AS n FROM image_confusion")["n"][0] > 0
+
+
+def test_report_and_query_write_a_new_file_or_replace_only_their_own(output, tmp_path, capsys):
+    """An unrelated file is never replaced; one segray wrote only with --overwrite; nothing goes inside an output."""
+    sql = "SELECT class_name, iou FROM per_class ORDER BY class_id"
+
+    def argv(path: str, *extra: str) -> list[str]:
+        if path.endswith(".html"):
+            return ["report", output.out, "--worst", "0", "--output", path, *extra]
+        return ["query", output.out, sql, "--output", path, *extra]
+
+    for ext in (".html", ".csv", ".json", ".parquet"):
+        theirs = tmp_path / f"theirs{ext}"
+        theirs.write_bytes(b"a file segray did not write")
+        for extra in ((), ("--overwrite",)):
+            assert cli_main(argv(str(theirs), *extra)) == 2, (ext, extra)
+            err = capsys.readouterr().err
+            assert f"--output {theirs} exists and segray did not write it" in err and err.count("\n") == 1, err
+        assert theirs.read_bytes() == b"a file segray did not write"
+
+        ours = str(tmp_path / f"ours{ext}")
+        assert cli_main(argv(ours)) == 0
+        first = open(ours, "rb").read()
+        assert os.path.exists(tmp_path / f".ours{ext}.segray.json")
+        assert cli_main(argv(ours)) == 2
+        assert f"--output {ours} exists (a {'report' if ext == '.html' else 'query result'} segray wrote)" in capsys.readouterr().err
+        assert "set --overwrite to replace it" in (cli_main(argv(ours)), capsys.readouterr().err)[1]
+        assert cli_main(argv(ours, "--overwrite")) == 0
+        capsys.readouterr()
+        if ext != ".html":  # the page says when it was made; a query result is the same bytes again
+            assert open(ours, "rb").read() == first
+        # Changed by hand after segray wrote it: it is the user's file now.
+        with open(ours, "ab") as f:
+            f.write(b"\n")
+        assert cli_main(argv(ours, "--overwrite")) == 2
+        assert "or the file changed since" in capsys.readouterr().err
+
+    masks = sorted(os.listdir(os.path.join(output.out, "masks")))
+    top = sorted(os.listdir(output.out))
+    for path in (f"{output.out}/masks/x.html", f"{output.out}/report.html", f"{output.out}/masks/x.csv", f"{output.out}/new/x.parquet"):
+        for extra in ((), ("--overwrite",)):
+            assert cli_main(argv(path, *extra)) == 2, path
+            err = capsys.readouterr().err
+            assert f"--output {path} lies inside the predict or evaluate output {output.out} (it holds _run.json)" in err, err
+    assert sorted(os.listdir(os.path.join(output.out, "masks"))) == masks and sorted(os.listdir(output.out)) == top
+    with pytest.raises(FileExistsError, match="exists and segray did not write it"):
+        segray.query(QueryConfig(out=output.out, sql=sql, output=str(tmp_path / "theirs.csv")))
+
+
 def test_configs_refuse_bad_values():
     with pytest.raises(ConfigError, match="exactly one"):
         QueryConfig(out="x", sql="SELECT 1", worst="circle")

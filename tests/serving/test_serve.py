@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import socket
 import struct
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -14,7 +18,7 @@ import numpy as np
 import pytest
 
 from segray import storage
-from segray.config import PredictConfig, ServeConfig
+from segray.config import MIB, ConfigError, PredictConfig, ServeConfig
 from segray.data.imageio import decode_mask, encode_png
 from tests.conftest import _free_port
 from tests.inference.helpers import CLASS_NAMES, random_pair, write_run
@@ -124,6 +128,122 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(served):
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(f"{app.url}/nowhere", timeout=30)
     assert error.value.code == 404
+
+
+def test_an_unknown_format_is_refused_naming_the_allowed_values(served):
+    app, *_ = served
+    good = encode_png(random_pair(np.random.default_rng(6), 32, 32)[0])
+    for value in ("xml", "PNG", ""):
+        status, answer, _ = post(f"{app.url}/segment?format={value}", good)
+        assert status == 400, (value, status, answer[:200])
+        assert f"format {value!r} is not one of png, json" in json.loads(answer)["error"]
+    for value, media in (("png", "image/png"), ("json", "application/json")):
+        status, _, headers = post(f"{app.url}/segment?format={value}", good)
+        assert status == 200 and headers["content-type"] == media
+
+
+def server_processes() -> dict[str, int]:
+    """PIDs of the Serve proxy and replica among this process's children (the module's local Ray)."""
+    import psutil
+
+    found: dict[str, list[int]] = {"proxy": [], "replica": []}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "ray::ProxyActor" in title:
+            found["proxy"].append(p.pid)
+        elif "ray::ServeReplica" in title:
+            found["replica"].append(p.pid)
+    assert all(len(v) == 1 for v in found.values()), found
+    return {k: v[0] for k, v in found.items()}
+
+
+def post_streamed(port: int, total: int, chunked: bool, body: bytes | None = None) -> tuple[int, dict]:
+    """POSTs ``total`` bytes streamed from a generator of 1 MiB pieces (or ``body``), with Content-Length or chunked."""
+    piece = os.urandom(MIB)
+
+    def pieces():
+        if body is not None:
+            yield from (body[k:k + 4096] for k in range(0, len(body), 4096))
+            return
+        for k in range(0, total, MIB):
+            yield piece[: min(MIB, total - k)]
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.putrequest("POST", "/segment")
+    conn.putheader("Content-Type", "application/octet-stream")
+    conn.putheader("Transfer-Encoding" if chunked else "Content-Length", "chunked" if chunked else str(total))
+    conn.endheaders()
+    try:
+        for part in pieces():
+            conn.send(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+        if chunked:
+            conn.send(b"0\r\n\r\n")
+    except OSError:
+        pass  # the server may stop reading once it has answered; the answer is still there
+    response = conn.getresponse()
+    status, data = response.status, response.read()
+    conn.close()
+    return status, json.loads(data) if response.getheader("content-type") == "application/json" else {"bytes": len(data)}
+
+
+def test_bodies_over_the_limit_get_413_before_they_are_read_and_memory_stays_flat(served):
+    """Rounds of six 64 MiB bodies at once, three with Content-Length and three chunked: each 413, RSS grows far less than sent.
+
+    What still grows is read-ahead, not the bodies: Ray Serve's proxy (and the
+    replica's receive loop) queue what arrives until the replica's 413 comes
+    back, so it depends on the machine's load, not on the body's size.
+    """
+    import psutil
+
+    app, _, _, port = served
+    limit = ServeConfig(run="x", max_pixels=MAX_PIXELS).max_body_bytes
+    assert limit == MAX_PIXELS * 4 + MIB and ServeConfig(run="x", max_body_mb=0.5).max_body_bytes == MIB // 2
+    with pytest.raises(ConfigError, match="max_body_mb must be positive"):
+        ServeConfig(run="x", max_body_mb=0)
+    with urllib.request.urlopen(f"{app.url}/model", timeout=30) as r:
+        assert json.loads(r.read())["input"]["max_body_bytes"] == limit
+    size, kinds = 64 * MIB, [False, True] * 3
+
+    def burst() -> None:
+        with ThreadPoolExecutor(len(kinds)) as pool:
+            answers = list(pool.map(lambda chunked: post_streamed(port, size, chunked), kinds))
+        for (status, answer), chunked in zip(answers, kinds):
+            assert status == 413, (chunked, status, answer)
+            assert f"over the limit of {limit:,} bytes" in answer["error"]
+            assert ("as it arrived" if chunked else f"of {size:,} bytes (Content-Length)") in answer["error"]
+
+    burst()  # the first large messages warm up the proxy's and the replica's allocators (a few tens of MiB once)
+    processes = {name: psutil.Process(pid) for name, pid in server_processes().items()}
+    before = {name: p.memory_info().rss for name, p in processes.items()}
+    peak = dict(before)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for name, p in processes.items():
+                peak[name] = max(peak[name], p.memory_info().rss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    rounds = 2
+    try:
+        for _ in range(rounds):
+            burst()
+    finally:
+        done.set()
+        sampler.join()
+    sent = rounds * len(kinds) * size
+    growth = {name: (peak[name] - before[name]) / MIB for name in processes}
+    # Reading each body whole (as before) grows the replica alone by the 384 MiB of a round.
+    assert sum(growth.values()) < sent / MIB / 4, f"proxy and replica grew by {growth} MiB for {sent / MIB:.0f} MiB sent"
+    # A good image sent chunked is read and answered; the server keeps serving.
+    image = random_pair(np.random.default_rng(8), 40, 24)[0]
+    status, answer = post_streamed(port, 0, True, encode_png(image))
+    assert status == 200 and answer["bytes"] > 0
 
 
 def test_it_binds_loopback_and_shuts_down_cleanly(served):

@@ -324,6 +324,27 @@ def test_resume_refuses_fields_that_alter_the_run(shapes, tmp_path, capsys):
     assert "--resume: the run" in err and "--model 'unet' there, 'segnet' now" in err and "--epochs, --max-failures, --patience, --time-budget may change" in err, err
 
 
+@pytest.mark.slow
+def test_a_run_that_fails_says_so_and_export_refuses_it(shapes, tmp_path):
+    """A worker that raises (an option the builder rejects, past the driver's checks) with no failures
+    allowed: the run records that it failed, with the error, and is not exported as if it had ended."""
+    from dataclasses import replace
+
+    from segray import export_model
+    from segray.config import ExportConfig
+    from segray.training.artifacts import run_state
+
+    checked = resolve(config(shapes.dst, str(tmp_path / "runs"), "f", workers=1, max_failures=0))
+    broken = replace(checked, config=replace(checked.config, model_options={**TINY_UNET, "no_such_option": 1}))
+    with pytest.raises(Exception, match="no_such_option"):
+        train(broken)
+    state = run_state(checked.run_uri)
+    assert state.stopped == "failed" and not state.finished and state.epochs_done == 0 and state.epochs == 4
+    assert "no_such_option" in state.detail, state.detail
+    with pytest.raises(ValueError, match=r"is unfinished: 0 of 4 epochs done; failed \(.*no_such_option"):
+        export_model(ExportConfig(run=checked.run_uri, output=str(tmp_path / "exported")))
+
+
 def test_a_run_that_can_never_fit_is_refused_at_once(shapes, tmp_path):
     import segray
 

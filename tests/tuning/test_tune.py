@@ -203,6 +203,17 @@ def test_asha_stops_the_clearly_worse_arm_early(search):
     assert bool(bad["stopped_early"]) and 1 <= bad["stopped_after"] < EPOCHS, table[["epochs", "stopped_early", "stopped_after", "best_val_miou"]]
     assert table["epochs"].max() == EPOCHS  # the best arm ran to the end
     assert bad["best_val_miou"] < table["best_val_miou"].max()
+    # ASHA ends the trial from outside: its run has no end of its own, but exported through
+    # the search it counts as ended (stopped early by ASHA), not as an unfinished run.
+    from segray.export.card import training_state
+    from segray.training.artifacts import run_state
+
+    assert run_state(bad["run_uri"]).stopped is None
+    through_search = training_state(search.uri, os.path.join(bad["run_uri"], "model", "model.keras"))
+    assert through_search.finished and through_search.stopped == "asha", through_search
+    for lr, row in table.iterrows():
+        if not row["stopped_early"]:
+            assert run_state(row["run_uri"]).stopped == "epochs", (lr, run_state(row["run_uri"]))
 
 
 @pytest.mark.slow
