@@ -36,7 +36,7 @@ from segray.data.imageio import encode_png  # noqa: E402
 from segray.data.info import default_color  # noqa: E402
 from segray.inference.output import Output, claim, write_results  # noqa: E402
 from segray.inference.tables import RECORD_SCHEMA, latest_records, score_tables  # noqa: E402
-from segray.metrics import CELL_BASE  # noqa: E402
+from segray.metrics import CELL_BASE, encode_cells  # noqa: E402
 
 CHUNK = 1000
 
@@ -69,7 +69,7 @@ def records(chunk: int, truth: np.ndarray, pred: np.ndarray, src: str) -> pa.Tab
     """Predict's records of one chunk: sparse per-image confusion matrices."""
     counted = truth != 255
     owner = np.broadcast_to(np.arange(CHUNK)[:, None, None], truth.shape)[counted]
-    cells = truth[counted].astype(np.int64) * CELL_BASE + pred[counted]
+    cells = encode_cells(truth[counted], pred[counted]).astype(np.int64)
     keys, counts = np.unique(owner.astype(np.int64) * CELL_BASE * CELL_BASE + cells, return_counts=True)
     img, cell = keys // (CELL_BASE * CELL_BASE), keys % (CELL_BASE * CELL_BASE)
     starts = np.searchsorted(img, np.arange(CHUNK + 1))
@@ -103,21 +103,22 @@ def build(root: str, n: int, classes: int, size: int, worst: int, errors: int) -
 
     src, out = os.path.join(root, "raw"), os.path.join(root, "out")
     names = ["background"] + [f"class_{k}" for k in range(1, classes)]
-    claim(out, {"format": "segray-predict/1", "model_id": "benchmark", "source": src, "classes": names})
+    output = Output(out)
+    claim(output, {"format": "segray-predict/1", "model_id": "benchmark", "source": src, "classes": names})
     colours = [default_color(k) for k in range(classes)]
-    storage.write_text(Output(out).classes, json.dumps([{"id": k, "name": c, "color": colours[k]} for k, c in enumerate(names)]))
+    storage.write_text(output.classes, json.dumps([{"id": k, "name": c, "color": colours[k]} for k, c in enumerate(names)]))
     chunks = (n + CHUNK - 1) // CHUNK
     parts = []
     for chunk in range(chunks):
         table = records(chunk, *pairs(chunk, size, classes), src)
-        storage.write_parquet(table, os.path.join(out, "_parts", f"{chunk:05d}.parquet"))
+        storage.write_parquet(table, storage.join(output.parts, f"{chunk:05d}.parquet"))
         parts.append(table)
     merged = latest_records(pa.concat_tables(parts)).slice(0, n).sort_by("image_id")
     scores, frames = score_tables(merged, names)
     rejected = [(f"{src}/images/bad_{i:05d}.png", f"{src}/images/bad_{i:05d}.png: truncated PNG") for i in range(errors)]
     summary = {"images": n, **scores, "errors": errors, "model_id": "benchmark", "model": "(none: synthetic predictions)",
                "source": src, "source_kind": "raw", "has_truth": True, "config": {"benchmark": "report_scale"}}
-    write_results(out, frames, classes, summary, rejected)
+    write_results(output, frames, classes, summary, rejected)
     # The files of the images the report shows, found with the query it uses.
     tables = OutputTables(out)
     shown = sorted({i for k in range(classes) for i in worst_images(tables, k, worst)["image_id"]})
@@ -133,7 +134,7 @@ def build(root: str, n: int, classes: int, size: int, worst: int, errors: int) -
             image_id = f"img_{chunk * CHUNK + row:06d}"
             storage.write_bytes(f"{src}/images/{image_id}.png", encode_png(picture(truth[row], lut, rng)))
             storage.write_bytes(f"{src}/masks/{image_id}.png", encode_png(truth[row]))
-            storage.write_bytes(Output(out).mask(image_id), encode_png(pred[row]))
+            storage.write_bytes(output.mask(image_id), encode_png(pred[row]))
     return out
 
 

@@ -168,7 +168,7 @@ def race(claim_once: Callable[[int], None], threads: int = 8) -> int:
 
 def _claims(kind: str, folder: str) -> Callable[[int], None]:
     if kind == "predict":
-        return lambda i: claim(folder, {"model_id": f"model-{i}", "source": "s"})
+        return lambda i: claim(Output(folder), {"model_id": f"model-{i}", "source": "s"})
     if kind == "ingest":
         return lambda i: claim_folder(folder, "dataset", "destination", patterns=[])
 

@@ -25,7 +25,7 @@ from segray.config import ConfigError, EvaluateConfig, about
 from segray.data.imageio import BadInput, decode_mask
 from segray.data.info import IGNORE_INDEX, ClassInfo, load_classes
 from segray.data.layouts import Plan, build_mask, index_folder, list_pairs
-from segray.inference.output import PredictResult, claim, write_results
+from segray.inference.output import MASKS, Output, PredictResult, claim, write_results
 from segray.inference.pipeline import LIGHT_TASK_CPUS
 from segray.inference.tables import (
     ERROR,
@@ -34,10 +34,10 @@ from segray.inference.tables import (
     error_record,
     latest_records,
     ok_record,
+    record_cells,
     records_table,
     score_tables,
 )
-from segray.metrics import CELL_BASE
 from segray.ownership import canonical
 from segray.runtime import bounded_retries
 
@@ -115,31 +115,30 @@ def _pairs(pred: str, truth: str, plan: Plan | None = None) -> tuple[list[dict[s
 
 def _inferred_classes(records: pa.Table) -> int:
     """1 + the largest class id in truth or prediction among the records (0 when none)."""
-    if records.num_rows == 0:
+    cells = record_cells(records)
+    if cells.truth.size == 0:
         return 0
-    cells = pc.list_flatten(records["cm_cells"]).to_numpy()
-    if cells.size == 0:
-        return 0
-    return int(max((cells // CELL_BASE).max(), (cells % CELL_BASE).max())) + 1
+    return int(max(cells.truth.max(), cells.pred.max())) + 1
 
 
 def _summary_of(pred: str) -> dict[str, Any]:
     """``summary.json`` of the predict run whose ``masks/`` folder ``pred`` is, else {}."""
     parent = _output_of(pred)
-    if not parent or not storage.exists(storage.join(parent, "summary.json")):
+    if parent is None or not storage.exists(parent.summary):
         return {}
     try:
-        summary = json.loads(storage.read_text(storage.join(parent, "summary.json")))
+        summary = json.loads(storage.read_text(parent.summary))
     except ValueError:
         return {}
     return summary if isinstance(summary, dict) else {}
 
 
-def _output_of(pred: str) -> str:
-    """The predict output folder ``pred`` is the ``masks/`` of, else ''."""
-    if storage.basename(pred.rstrip("/")) != "masks":
-        return ""
-    return storage.parent(pred.rstrip("/"))
+def _output_of(pred: str) -> Output | None:
+    """The predict output whose ``masks/`` folder ``pred`` is, else None."""
+    if storage.basename(pred.rstrip("/")) != MASKS:
+        return None
+    parent = storage.parent(pred.rstrip("/"))
+    return Output(parent) if parent else None
 
 
 def _model_of(pred: str) -> str:
@@ -152,9 +151,9 @@ def _predicted_classes(pred: str) -> tuple[list[str] | None, list[str] | None]:
     """(class names, per-class priority) of the model of the predict output ``pred`` belongs to; None where unknown."""
     parent = _output_of(pred)
     names = None
-    if parent and storage.exists(storage.join(parent, "classes.json")):
+    if parent is not None and storage.exists(parent.classes):
         try:
-            names = [c.name for c in load_classes(storage.join(parent, "classes.json")) if c.id != IGNORE_INDEX]
+            names = [c.name for c in load_classes(parent.classes) if c.id != IGNORE_INDEX]
         except ConfigError:
             names = None
     model = _summary_of(pred).get("config", {}).get("resolved", {}).get("model", {})
@@ -203,7 +202,7 @@ def evaluate(cfg: EvaluateConfig) -> PredictResult:
     import ray
 
     started, run = time.time(), time.time_ns()
-    pred, truth, output, classes = cfg.pred, cfg.truth, cfg.output, cfg.classes
+    pred, truth, out, classes = cfg.pred, cfg.truth, Output(cfg.output), cfg.classes
     if not storage.is_dir(pred):
         raise about("pred", FileNotFoundError(f"pred {pred}: no such folder of masks"))
     if not storage.is_dir(truth):
@@ -223,7 +222,7 @@ def evaluate(cfg: EvaluateConfig) -> PredictResult:
     pairs, errors = _pairs(pred, truth, plan)
     if not pairs:
         raise FileNotFoundError(f"no prediction and truth masks share an id between `pred` {pred} and `truth` {truth} ({len(errors)} unpaired files)")
-    claim(output, {"format": FORMAT, "pred": canonical(pred), "truth": canonical(truth), "classes": canonical(classes) if classes else None, **identity})
+    claim(out, {"format": FORMAT, "pred": canonical(pred), "truth": canonical(truth), "classes": canonical(classes) if classes else None, **identity})
 
     per_block = 64
     ds = ray.data.from_items(pairs, override_num_blocks=max(1, math.ceil(len(pairs) / per_block)))
@@ -258,4 +257,4 @@ def evaluate(cfg: EvaluateConfig) -> PredictResult:
         "images_per_s": round(scored / wall, 3) if scored else None,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return write_results(output, frames, len(names), summary, errors)
+    return write_results(out, frames, len(names), summary, errors)

@@ -135,19 +135,18 @@ class PredictResult:
 
 
 def write_results(
-    out: str, frames: dict[str, Any] | None, num_classes: int, summary: dict[str, Any], errors: list[tuple[str, str]]
+    out: Output, frames: dict[str, Any] | None, num_classes: int, summary: dict[str, Any], errors: list[tuple[str, str]]
 ) -> PredictResult:
     """Writes ``_errors.parquet``, the tables (``frames``; None: no truth, no tables) and, last, ``summary.json``."""
-    layout = Output(out)
-    write_errors(out, errors)
+    write_errors(out.root, errors)
     if frames is None:
         frames = empty_tables(num_classes)
     else:
         for name, frame in frames.items():
-            write_frame(frame, table_schema(name, num_classes), layout.table(name))
+            write_frame(frame, table_schema(name, num_classes), out.table(name))
     summary = json.loads(json.dumps(summary, default=_plain))
-    storage.write_text(layout.summary, json.dumps(summary, indent=2))
-    return PredictResult(out, summary, frames["per_class"], frames["per_image"], frames["confusion"], errors)
+    storage.write_text(out.summary, json.dumps(summary, indent=2))
+    return PredictResult(out.root, summary, frames["per_class"], frames["per_image"], frames["confusion"], errors)
 
 
 def _plain(value: Any) -> Any:
@@ -160,21 +159,21 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {value!r}")
 
 
-def claim(out: str, identity: dict[str, Any], field_name: str = "output") -> None:
+def claim(out: Output, identity: dict[str, Any], field_name: str = "output") -> None:
     """Writes ``OUT/_run.json`` or checks that the one there matches ``identity``.
 
     Raises:
         FileExistsError: OUT holds results of another model, source or
             settings, or files that are not segray results.
     """
-    path = Output(out).run_file
+    path = out.run_file
     text = json.dumps(identity, indent=2, sort_keys=True)
     if not storage.exists(path):
         # limit 2: a run that claimed OUT a moment ago has left its _run.json there.
-        if any(not storage.basename(f.uri).startswith(RUN_FILE) for f in storage.list_files(out, limit=2)):
+        if any(not storage.basename(f.uri).startswith(RUN_FILE) for f in storage.list_files(out.root, limit=2)):
             raise about(
                 field_name,
-                FileExistsError(f"{field_name} {out} holds files but no {RUN_FILE}: it is not a segray results folder; choose an empty or new `{field_name}`"),
+                FileExistsError(f"{field_name} {out.root} holds files but no {RUN_FILE}: it is not a segray results folder; choose an empty or new `{field_name}`"),
             )
         # Exclusive: of two runs claiming one OUT at once, one creates the file and
         # the other finds it below and is refused unless it is the same run.
@@ -183,32 +182,32 @@ def claim(out: str, identity: dict[str, Any], field_name: str = "output") -> Non
     try:
         old = json.loads(storage.read_text(path))
     except json.JSONDecodeError:
-        raise about(field_name, FileExistsError(f"{field_name} {out}: {path} is not valid JSON; choose another `{field_name}` or delete it")) from None
+        raise about(field_name, FileExistsError(f"{field_name} {out.root}: {path} is not valid JSON; choose another `{field_name}` or delete it")) from None
     if old != identity:
         diff = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
         shown = "; ".join(f"{k}: {old.get(k)!r} there, {identity.get(k)!r} now" for k in diff[:4])
         raise about(
             field_name,
-            FileExistsError(f"{field_name} {out} holds results of another run ({shown}); choose another `{field_name}`, or delete it to start over"),
+            FileExistsError(f"{field_name} {out.root} holds results of another run ({shown}); choose another `{field_name}`, or delete it to start over"),
         )
 
 
-def read_parts(out: str, columns: list[str] | None = None) -> pa.Table:
+def read_parts(out: Output, columns: list[str] | None = None) -> pa.Table:
     """Every record written under ``OUT/_parts`` (empty table when none)."""
     import pyarrow.parquet as pq
 
-    files = [f.uri for f in storage.list_files(Output(out).parts) if f.uri.endswith(".parquet")]
+    files = [f.uri for f in storage.list_files(out.parts) if f.uri.endswith(".parquet")]
     schema = RECORD_SCHEMA if columns is None else pa.schema([RECORD_SCHEMA.field(c) for c in columns])
     if not files:
         return schema.empty_table()
-    fs, _ = storage.filesystem(out)
+    fs, _ = storage.filesystem(out.root)
     paths = [storage.filesystem(f)[1] for f in files]
     return pq.read_table(paths, filesystem=fs, schema=schema, columns=columns)
 
 
-def written_masks(out: str) -> set[str]:
+def written_masks(out: Output) -> set[str]:
     """Ids whose mask file is in place."""
-    root = Output(out).masks
+    root = out.masks
     prefix = storage.filesystem(root)[1].rstrip("/") + "/"
     ids = set()
     for f in storage.list_files(root):
@@ -219,7 +218,7 @@ def written_masks(out: str) -> set[str]:
     return ids
 
 
-def completed(out: str) -> set[str]:
+def completed(out: Output) -> set[str]:
     """Ids with an ``ok`` record and a mask: what a re-run skips. Errors are tried again."""
     import pyarrow.compute as pc
 
@@ -228,7 +227,7 @@ def completed(out: str) -> set[str]:
     return ok & written_masks(out) if ok else set()
 
 
-def merged_records(out: str, ids: list[str]) -> pa.Table:
+def merged_records(out: Output, ids: list[str]) -> pa.Table:
     """One record per id of this source (``latest_records``), sorted by id."""
     records = latest_records(read_parts(out))
     if records.num_rows:
@@ -238,11 +237,11 @@ def merged_records(out: str, ids: list[str]) -> pa.Table:
     return records.sort_by("image_id")
 
 
-def remove_temporaries(out: str) -> int:
+def remove_temporaries(out: Output) -> int:
     """Deletes the temporary files of writes a crash interrupted (local OUT only; object stores' uploads leave none)."""
-    if not storage.is_local(out):
+    if not storage.is_local(out.root):
         return 0
-    stale = [f.uri for f in storage.list_files(out) if storage.TEMPORARY.fullmatch(f.uri)]
+    stale = [f.uri for f in storage.list_files(out.root) if storage.TEMPORARY.fullmatch(f.uri)]
     for uri in stale:
         storage.delete_file(uri)
     return len(stale)

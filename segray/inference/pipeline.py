@@ -193,8 +193,10 @@ def in_flight_bytes(cfg: PredictConfig, geometry: Geometry) -> int:
     return max(MIN_IN_FLIGHT_BYTES, BATCHES_IN_FLIGHT * cfg.batch_size * cfg.workers * per_image)
 
 
-def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry: Geometry, finished: set[str], run: int) -> tuple[int, float | None]:
-    """Streams the images not yet ``finished`` through the stages.
+def _run_pipeline(
+    cfg: PredictConfig, out: Output, spec: ModelSpec, source: Source, geometry: Geometry, finished: set[str], run: int
+) -> tuple[int, float | None]:
+    """Streams the images not yet ``finished`` through the stages into ``out``.
 
     Returns:
         (images processed, steady-state images/s: see ``steady_rate``).
@@ -209,7 +211,7 @@ def _run_pipeline(cfg: PredictConfig, spec: ModelSpec, source: Source, geometry:
     overlay_ids = frozenset(source.ids[: cfg.overlays])
     skip = frozenset(finished) if source.kind == SHARDS else frozenset()
     reader = ReadDecode(source.kind, geometry, spec.num_classes, skip, overlay_ids, cfg.max_pixels, source.layout, source.truth_classes)
-    writer = WriteResults(cfg.output, spec.ignore_index, [tuple(c.color) for c in spec.classes], run)
+    writer = WriteResults(out, spec.ignore_index, [tuple(c.color) for c in spec.classes], run)
     predictor_args: dict[str, Any] = {"num_cpus": 1}
     predictor_kwargs: dict[str, Any] = {
         "model_uri": spec.uri, "geometry": geometry, "batch_size": cfg.batch_size, "model_id": spec.model_id,
@@ -338,15 +340,15 @@ def predict(cfg: PredictConfig) -> PredictResult:
     if not source.ids and not source.errors:
         raise about("input", FileNotFoundError(f"input {cfg.input}: no images found"))
     out = Output(cfg.output)
-    claim(cfg.output, _identity(spec, source, geometry, cfg.backend))
+    claim(out, _identity(spec, source, geometry, cfg.backend))
     storage.write_text(out.classes, json.dumps(class_list(spec.classes), indent=2))
 
-    finished = completed(cfg.output)
+    finished = completed(out)
     todo = any(i not in finished for i in source.ids)
-    processed, steady = _run_pipeline(cfg, spec, source, geometry, finished, run) if todo else (0, None)
+    processed, steady = _run_pipeline(cfg, out, spec, source, geometry, finished, run) if todo else (0, None)
 
-    remove_temporaries(cfg.output)
-    records = merged_records(cfg.output, source.ids)
+    remove_temporaries(out)
+    records = merged_records(out, source.ids)
     errors = list(source.errors)
     seen = set(records["image_id"].to_pylist())
     failed = records.filter(pc.equal(records["status"], ERROR)).select(["uri", "reason"])
@@ -376,4 +378,4 @@ def predict(cfg: PredictConfig) -> PredictResult:
         "warnings": list(spec.warnings),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return write_results(cfg.output, frames, len(names), summary, errors)
+    return write_results(out, frames, len(names), summary, errors)

@@ -17,7 +17,7 @@ function of the records:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,7 @@ from segray import storage
 from segray.metrics import (
     SparseCellError,
     counts_from_sparse,
+    decode_cells,
     dice,
     dice_from_counts,
     iou,
@@ -129,6 +130,33 @@ def latest_records(table: pa.Table) -> pa.Table:
     return ordered.filter(pa.array(first))
 
 
+class RecordCells(NamedTuple):
+    """The non-zero confusion cells of a table of records, one entry per (record, truth, prediction).
+
+    Attributes:
+        owner: int64 ``(K,)`` the row of each cell's record (``0 .. N-1``).
+        truth, pred: int64 ``(K,)`` the cell's class ids.
+        pixels: int64 ``(K,)`` its pixel count.
+    """
+
+    owner: np.ndarray
+    truth: np.ndarray
+    pred: np.ndarray
+    pixels: np.ndarray
+
+
+def record_cells(records: pa.Table) -> RecordCells:
+    """The decoded ``cm_cells`` / ``cm_counts`` of ``records``: what every table, evaluate and query read them with."""
+    import pyarrow.compute as pc
+
+    def flat(values) -> np.ndarray:
+        return values.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    cells_col, counts_col = records["cm_cells"].combine_chunks(), records["cm_counts"].combine_chunks()
+    truth, pred = decode_cells(flat(pc.list_flatten(cells_col)))
+    return RecordCells(flat(pc.list_parent_indices(cells_col)), truth, pred, flat(pc.list_flatten(counts_col)))
+
+
 def dense_counts(records: pa.Table, num_classes: int) -> dict[str, np.ndarray]:
     """Per-image counts and the summed matrix from ``ok`` records with truth, in table order.
 
@@ -138,14 +166,9 @@ def dense_counts(records: pa.Table, num_classes: int) -> dict[str, np.ndarray]:
     Raises:
         ValueError: a record holds a class id outside ``0 .. C-1``; names the image.
     """
-    import pyarrow.compute as pc
-
-    cells_col, counts_col = records["cm_cells"].combine_chunks(), records["cm_counts"].combine_chunks()
-    cells = pc.list_flatten(cells_col).to_numpy().astype(np.int64)
-    counts = pc.list_flatten(counts_col).to_numpy().astype(np.int64)
-    owner = pc.list_parent_indices(cells_col).to_numpy().astype(np.int64)
+    cells = record_cells(records)
     try:
-        return counts_from_sparse(owner, cells, counts, records.num_rows, num_classes)
+        return counts_from_sparse(cells.owner, cells.truth, cells.pred, cells.pixels, records.num_rows, num_classes)
     except SparseCellError as e:
         image_id = records["image_id"][e.owner].as_py()
         raise ValueError(f"image {image_id!r}: {e}") from None

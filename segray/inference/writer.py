@@ -63,8 +63,8 @@ class WriteResults:
     Returns one small row per image (``image_id``, ``status``) for the driver's count.
     """
 
-    def __init__(self, out: str, ignore_index: int, colors: list[tuple[int, int, int]], run: int):
-        self.out = Output(out)
+    def __init__(self, out: Output, ignore_index: int, colors: list[tuple[int, int, int]], run: int):
+        self.out = out
         self.ignore_index = ignore_index
         self.lut = color_table(colors)
         self.run = run

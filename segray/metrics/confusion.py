@@ -17,12 +17,25 @@ __all__ = [
     "class_counts",
     "confusion_matrix",
     "counts_from_sparse",
+    "decode_cells",
+    "encode_cells",
     "image_counts",
     "per_image_counts",
     "sparse_confusion",
 ]
 
 CELL_BASE = 256  # class ids are uint8: a sparse cell is truth * 256 + prediction
+
+
+def encode_cells(truth: npt.ArrayLike, pred: npt.ArrayLike) -> np.ndarray:
+    """Sparse cells ``truth * CELL_BASE + prediction`` (int32) of class ids ``0 .. 255``."""
+    return (np.asarray(truth, np.int64) * CELL_BASE + np.asarray(pred, np.int64)).astype(np.int32)
+
+
+def decode_cells(cells: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(truth, prediction)`` int64 class ids of sparse cells (``encode_cells``); the only decoder of the cell format."""
+    cells = np.asarray(cells, np.int64)
+    return cells // CELL_BASE, cells % CELL_BASE
 
 
 def _as_labels(name: str, values: npt.ArrayLike) -> np.ndarray:
@@ -202,8 +215,7 @@ def sparse_confusion(truth: np.ndarray, pred: np.ndarray, ignore_index: int | No
     k = int(max(t.max(), p.max())) + 1
     counts = np.bincount(t.astype(np.int32) * k + p, minlength=k * k)
     nonzero = np.flatnonzero(counts)
-    cells = (nonzero // k) * CELL_BASE + nonzero % k
-    return cells.astype(np.int32), counts[nonzero].astype(np.int64)
+    return encode_cells(nonzero // k, nonzero % k), counts[nonzero].astype(np.int64)
 
 
 class SparseCellError(ValueError):
@@ -214,12 +226,14 @@ class SparseCellError(ValueError):
         self.owner = owner
 
 
-def counts_from_sparse(owner: np.ndarray, cells: np.ndarray, counts: np.ndarray, n: int, num_classes: int) -> dict[str, np.ndarray]:
+def counts_from_sparse(
+    owner: np.ndarray, truth: np.ndarray, pred: np.ndarray, counts: np.ndarray, n: int, num_classes: int
+) -> dict[str, np.ndarray]:
     """Per-image counts and the summed matrix from the sparse cells of ``n`` images.
 
     Args:
         owner: int64 ``(K,)`` the image index (``0 .. n-1``) of each cell.
-        cells: int64 ``(K,)`` cells ``truth * CELL_BASE + prediction`` (``sparse_confusion``).
+        truth, pred: int64 ``(K,)`` the class ids of each cell (``decode_cells`` of ``sparse_confusion``'s cells).
         counts: int64 ``(K,)`` pixel counts of the cells.
         n: number of images.
         num_classes: ``C``.
@@ -231,7 +245,6 @@ def counts_from_sparse(owner: np.ndarray, cells: np.ndarray, counts: np.ndarray,
         SparseCellError: a cell's truth or prediction lies outside ``0 .. C-1``.
     """
     c = num_classes
-    truth, pred = cells // CELL_BASE, cells % CELL_BASE
     bad = (truth >= c) | (pred >= c)
     if bad.any():
         k = int(np.flatnonzero(bad)[0])

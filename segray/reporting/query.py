@@ -41,17 +41,21 @@ class OutputInfo:
     """What an output folder says about itself.
 
     Attributes:
-        uri: the output folder.
+        output: the output folder's paths (``uri``: its root).
         kind: ``predict`` or ``evaluate``.
         summary: ``summary.json``.
         classes: the classes, with their colours (``classes.json``; an
             evaluate output without one: ``class_k`` in the default colours).
     """
 
-    uri: str
+    output: Output
     kind: str
     summary: dict[str, Any]
     classes: list[ClassInfo]
+
+    @property
+    def uri(self) -> str:
+        return self.output.root
 
     @property
     def has_truth(self) -> bool:
@@ -95,7 +99,7 @@ def open_output(out: str) -> OutputInfo:
     else:
         names = summary.get("class_names") or run.get("classes") or []
         classes = [ClassInfo(k, str(n), tuple(default_color(k))) for k, n in enumerate(names)]
-    return OutputInfo(out, kind, summary, classes)
+    return OutputInfo(layout, kind, summary, classes)
 
 
 def sandboxed_connection():
@@ -143,7 +147,7 @@ class OutputTables:
         import duckdb
 
         self.info = open_output(out)
-        self.layout = Output(out)
+        self.layout = self.info.output
         self._duckdb = duckdb
         self._con = sandboxed_connection()
         self._tables: dict[str, pa.Table] = {}
@@ -186,31 +190,26 @@ class OutputTables:
         import pyarrow.compute as pc
 
         from segray.inference.output import read_parts
-        from segray.inference.tables import OK, latest_records
-        from segray.metrics import CELL_BASE
+        from segray.inference.tables import OK, latest_records, record_cells
 
         if self.info.kind != "predict":
             raise ValueError(
                 f"table image_confusion: {self.info.uri} is an {self.info.kind} output, which keeps no per-image confusion; "
                 "it needs a predict output"
             )
-        records = latest_records(read_parts(self.info.uri, ["image_id", "status", "has_truth", "cm_cells", "cm_counts", "run"]))
+        records = latest_records(read_parts(self.layout, ["image_id", "status", "has_truth", "cm_cells", "cm_counts", "run"]))
         if records.num_rows:
             records = records.filter(pc.and_(pc.equal(records["status"], OK), records["has_truth"]))
-        cells_col, counts_col = records["cm_cells"].combine_chunks(), records["cm_counts"].combine_chunks()
-        cells = pc.list_flatten(cells_col).to_numpy(zero_copy_only=False).astype(np.int64)
-        counts = pc.list_flatten(counts_col).to_numpy(zero_copy_only=False).astype(np.int64)
-        owner = pc.list_parent_indices(cells_col).to_numpy(zero_copy_only=False).astype(np.int64)
+        cells = record_cells(records)
         names = np.asarray(self.class_names + [""] * 256, dtype=object)
-        truth, pred = cells // CELL_BASE, cells % CELL_BASE
         return pa.table(
             {
-                "image_id": records["image_id"].take(pa.array(owner)) if records.num_rows else pa.array([], pa.string()),
-                "truth_id": pa.array(truth.astype(np.int32)),
-                "truth_name": pa.array(names[truth].tolist(), pa.string()),
-                "pred_id": pa.array(pred.astype(np.int32)),
-                "pred_name": pa.array(names[pred].tolist(), pa.string()),
-                "pixels": pa.array(counts),
+                "image_id": records["image_id"].take(pa.array(cells.owner)) if records.num_rows else pa.array([], pa.string()),
+                "truth_id": pa.array(cells.truth.astype(np.int32)),
+                "truth_name": pa.array(names[cells.truth].tolist(), pa.string()),
+                "pred_id": pa.array(cells.pred.astype(np.int32)),
+                "pred_name": pa.array(names[cells.pred].tolist(), pa.string()),
+                "pixels": pa.array(cells.pixels),
             }
         )
 

@@ -42,7 +42,7 @@ class Pixels:
     problems: list[str]
 
 
-def _record_uris(out: str, ids: set[str]) -> dict[str, str]:
+def _record_uris(out: Output, ids: set[str]) -> dict[str, str]:
     """image id -> the URI its predict record names (the image file, or ``shard#id``)."""
     import pyarrow.compute as pc
 
@@ -80,13 +80,13 @@ def _shard_rows(uris: dict[str, str]) -> dict[str, tuple[bytes | None, bytes | N
 
 def read_pixels(info: OutputInfo, ids: list[str]) -> dict[str, Pixels]:
     """The image, truth and prediction of each id, read in parallel (a few threads: S3 reads wait on the network)."""
-    out = Output(info.uri)
+    out = info.output
     summary = info.summary
     wanted = set(ids)
     shard_bytes: dict[str, tuple[bytes | None, bytes | None]] = {}
     uris: dict[str, str] = {}
     if info.kind == "predict":
-        uris = _record_uris(info.uri, wanted)
+        uris = _record_uris(out, wanted)
         if summary.get("source_kind") == "shards":
             shard_bytes = _shard_rows(uris)
 

@@ -15,7 +15,7 @@ from segray.data.info import ClassInfo, DatasetInfo
 from segray.config import PredictConfig
 from segray.inference.model import resolve_model
 from segray.models.saved import load_keras
-from segray.inference.output import claim
+from segray.inference.output import Output, claim
 from segray.inference.pipeline import resolve_geometry
 from segray.inference.sources import list_source
 from tests.inference.helpers import CLASS_NAMES, preprocessing, save_keras, tiny_unet, write_raw
@@ -139,7 +139,7 @@ def test_inputs_are_recognised(tmp_path):
 
 
 def test_out_is_claimed_once(tmp_path):
-    out = str(tmp_path / "out")
+    out = Output(str(tmp_path / "out"))
     claim(out, {"model_id": "a", "source": "s"})
     claim(out, {"model_id": "a", "source": "s"})  # same run: resumes
     with pytest.raises(FileExistsError, match=r"holds results of another run \(model_id: 'a' there, 'b' now\)"):
@@ -148,4 +148,4 @@ def test_out_is_claimed_once(tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not a segray results folder"):
-        claim(str(other), {"model_id": "a"})
+        claim(Output(str(other)), {"model_id": "a"})

@@ -20,10 +20,11 @@ from segray.inference.tables import (
     ok_record,
     per_class_frame,
     per_image_frame,
+    record_cells,
     records_table,
     score_tables,
 )
-from segray.inference.output import write_results
+from segray.inference.output import Output, write_results
 from segray.metrics import confusion_matrix, sparse_confusion
 from tests.inference.helpers import assert_frames_match, oracle_tables
 
@@ -122,6 +123,31 @@ def test_sparse_cells_hold_the_image_matrix(h, w, c, seed):
     assert dense.sum() == (truth != 255).sum()
 
 
+@pytest.mark.parametrize("num_classes", [1, 2, 5, 40])
+def test_record_cells_give_each_images_matrix_and_the_tables_sum(num_classes):
+    """The one reading of records' cells (tables, evaluate and query use it) against per-image matrices from the masks."""
+    rng = np.random.default_rng(num_classes)
+    pairs = {}
+    for i in range(12):
+        h, w = int(rng.integers(1, 30)), int(rng.integers(1, 30))
+        truth = rng.integers(0, num_classes, (h, w)).astype(np.uint8)
+        truth[rng.random((h, w)) < 0.2] = 255
+        pairs[f"img{i:02d}"] = (truth, rng.integers(0, num_classes, (h, w)).astype(np.uint8))
+    records = records_of(pairs)
+    cells = record_cells(records)
+    ids = records["image_id"].to_pylist()
+    for row, image_id in enumerate(ids):
+        truth, pred = pairs[image_id]
+        mine = cells.owner == row
+        dense = np.zeros((num_classes, num_classes), np.int64)
+        dense[cells.truth[mine], cells.pred[mine]] = cells.pixels[mine]
+        np.testing.assert_array_equal(dense, confusion_matrix(truth, pred, num_classes), err_msg=image_id)
+    want = sum(confusion_matrix(t, p, num_classes) for t, p in pairs.values())
+    np.testing.assert_array_equal(dense_counts(records, num_classes)["confusion"], want)
+    empty = record_cells(records_table([]))
+    assert all(len(a) == 0 for a in empty)
+
+
 def test_latest_record_wins_and_ok_beats_error():
     t = np.zeros((2, 2), np.uint8)
     table = records_table(
@@ -151,7 +177,7 @@ def test_class_id_beyond_the_classes_names_the_image():
 def test_written_tables_read_back(tmp_path):
     pairs = random_masks(np.random.default_rng(2), 10)
     scores, frames = score_tables(records_of(pairs), NAMES, "m2")
-    result = write_results(str(tmp_path), frames, len(NAMES), scores, [])
+    result = write_results(Output(str(tmp_path)), frames, len(NAMES), scores, [])
     per_class = result.per_class
     assert (tmp_path / "summary.json").exists() and (tmp_path / "_errors.parquet").exists()
     want_image, want_class, want_cm = oracle_tables(pairs, NAMES)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from segray.metrics import class_counts, confusion_matrix, image_counts, per_image_counts
+from segray.metrics import class_counts, confusion_matrix, decode_cells, encode_cells, image_counts, per_image_counts, sparse_confusion
 
 IGNORE = 255
 
@@ -209,3 +209,39 @@ def test_permuting_class_ids_permutes_the_matrix(pair, random):
     permuted = confusion_matrix(lut[y_true], lut[y_pred], num_classes)
     # Class c is now perm[c]: cell (t, p) moved to (perm[t], perm[p]).
     np.testing.assert_array_equal(permuted[np.ix_(perm, perm)], cm)
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 3, 17, 256])
+def test_cells_round_trip_for_every_pair_of_classes(num_classes):
+    truth, pred = (a.ravel() for a in np.meshgrid(np.arange(num_classes), np.arange(num_classes), indexing="ij"))
+    cells = encode_cells(truth, pred)
+    assert cells.dtype == np.int32 and len(np.unique(cells)) == num_classes**2
+    back_truth, back_pred = decode_cells(cells)
+    np.testing.assert_array_equal(back_truth, truth)
+    np.testing.assert_array_equal(back_pred, pred)
+    # An image holding every pair once (and pair (t, p) t + p + 1 times more): its sparse cells decode to its matrix.
+    repeats = truth + pred + 2
+    image_truth, image_pred = np.repeat(truth, repeats).astype(np.uint8), np.repeat(pred, repeats).astype(np.uint8)
+    sparse, counts = sparse_confusion(image_truth, image_pred, None)
+    rows, cols = decode_cells(sparse)
+    dense = np.zeros((num_classes, num_classes), np.int64)
+    dense[rows, cols] = counts
+    np.testing.assert_array_equal(dense, confusion_matrix(image_truth, image_pred, num_classes, ignore_index=None))
+    np.testing.assert_array_equal(dense, repeats.reshape(num_classes, num_classes))
+
+
+def test_only_the_confusion_module_reads_the_cell_base():
+    """Every other module decodes cells with ``decode_cells``, so no second decoder can drift from the encoder."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "segray"
+    owner = package / "metrics" / "confusion.py"
+    readers = []
+    for path in package.rglob("*.py"):
+        if path == owner:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Name) and node.id == "CELL_BASE" or isinstance(node, ast.Attribute) and node.attr == "CELL_BASE":
+                readers.append(f"{path.relative_to(package.parent)}:{node.lineno}")
+    assert not readers, f"CELL_BASE used outside segray/metrics/confusion.py (decode with segray.metrics.decode_cells): {readers}"

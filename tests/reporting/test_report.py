@@ -107,6 +107,28 @@ def test_confused_counts_pixels_from_the_masks(output):
         assert (got["truth"] == CLASS_NAMES[a]).all() and (got["predicted"] == CLASS_NAMES[b]).all()
 
 
+def test_query_evaluate_and_predict_agree_on_the_confusion_matrix(output, tmp_path):
+    """Three readers of the records' cells (query's image_confusion, evaluate, predict's tables) give the masks' matrix."""
+    from segray.config import EvaluateConfig
+    from segray.inference import read_confusion
+    from segray.metrics import confusion_matrix
+
+    c = len(CLASS_NAMES)
+    want = sum(confusion_matrix(output.truth[k], output.preds[k], c) for k in SIZES)
+    cells = OutputTables(output.out).sql("SELECT truth_id, pred_id, sum(pixels) AS pixels FROM image_confusion GROUP BY ALL")
+    queried = np.zeros((c, c), np.int64)
+    queried[cells["truth_id"], cells["pred_id"]] = cells["pixels"]
+    ev = str(tmp_path / "ev")
+    # No classes given: evaluate infers them from the cells; the model's id it reads from the predict output its masks/ belongs to.
+    result = segray.evaluate(EvaluateConfig(pred=f"{output.out}/masks", truth=f"{output.raw}/masks", output=ev))
+    np.testing.assert_array_equal(read_confusion(f"{output.out}/confusion.parquet"), want)
+    np.testing.assert_array_equal(queried, want)
+    np.testing.assert_array_equal(read_confusion(f"{ev}/confusion.parquet"), want)
+    assert result.per_class["class_name"].tolist() == [f"class_{k}" for k in range(c)]
+    assert result.summary["model_id"] == json.loads(open(f"{output.out}/summary.json").read())["model_id"]
+    assert result.output_uri == ev
+
+
 def test_query_cli_prints_and_writes_every_format(output, tmp_path, capsys):
     sql = "SELECT image_id, class_name, iou, support FROM per_image WHERE class_id = 1 ORDER BY image_id"
     want = output.per_image[output.per_image["class_id"] == 1].sort_values("image_id")[["image_id", "class_name", "iou", "support"]].reset_index(drop=True)
