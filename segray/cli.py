@@ -229,8 +229,11 @@ def cmd_models_benchmark(values: dict[str, Any]) -> None:
     from segray.models import benchmark as bench
 
     name = values.get("name")
-    if name is not None and name not in models.available():
-        raise ConfigError(f"name {name!r}: unknown model; choose from {', '.join(models.available())}", field="name")
+    if name is not None:
+        try:
+            models.spec(name)
+        except ValueError as e:
+            raise ConfigError(f"name {name!r}: {e}", field="name") from None
     data = values.get("data")
     if data is not None:
         from segray.data.info import load_dataset_info

@@ -471,7 +471,8 @@ class TrainConfig(Config):
         data: an ingested dataset (holds dataset.json).
         storage: where runs live; the run goes to ``STORAGE/NAME``.
         name: the run's name, without '/'.
-        model: a registered model name (``segray models``).
+        model: a registered model name (``segray models``), or ``MODULE:NAME``
+            of a model that module adds with ``segray.models.registry.register``.
         batch_size: images per step per worker.
         workers: Ray Train workers; ``cpus_per_worker`` CPUs each, one GPU each with ``gpu``.
         mixed_precision: compute in float16 with loss scaling on GPUs, in
@@ -505,7 +506,8 @@ class TrainConfig(Config):
             which the learning rate rises linearly from 0.
         time_budget: seconds of training; stops cleanly (a last validation,
             the best model kept) when the next step would pass it.
-        deep_supervision: U-Net only: also train 1x1 heads on the decoder at
+        deep_supervision: for models whose registry entry has decoder levels
+            to supervise (the U-Net): also train 1x1 heads on the decoder at
             1/2 and 1/4 of the size against nearest-downsampled masks, the loss
             weighted 4:2:1 from full size down (nnU-Net); the heads are for
             training only and not part of the saved model.
@@ -551,8 +553,8 @@ class TrainConfig(Config):
 
     def validate(self) -> None:
         _uri(self, "data", "storage")
-        if self.deep_supervision and self.model != "unet":
-            raise ConfigError(f"deep_supervision is for the U-Net's decoder; model {shown(self.model)} has none", field="deep_supervision")
+        if self.deep_supervision:
+            _deep_supervision_model(self.model)
         _positive(self, "epochs", "batch_size", "workers", "cpus_per_worker", "lr", "keep_checkpoints", "patches_per_image", "time_budget")
         unknown = [a for a in self.augment_set if a not in AUGMENTATIONS]
         if unknown:
@@ -576,6 +578,22 @@ class TrainConfig(Config):
                 "use `workers` 1, add `gpu`, or drop `xla`",
                 field="xla",
             )
+
+
+def _deep_supervision_model(model: str) -> None:
+    """Raises ConfigError unless ``model``'s registry entry says it takes deep supervision heads."""
+    from segray.models import registry  # only here: the registry imports Keras
+
+    try:
+        entry = registry.spec(model)
+    except ValueError as e:
+        raise ConfigError(str(e), field="model") from None
+    if entry.deep_supervision is None:
+        takes = [n for n in registry.available() if registry.spec(n).deep_supervision is not None]
+        raise ConfigError(
+            f"deep_supervision: model {model!r} has no decoder levels to supervise; models that have: {', '.join(takes)}",
+            field="deep_supervision",
+        )
 
 
 @dataclass(frozen=True)

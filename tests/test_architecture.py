@@ -96,3 +96,14 @@ def test_saved_run_file_names_are_spelled_in_one_module():
         text = path.read_text()
         for literal in ('"preprocessing.json"', '"model.keras"', '"best.json"'):
             assert literal not in text, f"{path} spells {literal}; use segray.models.saved"
+
+
+def test_model_families_are_reached_through_the_registry_only():
+    """What a model can do (deep supervision, its stride, XLA) is asked of its registry entry, not of its module."""
+    families = {"segray.models.unet", "segray.models.segnet", "segray.models.deeplabv3plus"}
+    for name, path in MODULES.items():
+        if name.startswith("segray.models"):
+            continue
+        for module, names, line in imports(path):
+            used = {module} | {f"{module}.{n}" for n in names}
+            assert not used & families, f"{path}:{line} imports {sorted(used & families)}; ask segray.models.spec(name)"

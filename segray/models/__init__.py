@@ -8,9 +8,13 @@ float32 logits (no softmax), saves as ``.keras`` and loads with
     >>> models.available()
     ['deeplabv3plus', 'segnet', 'unet']
     >>> model = models.build("unet", num_classes=3, depth=3, width=16)
+    >>> models.spec("unet").multiple(depth=3)  # what its capabilities say: sides divisible by 8
+    8
+
+A model of your own: its file and a ``register`` call (``segray.models.registry``).
 """
 
-from segray.models.registry import NO_XLA, available, build
+from segray.models.registry import DEEP_SUPERVISION_LEVELS, NO_XLA, ModelSpec, available, build, register, spec
 from segray.models.summary import count_params, describe, flops_per_image
 
-__all__ = ["NO_XLA", "available", "build", "count_params", "describe", "flops_per_image"]
+__all__ = ["DEEP_SUPERVISION_LEVELS", "NO_XLA", "ModelSpec", "available", "build", "register", "spec", "count_params", "describe", "flops_per_image"]

@@ -43,6 +43,16 @@ def attention_gate(skip: Any, gate: Any, inter_filters: int, name: str) -> Any:
     return keras.layers.Multiply(name=f"{name}_scale")([skip, alpha])
 
 
+def input_multiple(*, depth: int = 4, **_: Any) -> int:
+    """What a U-Net of ``depth`` poolings needs height and width divisible by."""
+    return 2**depth
+
+
+def decoder_levels(*, depth: int = 4, **_: Any) -> int:
+    """The decoder levels below full size a U-Net of ``depth`` has (deep supervision can train heads on them)."""
+    return depth - 1
+
+
 def build_unet(
     num_classes: int,
     input_shape: Sequence[int | None] = (None, None, 3),
@@ -78,7 +88,7 @@ def build_unet(
     blocks.check_positive("unet", depth=depth, width=width)
     blocks.check_bool("unet", residual=residual, attention=attention)
     blocks.check_rate("unet", "dropout", dropout)
-    multiple = 2**depth
+    multiple = input_multiple(depth=depth)
     label = f"unet (depth {depth})"
     check_static_size(label, shape, multiple)
     block = blocks.residual_block if residual else blocks.double_conv
@@ -155,8 +165,3 @@ def with_deep_supervision(model: keras.Model, num_classes: int, levels: int = 2)
         outputs.append(keras.layers.Activation("linear", dtype="float32", name=f"deep_supervision{k}_logits")(x))
     return keras.Model(model.input, outputs, name=f"{model.name}_deep_supervision")
 
-
-def deep_supervision_weights(levels: int) -> list[float]:
-    """Loss weights of the full-size output and each lower level: halving per level, summing to 1 (nnU-Net)."""
-    raw = [0.5**k for k in range(levels + 1)]
-    return [w / sum(raw) for w in raw]

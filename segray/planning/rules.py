@@ -47,6 +47,10 @@ DEFAULT_BUDGET_S = 1800.0
 # passes, checkpoints): measured 15-25% on EPFL-sized runs of 5-10 minutes.
 OVERHEAD = 0.25
 
+# The model the rules plan for; what they need to know of it (its stride, its
+# decoder levels, its FLOPs) they ask its registry entry.
+PLANNED_MODEL = "unet"
+
 FULL_AUGMENT = ["flip", "rot90", "scale", "rotate", "elastic", "brightness", "contrast", "gamma", "noise", "blur"]
 NATURAL_AUGMENT = ["flip", "scale", "rotate", "brightness", "contrast", "gamma", "noise", "blur"]
 
@@ -100,7 +104,7 @@ def train_flops(patch: list[int], width: int, depth: int, num_classes: int) -> f
     """FLOPs of one patch's train step (3x the forward), from the model's layers."""
     from segray.models.summary import flops_per_image
 
-    return 3.0 * flops_per_image("unet", tuple(patch), num_classes, depth=depth, width=width)
+    return 3.0 * flops_per_image(PLANNED_MODEL, tuple(patch), num_classes, depth=depth, width=width)
 
 
 def step_rate(machine: Machine, gpu: bool, cpus_per_worker: int, workers: int) -> float:
@@ -125,8 +129,11 @@ def workers_rule(machine: Machine, gpu: bool) -> tuple[Choice, Choice]:
     return (machine.nodes, "one worker per node: threads share a node's cores, processes would all-reduce every gradient"), (cpus, why)
 
 
-def patch_rule(fp: Fingerprint, gpu: bool, num_classes: int) -> Choice:
-    """nnU-Net: start from the median image size, shrink the larger side until the step fits (memory on GPU, time on CPU)."""
+def patch_rule(fp: Fingerprint, gpu: bool, num_classes: int, multiple: int | None = None) -> Choice:
+    """nnU-Net: start from the median image size, shrink the larger side until the step fits (memory on GPU, time on CPU).
+
+    ``multiple``: what the sides are rounded to; None: the planned model's at its default options.
+    """
     h, w = fp.median_size
     cap = CPU_MAX_PATCH if not gpu else 2048
     ph, pw = min(h, cap), min(w, cap)
@@ -135,8 +142,8 @@ def patch_rule(fp: Fingerprint, gpu: bool, num_classes: int) -> Choice:
             ph //= 2
         else:
             pw //= 2
-    # Sides divisible by the U-Net's stride (a smaller image is padded up to it).
-    m = 16
+    # Sides divisible by the model's stride (a smaller image is padded up to it).
+    m = multiple or _planned().multiple()
     ph, pw = max(_multiple(ph, m), min(MIN_PATCH, _multiple(h, m))), max(_multiple(pw, m), min(MIN_PATCH, _multiple(w, m)))
     sized = [c for c in fp.classes[1:] if c.object_size_p90 > 0]
     largest = max(sized, key=lambda c: c.object_size_p90) if sized else None
@@ -217,10 +224,21 @@ def class_weights_rule(fp: Fingerprint) -> Choice:
     return "none", "no class below 1% of pixels: soft Dice over present classes and oversampling balance them (nnU-Net weights none)"
 
 
-def deep_supervision_rule(depth: int) -> Choice:
-    """nnU-Net's deep supervision whenever the U-Net has the two lower decoder levels it trains heads on."""
-    if depth < 3:
-        return False, f"off: a U-Net of depth {depth} has fewer than the 2 lower decoder levels it supervises"
+def _planned():
+    from segray.models import spec
+
+    return spec(PLANNED_MODEL)
+
+
+def deep_supervision_rule(options: dict[str, Any]) -> Choice:
+    """nnU-Net's deep supervision whenever the planned model has the lower decoder levels it trains heads on."""
+    from segray.models import DEEP_SUPERVISION_LEVELS
+
+    levels = _planned().supervised_levels(**options)
+    if levels < DEEP_SUPERVISION_LEVELS:
+        shown = ", ".join(f"{k}={v}" for k, v in options.items())
+        return False, (f"off: {PLANNED_MODEL} with {shown} has {levels} lower decoder level(s), "
+                       f"fewer than the {DEEP_SUPERVISION_LEVELS} lower decoder levels it supervises")
     return True, ("heads at 1/2 and 1/4 of the size, for training only (nnU-Net); chosen on val data: "
                   "EPFL val mIoU 0.674 with it, 0.622 without (30 minutes, 2 cores, one run each)")
 
@@ -242,6 +260,9 @@ def plan_choices(fp: Fingerprint, num_classes: int, budget_s: float | None, gpu:
     (workers, w_why), (cpus, c_why) = workers_rule(machine, gpu)
     patch, patch_why = patch_rule(fp, gpu, num_classes)
     depth, depth_why = unet_depth(patch)
+    # The depth may need a larger stride than the patch was rounded to (5 poolings: 32).
+    m = _planned().multiple(depth=depth)
+    patch = [_multiple(side, m) for side in patch]
     batch, batch_why = batch_rule(fp, patch, gpu)
     (width, width_why), steps = width_rule(patch, depth, batch, budget, step_rate(machine, gpu, cpus, workers), num_classes, gpu)
     ppi, ppi_why = patches_rule(fp, patch)
@@ -250,9 +271,9 @@ def plan_choices(fp: Fingerprint, num_classes: int, budget_s: float | None, gpu:
     size = list(fp.median_size)
     size_why = "every image has this size" if fp.min_size == fp.max_size else f"the median size: images vary ({fp.min_size} .. {fp.max_size}) and are resized to it (nnU-Net resamples to the median spacing)"
     choices: dict[str, Choice] = {
-        "model": ("unet", "U-Net: the architecture nnU-Net finds best on most data sets"),
+        "model": (PLANNED_MODEL, "U-Net: the architecture nnU-Net finds best on most data sets"),
         "model_options": ({"depth": depth, "width": width}, f"depth: {depth_why}; width: {width_why}"),
-        "deep_supervision": deep_supervision_rule(depth),
+        "deep_supervision": deep_supervision_rule({"depth": depth, "width": width}),
         "size": (size, size_why),
         "crop": (patch, patch_why),
         "patches_per_image": (ppi, ppi_why),

@@ -27,6 +27,7 @@ from segray.data.info import IGNORE_INDEX, DatasetInfo
 from segray.models.saved import Preprocessing
 from segray.runtime import BF16_CPU_FLAGS, cpu_has_bf16, normal_priority
 from segray.training.artifacts import RunArtifacts, load_state, save_state, write_end
+from segray.training.budget import Budget
 from segray.training.report import PREVIEW_IMAGES, epoch_line, preview_strips
 
 
@@ -34,8 +35,6 @@ from segray.training.report import PREVIEW_IMAGES, epoch_line, preview_strips
 # it fits this many bytes: the split is the same every epoch (no augmentation),
 # and a new streaming pass costs Ray Data's start-up each epoch (seconds on a small split).
 VAL_CACHE_BYTES = 512 * 2**20
-# Lower decoder levels that deep supervision trains heads on (1/2 and 1/4 of the size).
-DEEP_SUPERVISION_LEVELS = 2
 
 
 def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
@@ -94,7 +93,8 @@ class WorkerLoop:
         import tensorflow as tf
 
         from segray import models
-        from segray.training.losses import class_weights_from_frequency
+        from segray.training.losses import TrainingLoss, class_weights_from_frequency
+        from segray.training.schedule import Optimization
 
         self.cfg, self.info = cfg, info
         self.kept: tuple[np.ndarray, np.ndarray] | None = None  # validation images for TensorBoard (rank 0)
@@ -127,39 +127,24 @@ class WorkerLoop:
         self.steps_per_epoch = max(1, (info.splits["train"] * patches // world_size) // cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.steps_done = 0
-        self.started = time.time()
-        self.last_val_seconds = 0.0
+        # Its clock starts here; its collective (the mean of the workers' clocks) is built below.
+        self.budget = Budget(cfg.time_budget, world_size, lambda v: self.global_sum(v))
         # This worker's val batches after one streamed pass, if they fit VAL_CACHE_BYTES; False: too big.
         self.val_batches: list[dict[str, np.ndarray]] | bool | None = None
-        self.out_of_time = False
         # One worker has nobody to all-reduce with: the default strategy runs the
         # same step without MWMS's collective ops on every gradient.
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy() if world_size > 1 else tf.distribute.get_strategy()
+        entry = models.spec(cfg.model)
         with self.strategy.scope():
             self.model = models.build(cfg.model, self.num_classes, input_shape=(None, None, 3), **cfg.model_options)
             # What the optimizer trains: the model, or the model plus its deep
-            # supervision heads (outputs at full size, 1/2, 1/4).
+            # supervision heads (outputs at full size, 1/2, 1/4), as its registry entry builds them.
             self.net = self.model
-            self.ds_weights: list[float] = []
-            if cfg.deep_supervision:
-                from segray.models.unet import deep_supervision_weights, with_deep_supervision
-
-                self.net = with_deep_supervision(self.model, self.num_classes, DEEP_SUPERVISION_LEVELS)
-                self.ds_weights = deep_supervision_weights(DEEP_SUPERVISION_LEVELS)
-            if cfg.schedule == "cosine":
-                lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=cfg.epochs * self.steps_per_epoch, alpha=0.01)
-            elif cfg.schedule == "poly":
-                lr = self.poly_lr(0.0)  # a variable, set before every step (``before_step``)
-            else:
-                lr = cfg.lr
-            if cfg.optimizer == "sgd":
-                optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=0.99, nesterov=True)
-            else:
-                optimizer = keras.optimizers.Adam(learning_rate=lr)
-            if self.loss_scaling:
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            optimizer.build(self.net.trainable_variables)
-            self.optimizer = optimizer
+            levels = models.DEEP_SUPERVISION_LEVELS if cfg.deep_supervision else 0
+            if levels:
+                self.net = entry.deep_supervision(self.model, self.num_classes, levels)
+            self.optimization = Optimization(cfg, self.total_steps, self.net.trainable_variables, self.loss_scaling)
+            self.optimizer = self.optimization.optimizer
         if cfg.class_weights == "auto":
             weights = class_weights_from_frequency([info.pixel_frequency[n] for n in info.class_names])
         elif cfg.class_weights == "none":
@@ -167,42 +152,29 @@ class WorkerLoop:
         else:
             weights = np.asarray(cfg.class_weights, np.float32)
         self.class_weights = None if weights is None else tf.constant(weights, tf.float32)
+        self.loss = TrainingLoss(self.num_classes, self.class_weights, cfg.loss, cfg.dice_weight, levels, IGNORE_INDEX)
         self._train_step = tf.function(self._distributed(self._replica_train), jit_compile=cfg.xla, reduce_retracing=True)
         self._eval_step = tf.function(self._distributed(self._replica_eval), reduce_retracing=True)
         self._all_sum = tf.function(
             lambda v: self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(tf.identity, args=(v,)), axis=None)
         )
 
-    def poly_lr(self, progress: float) -> float:
-        """nnU-Net's poly decay ``lr * (1 - progress)^0.9`` after a linear warm-up over the first ``warmup`` of training."""
-        cfg = self.cfg
-        if cfg.warmup > 0 and progress < cfg.warmup:
-            return cfg.lr * max(progress / cfg.warmup, 0.01)
-        rest = (progress - cfg.warmup) / max(1e-9, 1.0 - cfg.warmup)
-        return cfg.lr * max(0.0, 1.0 - rest) ** 0.9
-
-    def elapsed(self) -> float:
-        """Seconds since this loop started, the same on every worker (their mean: one collective with several workers)."""
-        local = time.time() - self.started
-        if self.world_size == 1:
-            return local
-        return float(self.global_sum(np.array([local]))[0]) / self.world_size
+    @property
+    def out_of_time(self) -> bool:
+        """Whether a step was refused for the time budget (the epoch ended early)."""
+        return self.budget.exhausted_in_step
 
     def before_step(self) -> bool:
         """Sets a poly schedule's learning rate; False when ``time_budget`` says to stop (every worker agrees)."""
-        cfg = self.cfg
-        if cfg.time_budget is None and cfg.schedule != "poly":
+        budget, optimization = self.budget, self.optimization
+        if not budget.limited and not optimization.per_step:
             return True
-        elapsed = self.elapsed() if cfg.time_budget is not None or self.world_size == 1 else 0.0
-        if cfg.time_budget is not None and self.steps_done > 0 and elapsed + self.last_val_seconds >= cfg.time_budget:
-            # Room is kept for the validation pass that follows.
-            self.out_of_time = True
+        # The clock's collective runs on every worker or on none.
+        elapsed = budget.elapsed() if budget.limited or self.world_size == 1 else 0.0
+        if budget.limited and self.steps_done > 0 and budget.exhausted(elapsed):
+            budget.exhausted_in_step = True
             return False
-        if cfg.schedule == "poly":
-            progress = self.steps_done / max(1, self.total_steps)
-            if cfg.time_budget is not None:
-                progress = max(progress, elapsed / cfg.time_budget)
-            self.optimizer.learning_rate = self.poly_lr(min(progress, 1.0))
+        optimization.before_step(optimization.progress(self.steps_done, budget.share(elapsed)))
         return True
 
     def _distributed(self, replica_fn):
@@ -218,40 +190,13 @@ class WorkerLoop:
         import tensorflow as tf
 
         from segray.metrics import tf_confusion_matrix
-        from segray.training.losses import masked_cross_entropy, present_class_dice_loss, soft_dice_sums, truth_counts
 
-        cfg, replica_ctx = self.cfg, tf.distribute.get_replica_context()
         images, masks = self.model_input(images), tf.cast(masks, tf.int32)
-
-        def loss_of(labels, logits):
-            loss_sum, weight_sum = masked_cross_entropy(labels, logits, self.class_weights, IGNORE_INDEX)
-            # Divide by the weight of the *global* batch: Keras sums gradients over replicas.
-            global_weight = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, weight_sum)
-            loss = loss_sum / tf.maximum(global_weight, 1.0)
-            if cfg.loss == "ce+dice":
-                inter, denom = soft_dice_sums(labels, logits, self.num_classes, IGNORE_INDEX)
-                truth = truth_counts(labels, self.num_classes, IGNORE_INDEX)
-                inter = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, inter)
-                denom = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, denom)
-                truth = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, truth)
-                # Over the global batch and the classes present in it (nnU-Net's batch Dice).
-                dice_loss = present_class_dice_loss(inter, denom, truth)
-                loss = loss + cfg.dice_weight * dice_loss / self.strategy.num_replicas_in_sync
-            return loss, loss_sum, weight_sum
-
         with tf.GradientTape() as tape:
-            outputs = self.net(images, training=True)
-            logits = outputs[0] if self.ds_weights else outputs
-            loss, loss_sum, weight_sum = loss_of(masks, logits)
-            if self.ds_weights:
-                loss = self.ds_weights[0] * loss
-                for level, (weight, aux) in enumerate(zip(self.ds_weights[1:], outputs[1:]), start=1):
-                    # Nearest downsampling of the labels (every 2**level-th pixel), as nnU-Net's.
-                    step = 2**level
-                    loss = loss + weight * loss_of(masks[:, ::step, ::step], aux)[0]
-            scaled = self.optimizer.scale_loss(loss) if self.loss_scaling else loss
+            loss, loss_sum, weight_sum, logits = self.loss(masks, self.net(images, training=True))
+            scaled = self.optimization.scale_loss(loss)
         grads = tape.gradient(scaled, self.net.trainable_variables)
-        self.optimizer.apply(grads, self.net.trainable_variables)
+        self.optimization.apply(grads, self.net.trainable_variables)
         predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
         return loss_sum, weight_sum, tf_confusion_matrix(masks, predicted, self.num_classes, IGNORE_INDEX)
 
@@ -324,7 +269,7 @@ class WorkerLoop:
         total = self.global_sum(np.concatenate([[loss_sum, weight_sum, images, seconds], cm.ravel()]))
         seconds = float(total[3]) / self.world_size  # the same on every worker
         if not train:
-            self.last_val_seconds = seconds
+            self.budget.reserve = seconds  # room the time budget keeps for the next validation pass
         return float(total[0]), float(total[1]), np.rint(total[4:]).astype(np.int64).reshape(C, C), int(total[2]), seconds
 
     def preview(self) -> np.ndarray | None:
@@ -340,15 +285,12 @@ class WorkerLoop:
         return preview_strips(normalised.numpy(), masks, pred, self.info.mean, self.info.std, colours)
 
     def learning_rate(self) -> float:
-        lr = self.optimizer.learning_rate
-        return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+        return self.optimization.learning_rate()
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config``: {"config": TrainConfig dict, "dataset_info": json, "run_uri"}."""
     import ray.train
-
-    from segray import models
 
     cfg = TrainConfig.from_dict(loop_config["config"])
     info = DatasetInfo.from_json(loop_config["dataset_info"])
@@ -362,8 +304,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             state = load_state(directory, worker.net, worker.optimizer)
         start_epoch, history, best, stale = state["epoch"] + 1, state["history"], state["best"], state["stale"]
-        if cfg.schedule == "plateau":
-            worker.optimizer.learning_rate = state["lr"]
+        worker.optimization.restore(state)
 
     artifacts = RunArtifacts(loop_config["run_uri"]) if rank == 0 else None
     export_model = None
@@ -372,7 +313,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     stopped = "epochs"  # why the loop ends (ended.json): all epochs, unless a break says otherwise
     for epoch in range(start_epoch, cfg.epochs):
-        if cfg.time_budget is not None and epoch > start_epoch and worker.elapsed() + worker.last_val_seconds >= cfg.time_budget:
+        if worker.budget.limited and epoch > start_epoch and worker.budget.exhausted():
             if rank == 0:
                 print(f"time budget {cfg.time_budget:g} s reached after {epoch} epoch(s); the best model is kept", file=sys.__stdout__, flush=True)
             stopped = "time_budget"
@@ -391,8 +332,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             best, stale = val_miou, 0
         else:
             stale += 1
-            if cfg.schedule == "plateau" and stale % 2 == 0:
-                worker.optimizer.learning_rate = worker.learning_rate() * 0.5
+            worker.optimization.after_epoch(stale)
 
         if rank == 0:
             # To the process's own stdout: Ray Train V2 patches print() to log

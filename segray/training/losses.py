@@ -190,3 +190,74 @@ def class_weights_from_frequency(freq: Sequence[float] | npt.ArrayLike) -> np.nd
     weights /= np.sum(f * weights)  # sum(f * w) == 1 after this
     weights[~seen] = weights[seen].max()
     return weights
+
+
+def deep_supervision_weights(levels: int) -> list[float]:
+    """Loss weights of the full-size output and each lower level: halving per level, summing to 1 (nnU-Net)."""
+    raw = [0.5**k for k in range(levels + 1)]
+    return [w / sum(raw) for w in raw]
+
+
+class TrainingLoss:
+    """The loss of one replica's batch in a data-parallel step: the one owner of how the step's loss is made.
+
+    Cross-entropy is divided by the weight of the *global* batch (Keras' optimizer
+    sums gradients over replicas); ``ce+dice`` adds soft Dice over the global
+    batch and its present classes (nnU-Net's batch Dice); with deep supervision
+    each lower output adds its loss against nearest-downsampled labels, weighted
+    by ``deep_supervision_weights``. Call it inside ``strategy.run``.
+
+    Args:
+        num_classes: C.
+        class_weights: ``(C,)`` float32 weights, or None.
+        loss: ``ce`` or ``ce+dice``.
+        dice_weight: the Dice term's weight.
+        supervised_levels: lower outputs the model gives besides its logits (0: none).
+        ignore_index: the label never counted.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_weights: tf.Tensor | None,
+        loss: str = "ce",
+        dice_weight: float = 1.0,
+        supervised_levels: int = 0,
+        ignore_index: int | None = 255,
+    ) -> None:
+        self.num_classes, self.class_weights, self.loss, self.dice_weight = num_classes, class_weights, loss, dice_weight
+        self.ignore_index = ignore_index
+        self.level_weights = deep_supervision_weights(supervised_levels) if supervised_levels else []
+
+    def _one(self, labels: tf.Tensor, logits: tf.Tensor, replica_ctx) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        sum_over = tf.distribute.ReduceOp.SUM
+        loss_sum, weight_sum = masked_cross_entropy(labels, logits, self.class_weights, self.ignore_index)
+        global_weight = replica_ctx.all_reduce(sum_over, weight_sum)
+        loss = loss_sum / tf.maximum(global_weight, 1.0)
+        if self.loss == "ce+dice":
+            inter, denom = soft_dice_sums(labels, logits, self.num_classes, self.ignore_index)
+            truth = truth_counts(labels, self.num_classes, self.ignore_index)
+            inter = replica_ctx.all_reduce(sum_over, inter)
+            denom = replica_ctx.all_reduce(sum_over, denom)
+            truth = replica_ctx.all_reduce(sum_over, truth)
+            loss = loss + self.dice_weight * present_class_dice_loss(inter, denom, truth) / replica_ctx.num_replicas_in_sync
+        return loss, loss_sum, weight_sum
+
+    def __call__(self, labels: tf.Tensor, outputs) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``(loss, loss_sum, weight_sum, logits)``: the loss to differentiate, the full-size CE sums, and the full-size logits.
+
+        Args:
+            labels: ``(B, H, W)`` int32.
+            outputs: the model's ``(B, H, W, C)`` logits, or with deep
+                supervision the list ``[logits, logits at 1/2, at 1/4 ...]``.
+        """
+        replica_ctx = tf.distribute.get_replica_context()
+        logits = outputs[0] if self.level_weights else outputs
+        loss, loss_sum, weight_sum = self._one(labels, logits, replica_ctx)
+        if self.level_weights:
+            loss = self.level_weights[0] * loss
+            for level, (weight, aux) in enumerate(zip(self.level_weights[1:], outputs[1:]), start=1):
+                # Nearest downsampling of the labels (every 2**level-th pixel), as nnU-Net's.
+                step = 2**level
+                loss = loss + weight * self._one(labels[:, ::step, ::step], aux, replica_ctx)[0]
+        return loss, loss_sum, weight_sum, logits

@@ -55,10 +55,14 @@ def resolve(cfg: TrainConfig) -> ResolvedRun:
     """
     from segray import models
 
-    if cfg.model not in models.available():
-        raise ConfigError(f"model {cfg.model!r} is unknown; choose from {', '.join(models.available())}", field="model")
-    if cfg.xla and cfg.model in models.NO_XLA:
-        raise ConfigError(f"xla with `model` {cfg.model}: {models.NO_XLA[cfg.model]}; drop `xla`", field="xla")
+    try:
+        entry = models.spec(cfg.model)
+    except ValueError as e:
+        if ":" in cfg.model:  # MODULE:NAME: the error says what is wrong with the module
+            raise ConfigError(str(e), field="model") from None
+        raise ConfigError(f"model {cfg.model!r} is unknown; choose from {', '.join(models.available())}", field="model") from None
+    if cfg.xla and entry.no_xla:
+        raise ConfigError(f"xla with `model` {cfg.model}: {entry.no_xla}; drop `xla`", field="xla")
     info = load_dataset_info(cfg.data)
     n_train, n_val = info.splits.get("train", 0), info.splits.get("val", 0)
     if cfg.batch_size * cfg.workers > n_train:
@@ -81,6 +85,14 @@ def resolve(cfg: TrainConfig) -> ResolvedRun:
                 models.build(cfg.model, info.num_classes, input_shape=(hw[0], hw[1], 3), **cfg.model_options)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"{name} {hw[0]}x{hw[1]} with `model` {cfg.model}: {e}", field=name) from None
+    if cfg.deep_supervision:  # after the build: the options are valid
+        levels = entry.supervised_levels(**cfg.model_options)
+        if levels < models.DEEP_SUPERVISION_LEVELS:
+            raise ConfigError(
+                f"deep_supervision trains heads on {models.DEEP_SUPERVISION_LEVELS} lower decoder levels; "
+                f"`model` {cfg.model} with `model_options` {cfg.model_options} has {levels}",
+                field="deep_supervision",
+            )
     run_uri = storage.join(cfg.storage, cfg.name)
     exists = run_exists(run_uri)
     if exists and not cfg.resume:

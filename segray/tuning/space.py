@@ -209,20 +209,21 @@ def check_space(space: SearchSpace, base: dict[str, Any]) -> None:
     """
     from segray import models
 
-    known_models = models.available()
     models_used = space.model_names(default=trial_config(base, {}).model)
     for name in models_used:
-        if name not in known_models:
-            raise _error(space.source, f"`model`: unknown model {name!r}; choose from {', '.join(known_models)}")
+        try:
+            models.spec(name)
+        except ValueError as e:
+            raise _error(space.source, f"`model`: {e}") from None
     for key in space.keys:
         if key in _TRAIN_FIELDS:
             continue
         for name in models_used:
-            if key not in models.registry.default_options(name):
+            if key not in models.spec(name).default_options():
                 raise _error(
                     space.source,
                     f"`{key}` is neither a TrainConfig field nor an option of model {name!r} "
-                    f"(its options: {', '.join(sorted(models.registry.default_options(name)))})",
+                    f"(its options: {', '.join(sorted(models.spec(name).default_options()))})",
                 )
     first = {**space.fixed, **{k: d.representatives()[0] for k, d in space.domains.items()}}
     for key in space.keys:

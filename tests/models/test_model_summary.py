@@ -86,5 +86,5 @@ def test_describe_options_need_a_name() -> None:
 
 
 def test_describe_an_unknown_model_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="unknown model 'nope'; available: deeplabv3plus, segnet, unet"):
+    with pytest.raises(ValueError, match=r"unknown model 'nope'; available: deeplabv3plus, segnet, (.*, )?unet"):
         models.describe("nope")

@@ -88,7 +88,7 @@ def test_logits_stay_float32_under_mixed_precision(name: str, images: np.ndarray
 
 
 def test_unknown_model_name_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown model 'unett'; available: deeplabv3plus, segnet, unet"):
+    with pytest.raises(ValueError, match=r"unknown model 'unett'; available: deeplabv3plus, segnet, (.*, )?unet"):
         models.build("unett", 2)
 
 
@@ -112,3 +112,46 @@ def test_bad_common_arguments_are_named(num_classes: int, input_shape: tuple, ex
     for name in NAMES:
         with pytest.raises(ValueError, match=expected):
             models.build(name, num_classes, input_shape)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_multiple_is_what_the_built_model_checks(name: str) -> None:
+    from segray.inference.model import required_multiple
+
+    entry = models.spec(name)
+    for options in (dict(TINY_OPTIONS[name]), {**TINY_OPTIONS[name], **({"depth": 3} if "depth" in entry.default_options() else {})}):
+        declared = entry.multiple(**options)
+        assert required_multiple(models.build(name, 2, **options)) == declared
+        if declared > 1:  # a side off the multiple is refused at build time
+            with pytest.raises(ValueError, match=f"divisible by {declared}"):
+                models.build(name, 2, (declared + 1, declared, 3), **options)
+
+
+def test_deep_supervision_is_declared_by_the_entry_and_builds_the_heads_it_declares() -> None:
+    takes = [n for n in NAMES if models.spec(n).deep_supervision is not None]
+    assert takes == ["unet"]
+    entry = models.spec("unet")
+    assert entry.supervised_levels(depth=3) == 2 and entry.supervised_levels(depth=2) == 1
+    assert models.spec("segnet").supervised_levels() == 0
+    net = entry.deep_supervision(models.build("unet", 2, depth=3, width=4), 2, models.DEEP_SUPERVISION_LEVELS)
+    assert [tuple(o.shape[1:3]) for o in net(np.zeros((1, 32, 32, 3), np.float32))] == [(32, 32), (16, 16), (8, 8)]
+
+
+def test_register_names_a_model_by_its_importable_module() -> None:
+    from segray.models.registry import ModelSpec, register
+    from tests.models import toy_model
+
+    assert models.spec("tests.models.toy_model:toy").build is toy_model.build_toy
+    logits = models.build("tests.models.toy_model:toy", 3, **models.spec("tests.models.toy_model:toy").tiny_options)(np.zeros((2, 8, 8, 3), np.float32))
+    assert tuple(logits.shape) == (2, 8, 8, 3)
+
+    def in_main(num_classes, input_shape=(None, None, 3)):
+        return toy_model.build_toy(num_classes, input_shape)
+
+    in_main.__module__ = "__main__"
+    with pytest.raises(ValueError, match="define it in an importable module"):
+        register(ModelSpec("main", in_main))
+    with pytest.raises(ValueError, match="cannot import its module 'no_such_module'"):
+        models.spec("no_such_module:toy")
+    with pytest.raises(ValueError, match="module tests.models.toy_model registers no model 'other' \\(it registers toy\\)"):
+        models.spec("tests.models.toy_model:other")

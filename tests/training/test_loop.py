@@ -132,7 +132,7 @@ def test_deep_supervision_trains_the_model_through_heads_at_half_and_quarter_siz
     for a, b in zip(loop.net(loop.model_input(x), training=False), resumed.net(resumed.model_input(x), training=False)):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
-    with pytest.raises(ConfigError, match="deep_supervision is for the U-Net") as err:
+    with pytest.raises(ConfigError, match="deep_supervision: model .segnet. has no decoder levels to supervise; models that have: unet") as err:
         TrainConfig(data="memory", storage="none", name="t", model="segnet", deep_supervision=True).validate()
     assert err.value.field == "deep_supervision"
     shallow = TrainConfig(data="memory", storage="none", name="t", model_options={"depth": 2}, deep_supervision=True)

@@ -266,6 +266,44 @@ def test_worker_matrices_sum_to_single_worker_matrix(shapes, tmp_path):
     assert expected.sum() == shapes.info.splits["val"] * 32 * 32
 
 
+@pytest.mark.slow
+def test_a_model_added_through_the_registry_alone_trains_and_predicts(shapes, tmp_path):
+    """The toy model exists only in tests/models/toy_model.py (one ``register`` call): two workers train it, predict runs it."""
+    import cv2
+
+    from segray import models
+    from segray.config import PredictConfig
+    from segray.inference import predict
+    from tests.models import toy_model
+
+    name = toy_model.NAME
+    assert name == "tests.models.toy_model:toy" and name in models.available()
+    entry = models.spec(name)
+    assert entry.default_options() == {"width": 8} and entry.multiple() == 1 and entry.deep_supervision is None
+    # What the registry declares is what the run checks: no deep supervision heads, options by the builder's signature.
+    with pytest.raises(ConfigError, match="model 'tests.models.toy_model:toy' has no decoder levels"):
+        config(shapes.dst, str(tmp_path), "ds", model=name, deep_supervision=True)
+    with pytest.raises(ConfigError, match="unknown option.*'depth'.*valid options: width"):
+        resolve(config(shapes.dst, str(tmp_path), "opts", model=name, model_options={"depth": 2}))
+
+    runs = str(tmp_path / "runs")
+    result = train(config(shapes.dst, runs, "toy", model=name, model_options=dict(entry.tiny_options), epochs=1))
+    assert list(result.history["epoch"]) == [0] and np.isfinite(result.history["train_loss"]).all()
+    saved = json.loads(storage.read_text(storage.join(runs, "toy", "config.json")))
+    assert saved["model"] == name and saved["model_options"] == {"width": 4}
+
+    out = str(tmp_path / "out")
+    predicted = predict(PredictConfig(model=result.run_uri, input=shapes.dst, split="val", output=out, batch_size=8, overlays=0))
+    n_val = shapes.info.splits["val"]
+    assert predicted.summary["images"] == n_val and predicted.summary["errors"] == 0
+    masks = sorted(os.listdir(os.path.join(out, "masks")))
+    assert len(masks) == n_val == predicted.per_image["image_id"].nunique()
+    for file in masks:
+        mask = cv2.imread(os.path.join(out, "masks", file), cv2.IMREAD_UNCHANGED)
+        assert mask.dtype == np.uint8 and mask.shape == (32, 32) and mask.max() < 4, file
+    assert len(predicted.per_class) == 4
+
+
 def test_config_round_trip_and_strictness():
     cfg = config("d", "s", "n", class_weights=[1.0, 2.0, 3.0, 4.0], crop=[16, 16])
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
