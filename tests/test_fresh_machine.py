@@ -32,14 +32,14 @@ def test_the_readme_test_command_is_the_one_ci_runs():
     assert os.access(CI_RUN, os.X_OK)
 
 
-def run_on_a_bare_machine(tmp_path: Path, *args: str, chromium: bool = False) -> list[str]:
-    """``.ci/run`` with a PATH of recording stand-ins for python3, apt-get and sudo; returns the commands it ran, in order."""
+def run_on_a_bare_machine(tmp_path: Path, *args: str, chromium: bool = False, azurite: bool = False) -> list[str]:
+    """``.ci/run`` with a PATH of recording stand-ins for python3, apt-get, npm and sudo; returns the commands it ran, in order."""
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir(parents=True)
     for tool in ("dirname", "id", "env"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
     record = f'#!{shutil.which("bash")}\necho "${{0##*/}} $*" >> {log}\n'
-    for name in ("python3", "apt-get", *(["chromium"] if chromium else [])):
+    for name in ("python3", "apt-get", "npm", *(["chromium"] if chromium else []), *(["azurite-blob"] if azurite else [])):
         (bin_dir / name).write_text(record)
         (bin_dir / name).chmod(0o755)
     (bin_dir / "sudo").write_text(record + 'exec "$@"\n')
@@ -53,8 +53,9 @@ def test_ci_run_installs_chromium_before_the_tests_and_passes_arguments_to_pytes
     ran = run_on_a_bare_machine(tmp_path / "bare")
     assert ran[0].startswith("python3 -m pip install") and "-e .[test]" in ran[0], ran
     assert [re.sub(r"\s+", " ", c) for c in ran[1:]] == [
-        "apt-get update -qq", "apt-get install -y -qq chromium", "python3 -m pytest -q tests",
+        "apt-get update -qq", "apt-get install -y -qq chromium", "npm install -g --silent --no-fund --no-audit azurite@3",
+        "python3 -m pytest -q tests",
     ], ran
-    # Chromium there already: nothing installed; arguments go to pytest.
-    ran = run_on_a_bare_machine(tmp_path / "ready", "tests/export", "-k", "card", chromium=True)
+    # Chromium and Azurite there already: nothing installed; arguments go to pytest.
+    ran = run_on_a_bare_machine(tmp_path / "ready", "tests/export", "-k", "card", chromium=True, azurite=True)
     assert ran[1:] == ["python3 -m pytest -q tests/export -k card"], ran
