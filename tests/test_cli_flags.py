@@ -148,3 +148,141 @@ if __name__ == "__main__":
         json.dump(snapshot(), f, indent=1, sort_keys=True)
         f.write("\n")
     print(f"wrote {FIXTURE}")
+
+
+# --- the tests -------------------------------------------------------------------------
+
+import ast  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import inspect  # noqa: E402
+import io  # noqa: E402
+
+import pytest  # noqa: E402
+
+from segray import cli, config  # noqa: E402
+from segray.cli import COMMANDS, build_parser, main  # noqa: E402
+
+
+def _before() -> dict:
+    with open(FIXTURE) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("command", sorted(_before()["commands"]))
+def test_every_subcommand_keeps_its_flags_choices_values_and_help(command):
+    before = _before()["commands"][command]
+    now = describe(build_parser())[command]
+    by_dest = lambda arguments: {a["dest"]: a for a in arguments}  # noqa: E731
+    assert sorted(by_dest(now["arguments"])) == sorted(by_dest(before["arguments"]))
+    for dest, argument in by_dest(before["arguments"]).items():
+        assert by_dest(now["arguments"])[dest] == argument, dest
+    # Positionals keep their order: `segray query OUT SQL`.
+    positionals = lambda arguments: [a["dest"] for a in arguments if a["positional"]]  # noqa: E731
+    assert positionals(now["arguments"]) == positionals(before["arguments"])
+    if before["epilog"] is not None:
+        assert now["epilog"] == before["epilog"]
+
+
+@pytest.mark.parametrize("sample", _before()["samples"], ids=lambda s: " ".join(s["argv"])[:60])
+def test_command_lines_parse_to_the_same_values_as_before(sample):
+    assert parsed(build_parser, sample["argv"]) == sample["values"]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_of_each_subcommand_runs_and_lists_every_flag(command):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = out.getvalue()
+    for argument in _before()["commands"][command]["arguments"]:
+        for option in argument["option_strings"]:
+            assert option in text, f"segray {command} --help lacks {option}"
+        if argument["positional"]:
+            assert argument["dest"] in text
+        if argument["help"]:
+            assert " ".join(argument["help"].split()[:3]) in " ".join(text.split()), argument["help"]
+
+
+def _field_names_and_flags() -> set[str]:
+    names = set()
+    for _, config_cls, _ in COMMANDS.values():
+        for spec in config.flags(config_cls):
+            names.add(spec.name)
+            names.update(spec.option_strings)
+    return names
+
+
+def test_build_parser_names_no_config_field():
+    tree = ast.parse(inspect.getsource(cli))
+    named = _field_names_and_flags()
+    parser_functions = {"build_parser", "_subparser", "add_flags", "_argument_options", "_argument_type"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name in parser_functions:
+            strings = {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+            assert not strings & named, f"{node.name} names {sorted(strings & named)}"
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            literal = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            assert set(literal) <= {"--config", "--verbose"}, literal
+
+
+def test_every_config_field_has_a_flag_but_the_internal_ones():
+    flagless = {
+        (cls.__name__, f.name)
+        for _, cls, _ in COMMANDS.values()
+        for f in dataclasses.fields(cls)
+        if "flag" not in f.metadata
+    }
+    # plan: set by config_from from the plan file; blocking: the API's serve returns, the CLI's serves until stopped.
+    assert flagless == {("TrainConfig", "plan"), ("ServeConfig", "blocking")}
+
+
+def test_one_duration_parser():
+    for cls in (config.PlanConfig, config.TrainConfig, config.TuneConfig):
+        spec = next(s for s in config.flags(cls) if s.name == "time_budget")
+        assert spec.parse is config.parse_duration, cls.__name__
+    assert not hasattr(cli, "_duration")
+    assert "def _duration" not in inspect.getsource(cli)
+    assert config.parse_duration("1.5h") == 5400.0 and config.parse_duration(" 90S ") == 90.0
+    for bad in ("soon", "30x", "m", "", "0", "-5m"):
+        with pytest.raises(config.ConfigError, match="duration"):
+            config.parse_duration(bad)
+
+
+def test_one_run_name_rule_for_runs_and_searches():
+    source = inspect.getsource(config)
+    assert source.count('in (".", "..")') == 1
+    for bad in ("", "a/b", "a\\b", ".", ".."):
+        with pytest.raises(config.ConfigError, match="expected a plain run name") as e:
+            config.TrainConfig(data="/d", storage="/s", name=bad)
+        assert e.value.field == "name"
+        with pytest.raises(config.ConfigError, match="expected a plain search name") as e:
+            config.TuneConfig(data="/d", storage="/s", name=bad)
+        assert e.value.field == "name"
+
+
+def test_resume_may_change_the_fields_marked_resumable():
+    from segray.training.trainer import RESUMABLE_FIELDS
+
+    assert RESUMABLE_FIELDS == config.resumable_fields(config.TrainConfig) == {"epochs", "patience", "max_failures", "resume", "time_budget"}
+
+
+def test_a_field_declared_with_a_flag_is_a_flag_a_yaml_key_and_an_api_argument(tmp_path):
+    """One declaration: --config's keys and the flags are the same names, flags win, from_dict takes them."""
+    path = tmp_path / "train.yaml"
+    path.write_text("epochs: 4\nbatch_size: 2\nmodel_options: {depth: 2}\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--batch-size", "3", "--model-option", "width=8",
+                                      "--data", "/d", "--storage", "/s", "--name", "n"])
+    values = cli.values_of(args)
+    assert values == {"epochs": 4, "batch_size": 3, "model_options": {"width": 8}, "data": "/d", "storage": "/s", "name": "n"}
+    cfg = config.TrainConfig.from_dict(values)
+    assert (cfg.epochs, cfg.batch_size, cfg.model_options) == (4, 3, {"width": 8})
+
+
+def test_a_flag_of_several_texts_reports_a_bad_one_as_a_usage_error():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["query", "o", "--below", "cat", "low"])
+    assert exit_.value.code == 2
+    assert "argument --below: IOU 'low' is not a number" in err.getvalue()
