@@ -30,8 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from segray.cli import _model_option  # noqa: E402  (KEY=VALUE with a YAML value, as --model-options)
-from segray.config import parse_duration  # noqa: E402
+from segray.config import parse_duration, parse_key_value  # noqa: E402  (KEY=VALUE with a YAML value, as --model-options)
 
 EPFL = os.path.join(os.path.dirname(ROOT), "shared", "data", "epfl-em-6class")
 ORDER = ["membranes", "mitochondrion", "mitochondrial boundaries", "PSD", "vesicles", "axon"]
@@ -74,7 +73,7 @@ def main() -> None:
     parser.add_argument("--data", default=EPFL)
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     parser.add_argument("--png", default="accuracy_epfl.png", help="the accuracy-vs-minutes curve")
-    parser.add_argument("--set", action="append", default=[], type=_model_option, metavar="FIELD=VALUE",
+    parser.add_argument("--set", action="append", default=[], type=parse_key_value, metavar="FIELD=VALUE",
                         help="a train field given over the plan (YAML value, e.g. deep_supervision=true); repeat")
     args = parser.parse_args()
     extra = dict(args.set)

@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from segray.config import parse_size  # noqa: E402
+from segray.config import parse_duration, parse_size  # noqa: E402
 
 EPFL = os.path.join(os.path.dirname(ROOT), "shared", "data", "epfl-em-6class")
 ORDER = ["membranes", "mitochondrion", "mitochondrial boundaries", "PSD", "vesicles", "axon"]
@@ -29,15 +29,9 @@ ORDER = ["membranes", "mitochondrion", "mitochondrial boundaries", "PSD", "vesic
 PRIORITY = ["mitochondrial boundaries", "PSD", "vesicles", "mitochondrion", "membranes", "axon"]
 
 
-def duration(text: str) -> float:
-    from segray.cli import _duration
-
-    return _duration(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--time-budget", type=duration, default=1800.0, help="seconds, or 30m, 2h (default 30m)")
+    parser.add_argument("--time-budget", type=parse_duration, default=1800.0, help="seconds, or 30m, 2h (default 30m)")
     parser.add_argument("--trials", type=int, default=64, help="trials sampled (the budget usually ends first)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of a trial ASHA never stops")
     parser.add_argument("--grace-epochs", type=int, default=2)

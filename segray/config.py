@@ -5,9 +5,12 @@ Configuration flows one way: YAML and flags -> one of ``IngestConfig``,
 ``ServeConfig`` (unknown keys, wrong
 types and bad values raise ``ConfigError`` naming the field) -> ``to_dict``
 into Ray's ``train_loop_config`` or an output's record -> rebuilt with
-``from_dict`` where it is needed. Field names are the long CLI flags with
-dashes as underscores (``batch_size`` is ``--batch-size``); the library never
-speaks in flags, the CLI maps a field to its flag when it prints an error.
+``from_dict`` where it is needed. Each field is declared once, with its
+command-line flag in its metadata (``flag(default, help=...)``): the CLI's
+flags and ``--help``, the keys of ``--config FILE.yaml`` and the API's
+arguments are the same names (``batch_size`` is ``--batch-size``). The
+library never speaks in flags; the CLI maps a field to its flag when it
+prints an error.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -170,6 +174,156 @@ def to_dict(obj: Any) -> dict[str, Any]:
         return v
 
     return plain(dataclasses.asdict(obj))
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a config field is given on the command line; ``flag()`` puts it in the field's metadata.
+
+    The flag is the field's name with dashes, ``--batch-size`` for ``batch_size``.
+    A field without a ``Flag`` has none (``TrainConfig.plan``, ``ServeConfig.blocking``).
+
+    Attributes:
+        help: the flag's line in ``--help``.
+        parse: text -> value, raising ConfigError; with ``nargs``, the list of
+            texts -> value. None: from the field's type (int, float, else text).
+        metavar: what ``--help`` calls the value (a tuple with ``nargs``).
+        positional: given without a flag, in field order (``segray ingest SOURCE DESTINATION``).
+        required: a positional the command line must give (others may come
+            from ``--config``; the config says what is required).
+        aliases: other spellings (``--keep`` for ``--keep-checkpoints``).
+        nargs: the number of texts the flag takes; None: one.
+        negatable: a bool flag with a ``--no-`` form, for a default a plan or
+            a config file may turn on.
+        collect: the flag may be repeated; the list of its parsed values
+            becomes the field's value through this (``dict`` for KEY=VALUE pairs).
+        resumable: ``segray train --resume`` may change this field.
+    """
+
+    help: str | None = None
+    parse: Callable[[Any], Any] | None = None
+    metavar: str | tuple[str, ...] | None = None
+    positional: bool = False
+    required: bool = False
+    aliases: tuple[str, ...] = ()
+    nargs: int | None = None
+    negatable: bool = False
+    collect: Callable[[list], Any] | None = None
+    resumable: bool = False
+
+
+def flag(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **options: Any) -> Any:
+    """A dataclass field with its command-line ``Flag`` (``options`` are its attributes)."""
+    return field(default=default, default_factory=default_factory, metadata={"flag": Flag(**options)})
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """A field's flag resolved against the field's type: what the CLI adds for it.
+
+    Attributes:
+        name: the field.
+        option_strings: ``--name`` and its aliases; () for a positional.
+        kind: ``value``, ``switch`` (a bool's ``store_true``) or ``negatable`` (``--x`` / ``--no-x``).
+        parse: text -> value; None leaves the text as it is.
+        choices: the values a ``Literal`` field allows, else None.
+    """
+
+    name: str
+    option_strings: tuple[str, ...]
+    kind: str
+    parse: Callable[[Any], Any] | None
+    choices: tuple | None
+    flag: Flag
+
+
+def _plain_type(hint: Any) -> Any:
+    """``X | None`` -> X; anything else as it is."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def flags(cls: type) -> list[FlagSpec]:
+    """The command-line flags of config class ``cls``, in field order (positionals among them).
+
+    Raises:
+        TypeError: a field whose type gives no parser and whose ``Flag`` names none.
+    """
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("flag")
+        if spec is None:
+            continue
+        hint = _plain_type(hints[f.name])
+        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+        parse = spec.parse
+        if hint is bool:
+            kind = "negatable" if spec.negatable else "switch"
+        else:
+            kind = "value"
+            if parse is None and hint in (int, float):
+                parse = hint
+            elif parse is None and not (hint is str or choices or spec.nargs):
+                raise TypeError(f"{cls.__name__}.{f.name}: a {hints[f.name]} field's flag needs a parse function")
+        names = () if spec.positional else ("--" + f.name.replace("_", "-"), *spec.aliases)
+        specs.append(FlagSpec(f.name, names, kind, parse, choices, spec))
+    return specs
+
+
+def resumable_fields(cls: type) -> frozenset[str]:
+    """The fields of ``cls`` that a resumed run may change (``Flag.resumable``)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if getattr(f.metadata.get("flag"), "resumable", False))
+
+
+def parse_names(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_hw(text: str) -> list[int]:
+    """``parse_size`` as a list, the form a config field holds."""
+    return list(parse_size(text))
+
+
+def parse_key_value(text: str) -> tuple[str, Any]:
+    """'depth=3' -> ('depth', 3): KEY=VALUE with a YAML value."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{text!r}: expected KEY=VALUE, e.g. depth=3")
+    return key, load_yaml(value, f"{key}={shown(value)}")
+
+
+def parse_class_weights(text: str) -> str | list[float]:
+    """'auto', 'none' or 'w0,w1,...' -> the weights."""
+    if text in ("auto", "none"):
+        return text
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{text!r}: expected auto, none or w0,w1,...") from None
+
+
+def parse_replicas(text: str) -> str | int:
+    """'auto' or a number of replicas."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{text!r}: expected auto or a number of replicas") from None
+
+
+def parse_class_iou(texts: list[str]) -> list:
+    """['cat', '0.5'] -> ['cat', 0.5]: a class and an IoU threshold."""
+    cls, threshold = texts
+    try:
+        return [cls, float(threshold)]
+    except ValueError:
+        raise ConfigError(f"IOU {threshold!r} is not a number") from None
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -345,6 +499,13 @@ def _hw(cfg: Any, name: str) -> None:
         raise ConfigError(f"{name}: expected [H, W] with positive integers, got {shown(value)}", field=name)
 
 
+def _plain_name(cfg: Any, what: str) -> None:
+    """``cfg.name`` names one folder beneath ``cfg.storage``: a run or a search."""
+    name = cfg.name
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ConfigError(f"name {shown(name)}: expected a plain {what} name (no '/', not '.' or '..')", field="name")
+
+
 def _layout_options(cfg: Any, where: str) -> None:
     """The per-class options of predict and evaluate: only with ``layout`` per-class."""
     if cfg.layout != "per-class":
@@ -383,20 +544,21 @@ class IngestConfig(Config):
             aside before it is decoded.
     """
 
-    source: str
-    destination: str
-    layout: Literal["ids", "palette", "per-class", "voc"] = "ids"
-    val_fraction: float = 0.1
-    val_ids: str | None = None
-    split_seed: int = 0
-    shard_mb: float = 128.0
-    classes: str | None = None
-    num_classes: int | None = None
-    class_order: list[str] | None = None
-    priority: list[str] | None = None
-    images_dir: str = "images"
-    overwrite: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    source: str = flag(positional=True, help="raw dataset: local folder or a bucket URI (s3, gs, az)")
+    destination: str = flag(positional=True, help="where the ingested dataset goes")
+    layout: Literal["ids", "palette", "per-class", "voc"] = flag(
+        "ids", help="voc: PASCAL VOC's JPEGImages/ and SegmentationClass/ (default ids)")
+    val_fraction: float = flag(0.1, help="share of images in val: exactly round(F x N), by hash rank (default 0.1)")
+    val_ids: str | None = flag(None, help="file of image ids, one a line: these are the val split (pins it; --val-fraction is not used)")
+    split_seed: int = flag(0, help="draw another split of the same size (default 0)")
+    shard_mb: float = flag(128.0, help="target shard size in MB of source bytes")
+    classes: str | None = flag(None, help="classes.json (default SOURCE/classes.json)")
+    num_classes: int | None = flag(None, help="ids or voc without classes.json or class_names.txt: declare C classes")
+    class_order: list[str] | None = flag(None, parse=parse_names, help="per-class: class folders in id order (ids 1..K)")
+    priority: list[str] | None = flag(None, parse=parse_names, help="per-class: overlap priority, first wins")
+    images_dir: str = flag("images", help="per-class: folder of images (default images)")
+    overwrite: bool = flag(False, help="replace DESTINATION if segray ingested it (only the files it wrote)")
+    max_pixels: int = flag(DEFAULT_MAX_PIXELS, help="set aside images larger than this (by their header) before decoding")
 
     def validate(self) -> None:
         _positive(self, "max_pixels")
@@ -445,11 +607,11 @@ class PlanConfig(Config):
         max_images: train images decoded for the fingerprint at most.
     """
 
-    data: str
-    time_budget: float | None = None
-    gpu: bool = False
-    output: str | None = None
-    max_images: int = 64
+    data: str = flag(positional=True, help="an ingested dataset (local or a bucket URI)")
+    time_budget: float | None = flag(None, parse=parse_duration, help="training time to plan for (90s, 30m, 1.5h; default 30m)")
+    gpu: bool = flag(False, help="plan for GPU workers")
+    output: str | None = flag(None, aliases=("--out",), help="where plan.json goes (default DATA/plan.json)")
+    max_images: int = flag(64, help="train images decoded for the fingerprint at most (default 64)")
 
     def validate(self) -> None:
         _uri(self, "data")
@@ -515,40 +677,48 @@ class TrainConfig(Config):
             fields it set and those given over it ({} when no plan was used).
     """
 
-    data: str
-    storage: str
-    name: str
-    model: str = "unet"
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    workers: int = 2
-    gpu: bool = False
-    cpus_per_worker: int = 1
-    mixed_precision: bool = False
-    xla: bool = False
-    loss: Literal["ce", "ce+dice"] = "ce"
-    dice_weight: float = 1.0
-    class_weights: str | list[float] = "none"
-    size: list[int] | None = None
-    crop: list[int] | None = None
-    augment: bool = True
-    augment_strength: float = 1.0
-    augment_set: list[str] = field(default_factory=lambda: list(BASIC_AUGMENTATIONS))
-    patches_per_image: int = 1
-    foreground_oversample: float = 0.0
-    oversample_classes: Literal["uniform", "rare"] = "uniform"
-    optimizer: Literal["adam", "sgd"] = "adam"
-    schedule: Literal["cosine", "plateau", "constant", "poly"] = "cosine"
-    warmup: float = 0.0
-    time_budget: float | None = None
-    patience: int = 0
-    keep_checkpoints: int = 2
-    max_failures: int = 2
-    seed: int = 0
-    resume: bool = False
-    model_options: dict[str, Any] = field(default_factory=dict)
-    deep_supervision: bool = False
+    data: str = flag(help="ingested dataset (local or a bucket URI); required")
+    storage: str = flag(help="where runs live (local or a bucket URI); required")
+    name: str = flag(help="run name: results go to STORAGE/NAME; required")
+    model: str = flag("unet", help="model name (see `segray models`)")
+    epochs: int = flag(10, resumable=True)
+    batch_size: int = flag(8, help="per worker")
+    lr: float = flag(1e-3)
+    workers: int = flag(2)
+    gpu: bool = flag(False, help="one GPU per worker")
+    cpus_per_worker: int = flag(1)
+    mixed_precision: bool = flag(
+        False, negatable=True,
+        help="float16 with loss scaling on GPUs, bfloat16 on CPUs with bfloat16 instructions (the plan keeps float32)")
+    xla: bool = flag(False, help="compile the train step with XLA")
+    loss: Literal["ce", "ce+dice"] = flag("ce")
+    dice_weight: float = flag(1.0, help="weight of the Dice term with --loss ce+dice")
+    class_weights: str | list[float] = flag("none", parse=parse_class_weights, help="auto, none or w0,w1,...")
+    size: list[int] | None = flag(None, parse=parse_hw, help="resize to H or HxW (default: the dataset's size, else 256)")
+    crop: list[int] | None = flag(None, parse=parse_hw, help="train on random crops of H or HxW")
+    augment: bool = flag(True, negatable=True, help="flips, rotations, scale, brightness (default on)")
+    augment_strength: float = flag(1.0, help="scales the augmentation's magnitudes (default 1; 0: flips and rotations only)")
+    augment_set: list[str] = flag(default_factory=lambda: list(BASIC_AUGMENTATIONS), parse=parse_names,
+                                  help="augmentations, comma-separated: " + ",".join(AUGMENTATIONS))
+    patches_per_image: int = flag(1, help="with --crop: patches cut from each image per epoch")
+    foreground_oversample: float = flag(0.0, help="with --crop: share of patches centred on a present class")
+    oversample_classes: Literal["uniform", "rare"] = flag(
+        "uniform", help="the present class such a patch centres on: each alike, or rarer classes more often")
+    optimizer: Literal["adam", "sgd"] = flag("adam")
+    schedule: Literal["cosine", "plateau", "constant", "poly"] = flag("cosine")
+    warmup: float = flag(0.0, help="share of training with a linear learning-rate warm-up (poly)")
+    time_budget: float | None = flag(None, parse=parse_duration, resumable=True,
+                                     help="stop training cleanly after this long (90s, 30m, 1.5h)")
+    patience: int = flag(0, resumable=True, help="early stopping on val mIoU after N epochs without gain (0: off)")
+    keep_checkpoints: int = flag(2, aliases=("--keep",), help="checkpoints kept, best by val mIoU")
+    max_failures: int = flag(2, resumable=True, help="worker failures to recover from")
+    seed: int = flag(0)
+    resume: bool = flag(False, resumable=True, help="continue the run NAME from its last checkpoint")
+    model_options: dict[str, Any] = flag(default_factory=dict, parse=parse_key_value, collect=dict, aliases=("--model-option",),
+                                         help="KEY=VALUE for the model builder (repeat)")
+    deep_supervision: bool = flag(
+        False, negatable=True,
+        help="U-Net: also train heads at 1/2 and 1/4 of the size (training only; planned for depth 3 or more)")
     plan: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -562,8 +732,7 @@ class TrainConfig(Config):
         for name in ("foreground_oversample", "warmup"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be a share in [0, 1], got {getattr(self, name)!r}", field=name)
-        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
-            raise ConfigError(f"name {shown(self.name)}: expected a plain run name (no '/', not '.' or '..')", field="name")
+        _plain_name(self, "run")
         if isinstance(self.class_weights, str) and self.class_weights not in ("auto", "none"):
             raise ConfigError(f"class_weights {shown(self.class_weights)}: expected auto, none or w0,w1,...", field="class_weights")
         for name in ("size", "crop"):
@@ -619,29 +788,28 @@ class TuneConfig(Config):
         resume: continue the search NAME after its driver stopped; finished trials stay done.
     """
 
-    data: str
-    storage: str
-    name: str
-    trials: int = 8
-    time_budget: float | None = None
-    search_space: str | None = None
-    workers_per_trial: int = 1
-    cpus_per_worker: int = 1
-    gpu: bool = False
-    max_concurrent: int | None = None
-    epochs: int = 10
-    grace_epochs: int = 1
-    reduction_factor: float = 2.0
-    seed: int = 0
-    resume: bool = False
+    data: str = flag(help="ingested dataset (local or a bucket URI); required")
+    storage: str = flag(help="where searches live (local or a bucket URI); required")
+    name: str = flag(help="search name: results go to STORAGE/NAME; required")
+    trials: int = flag(8, help="trials sampled from the space (each grid value this many times)")
+    time_budget: float | None = flag(None, parse=parse_duration, help="stop the search after this long: seconds, or 30m, 2h")
+    search_space: str | None = flag(None, help="YAML file of the space (default: lr, loss, class weights, model, width, augment strength)")
+    workers_per_trial: int = flag(1, help="Ray Train workers of each trial")
+    cpus_per_worker: int = flag(1)
+    gpu: bool = flag(False, help="one GPU per worker")
+    max_concurrent: int | None = flag(None, help="trials at once (default: as many as the CPUs hold)")
+    epochs: int = flag(10, help="epochs of a trial that is never stopped")
+    grace_epochs: int = flag(1, help="epochs every trial runs before ASHA may stop it")
+    reduction_factor: float = flag(2.0, help="ASHA keeps the best 1/F of trials at each rung")
+    seed: int = flag(0, help="seeds the sampling of the space")
+    resume: bool = flag(False, help="continue the search NAME; finished trials are not run again")
 
     def validate(self) -> None:
         _uri(self, "data", "storage")
         if self.search_space is not None:
             _uri(self, "search_space")
         _positive(self, "trials", "time_budget", "workers_per_trial", "cpus_per_worker", "max_concurrent", "epochs", "grace_epochs")
-        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
-            raise ConfigError(f"name {shown(self.name)}: expected a plain search name (no '/', not '.' or '..')", field="name")
+        _plain_name(self, "search")
         if self.grace_epochs > self.epochs:
             raise ConfigError(f"grace_epochs {self.grace_epochs} is above `epochs` {self.epochs}", field="grace_epochs")
         if self.reduction_factor <= 1:
@@ -696,26 +864,31 @@ class PredictConfig(Config):
         images_dir: ``per-class``: the folder of images.
     """
 
-    model: str
-    input: str
-    output: str
-    split: str | None = None
-    batch_size: int = 8
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    tile: list[int] | None = None
-    overlap: float = 0.5
-    overlays: int = 8
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    backend: Literal["tensorflow", "onnxruntime"] = "tensorflow"
-    weighting: Literal["gaussian", "linear"] = "gaussian"
-    tta: Literal["none", "flip", "flip8"] = "none"
-    min_component: int = 0
-    layout: Literal["ids", "palette", "per-class", "voc"] | None = None
-    classes: str | None = None
-    class_order: list[str] | None = None
-    priority: list[str] | None = None
-    images_dir: str = "images"
+    model: str = flag(help="a training run (STORAGE/RUN), a search (STORAGE/NAME: its best trial) or a .keras file; required")
+    input: str = flag(help="raw layout (images/ [+ masks/]) or an ingested split, local or a bucket URI; required")
+    output: str = flag(help="where masks and tables go; required")
+    split: str | None = flag(None, help="with an ingested dataset as --input: the split (train, val, or all)")
+    batch_size: int = flag(8)
+    workers: int = flag(1, help="predictor actors")
+    gpus_per_worker: float = flag(0.0)
+    tile: list[int] | None = flag(
+        None, parse=parse_hw, help="sliding window H or HxW for large images (default: the model's training window, if any)")
+    overlap: float = flag(0.5, help="with a window: fraction shared by neighbouring windows")
+    overlays: int = flag(8, help="colour overlays for the first K images")
+    max_pixels: int = flag(DEFAULT_MAX_PIXELS, help="set aside images larger than this (by their header) before decoding")
+    backend: Literal["tensorflow", "onnxruntime"] = flag("tensorflow", help="run the Keras model, or its ONNX conversion on CPUs")
+    weighting: Literal["gaussian", "linear"] = flag("gaussian", help="how overlapping windows' logits are blended")
+    tta: Literal["none", "flip", "flip8"] = flag(
+        "none", help="average logits over 4 mirrored views (flip) or 8 with transposes (flip8)")
+    min_component: int = flag(0, help="set foreground components under N pixels to background (0: off)")
+    layout: Literal["ids", "palette", "per-class", "voc"] | None = flag(
+        None, help="read --input as a raw folder of this layout, truth masks included (as ingest reads it)")
+    classes: str | None = flag(None, help="palette (and ids): classes.json (default INPUT/classes.json)")
+    class_order: list[str] | None = flag(
+        None, parse=parse_names, help="per-class: class folders in id order (default: the model's classes; must match them)")
+    priority: list[str] | None = flag(
+        None, parse=parse_names, help="per-class: overlap priority, first wins (default: the model's; must match it)")
+    images_dir: str = flag("images", help="per-class: folder of images (default images)")
 
     def validate(self) -> None:
         _positive(self, "max_pixels")
@@ -762,14 +935,18 @@ class EvaluateConfig(Config):
         images_dir: ``per-class``: the folder of images.
     """
 
-    pred: str
-    truth: str
-    output: str
-    classes: str | None = None
-    layout: Literal["ids", "palette", "per-class", "voc"] | None = None
-    class_order: list[str] | None = None
-    priority: list[str] | None = None
-    images_dir: str = "images"
+    pred: str = flag(help="folder of predicted <id>.png class-id masks; required")
+    truth: str = flag(help="folder of true <id>.png class-id masks; required")
+    output: str = flag(help="where the tables go; required")
+    classes: str | None = flag(None, help="classes.json (default: class_0.., or the layout's classes)")
+    layout: Literal["ids", "palette", "per-class", "voc"] | None = flag(
+        None, help="read --truth as a raw folder of this layout, truth masks included (as ingest reads it)")
+    class_order: list[str] | None = flag(
+        None, parse=parse_names,
+        help="per-class: class folders in id order (default: the --pred output's model's classes; must match them)")
+    priority: list[str] | None = flag(
+        None, parse=parse_names, help="per-class: overlap priority, first wins (default: the --pred output's model's; must match it)")
+    images_dir: str = flag("images", help="per-class: folder of images (default images)")
 
     def validate(self) -> None:
         _uri(self, "pred", "truth", "output")
@@ -799,15 +976,16 @@ class QueryConfig(Config):
             ``.NAME.segray.json`` sidecar holds its hash); any other file is refused.
     """
 
-    out: str
-    sql: str | None = None
-    worst: str | None = None
-    k: int = 10
-    below: tuple[str, float] | None = None
-    confused: tuple[str, str] | None = None
-    format: Literal["table", "csv", "json"] = "table"
-    output: str | None = None
-    overwrite: bool = False
+    out: str = flag(positional=True, help="a predict (or evaluate) output folder, local or a bucket URI")
+    sql: str | None = flag(None, positional=True, help="a query over per_image, per_class, confusion, errors, image_confusion")
+    worst: str | None = flag(None, metavar="CLASS", help="the --k images of lowest IoU for CLASS (name or id)")
+    k: int = flag(10, help="images --worst lists (default 10)")
+    below: tuple[str, float] | None = flag(None, nargs=2, metavar=("CLASS", "IOU"), parse=parse_class_iou,
+                                           help="images whose IoU for CLASS is below IOU")
+    confused: tuple[str, str] | None = flag(None, nargs=2, metavar=("A", "B"), help="images with the most pixels of truth A predicted as B")
+    format: Literal["table", "csv", "json"] = flag("table", help="what to print (default an aligned table)")
+    output: str | None = flag(None, help="write the result to a .parquet, .csv or .json file instead")
+    overwrite: bool = flag(False, help="replace --output if segray wrote it (any other file is refused)")
 
     def validate(self) -> None:
         _uri(self, "out")
@@ -838,11 +1016,11 @@ class ReportConfig(Config):
             ``.NAME.segray.json`` sidecar holds its hash); any other file is refused.
     """
 
-    out: str
-    run: str | None = None
-    output: str = "report.html"
-    worst: int = 12
-    overwrite: bool = False
+    out: str = flag(positional=True, help="a predict (or evaluate) output folder, local or a bucket URI")
+    run: str | None = flag(None, help="the training run (STORAGE/RUN) whose curves to show")
+    output: str = flag("report.html", help="the .html file to write (default report.html)")
+    worst: int = flag(12, help="image strips per class, worst IoU first (default 12)")
+    overwrite: bool = flag(False, help="replace --output if segray wrote it (any other file is refused)")
 
     def validate(self) -> None:
         _uri(self, "out", "output")
@@ -868,10 +1046,11 @@ class ExportConfig(Config):
             how far it got and why it stopped.
     """
 
-    run: str
-    output: str
-    format: Literal["savedmodel", "onnx", "keras"] = "onnx"
-    allow_unfinished: bool = False
+    run: str = flag(positional=True, help="a training run (STORAGE/RUN), its model/ folder or a .keras file")
+    output: str = flag(help="a new or empty folder, local or a bucket URI; required")
+    format: Literal["savedmodel", "onnx", "keras"] = flag("onnx")
+    allow_unfinished: bool = flag(
+        False, help="export a run still training, killed or failed before its last epoch (the card says so)")
 
     def validate(self) -> None:
         _uri(self, "run", "output")
@@ -899,19 +1078,20 @@ class ServeConfig(Config):
         blocking: keep serving until interrupted (the CLI); False returns once it is up.
     """
 
-    run: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    replicas: str | int = "auto"
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 8.0
-    max_batch: int = 16
-    batch_wait_ms: float = 5.0
-    backend: Literal["tensorflow", "onnxruntime"] = "onnxruntime"
-    replica_cpus: float = 0.5
-    max_pixels: int = 25_000_000
-    max_body_mb: float | None = None
+    run: str = flag(positional=True, help="a training run (STORAGE/RUN), its model/ folder or a .keras file")
+    host: str = flag("127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    port: int = flag(8000)
+    replicas: str | int = flag("auto", parse=parse_replicas, help="auto (autoscaling) or a fixed count")
+    min_replicas: int = flag(1, help="with --replicas auto")
+    max_replicas: int = flag(2, help="with --replicas auto")
+    target_ongoing_requests: float = flag(8.0, help="with --replicas auto: requests per replica to scale at")
+    max_batch: int = flag(16, help="requests per model call at most (1: no batching)")
+    batch_wait_ms: float = flag(5.0, help="how long a replica waits for a batch to fill")
+    backend: Literal["tensorflow", "onnxruntime"] = flag("onnxruntime")
+    replica_cpus: float = flag(0.5, help="CPUs reserved per replica")
+    max_pixels: int = flag(25_000_000, help="refuse larger images (413) from their header")
+    max_body_mb: float | None = flag(
+        None, help="refuse larger request bodies (413) before reading them (MiB; default 4 bytes per pixel of --max-pixels + 1)")
     blocking: bool = True
 
     @property
@@ -937,3 +1117,64 @@ class ServeConfig(Config):
             raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}", field=name)
         if not self.host:
             raise ConfigError("host: expected an address such as 127.0.0.1", field="host")
+
+
+@dataclass(frozen=True)
+class SynthConfig(Config):
+    """What ``segray synth`` writes: a synthetic dataset of shapes in the ids layout (``segray.data.synthesize``).
+
+    Attributes:
+        dst: the folder or storage URI to write to.
+        n: image/mask pairs.
+        size: ``[H, W]`` of each image.
+        classes: classes including background.
+        seed: seeds the shapes.
+    """
+
+    dst: str = flag(positional=True, required=True, help="local folder or a bucket URI (s3, gs, az)")
+    n: int = flag(100, help="number of image/mask pairs (default 100)")
+    size: list[int] = flag(default_factory=lambda: [128, 128], parse=parse_hw, help="H or HxW (default 128)")
+    classes: int = flag(4, help="classes including background (default 4)")
+    seed: int = flag(0, help="default 0")
+
+
+@dataclass(frozen=True)
+class ModelsConfig(Config):
+    """What ``segray models`` shows: the registry, one model's parameters and FLOPs, or a speed benchmark.
+
+    Attributes:
+        name: one model; None: all of them.
+        size: ``[H, W]`` of the input for FLOPs and the benchmark.
+        num_classes: output classes of the models built.
+        benchmark: time the models (``segray.models.benchmark``).
+        data: with ``benchmark``: an ingested dataset; each model trains ``epochs`` on it for its val mIoU.
+        epochs: with ``data``: each model's training epochs.
+        repeats: with ``benchmark``: timed batch-1 calls.
+        output: with ``benchmark``: folder for speed_accuracy.parquet and .png.
+    """
+
+    name: str | None = flag(None, positional=True)
+    size: list[int] = flag(default_factory=lambda: [256, 256], parse=parse_hw, help="H or HxW for FLOPs and the benchmark (default 256)")
+    num_classes: int = flag(2, help="default 2")
+    benchmark: bool = flag(False, help="params, GFLOPs, CPU latency p50/p95 and throughput per model (fp16 on a GPU)")
+    data: str | None = flag(None, help="with --benchmark: an ingested dataset; adds val mIoU after --epochs of training")
+    epochs: int = flag(3, help="with --data: the training budget of every model (default 3)")
+    repeats: int = flag(20, help="with --benchmark: timed batch-1 calls (default 20)")
+    output: str = flag(".", help="with --benchmark: folder for speed_accuracy.parquet and .png (default .)")
+
+
+@dataclass(frozen=True)
+class DemoConfig(Config):
+    """What ``segray demo`` runs: the whole pipeline on a local synthetic dataset (``segray.demo.run_demo``).
+
+    Attributes:
+        dir: the working folder; an earlier demo's files there are replaced, anything else is refused.
+        n: synthetic pairs.
+        size: ``[H, W]`` of the images.
+        epochs: training epochs.
+    """
+
+    dir: str = flag("segray-demo", help="working folder (default ./segray-demo; an earlier demo's files there are replaced, anything else is refused)")
+    n: int = flag(96, help="synthetic pairs (default 96)")
+    size: list[int] = flag(default_factory=lambda: [64, 64], parse=parse_hw, help="image size (default 64)")
+    epochs: int = flag(8, help="training epochs (default 8)")

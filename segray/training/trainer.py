@@ -7,16 +7,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from segray import storage
-from segray.config import ConfigError, TrainConfig, about, field_defaults
+from segray.config import ConfigError, TrainConfig, about, field_defaults, resumable_fields
 from segray.data.info import DatasetInfo, load_dataset_info
 from segray.ownership import canonical
 from segray.runtime import is_verbose
 from segray.training.artifacts import HISTORY_FILE, clear_end, read_config, read_history, run_exists, write_config, write_end
 
-# What a resumed run may change: how long it goes on and how failures are handled.
+# What a resumed run may change (the fields marked resumable): how long it goes on and how failures are handled.
 # Anything else (data, model, loss, sizes, learning rate ...) would make its
 # checkpoints and history a mix of two runs.
-RESUMABLE_FIELDS = frozenset({"epochs", "patience", "max_failures", "resume", "time_budget"})
+RESUMABLE_FIELDS = resumable_fields(TrainConfig)
 
 
 @dataclass(frozen=True)
