@@ -47,10 +47,10 @@ def scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
 def predict_test(run_uri: str, test: str, out: str, tta: str | None) -> np.ndarray:
     """The 7x7 confusion matrix of the run's model on the test slices."""
     import segray
-    from segray.config import PredictConfig
-    from segray.inference.tables import read_confusion
-    from segray.models.saved import Preprocessing  # noqa: F401
     from segray import storage
+    from segray.config import PredictConfig
+    from segray.inference import read_confusion
+    from segray.models import Preprocessing  # noqa: F401
 
     fields = {f.name for f in dataclasses.fields(PredictConfig)}
     pre = json.loads(storage.read_text(storage.join(run_uri, "model", "preprocessing.json")))

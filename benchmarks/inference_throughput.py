@@ -49,8 +49,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from segray import storage  # noqa: E402
-from segray.data import synthesize  # noqa: E402
-from segray.data.imageio import decode_image, encode_png  # noqa: E402
+from segray.data import decode_image, encode_png, synthesize  # noqa: E402
 
 
 class MemorySampler:
@@ -118,8 +117,8 @@ def make_model(root: str, size: int, width: int, depth: int, mean, std, mixed: b
     import keras
 
     from segray import models
-    from segray.data.info import default_color
-    from segray.inference.model import share_gpus
+    from segray.data import default_color
+    from segray.runs import share_gpus
 
     share_gpus()  # the driver's TensorFlow must leave the GPU to the predictor actor
     if mixed:
@@ -154,7 +153,7 @@ def baseline_model_predict(raw: str, run: str, batch: int) -> float:
     """
     import keras
 
-    from segray.models.saved import load_keras
+    from segray.models import load_keras
 
     pre = json.load(open(os.path.join(run, "model", "preprocessing.json")))
     names = sorted(os.listdir(os.path.join(raw, "images")))
@@ -176,7 +175,7 @@ def baseline_model_predict(raw: str, run: str, batch: int) -> float:
 
 def baseline_naive_loop(raw: str, run: str, out: str, batch: int) -> float:
     """images/s of one process that reads, decodes, predicts, encodes and writes batch by batch."""
-    from segray.models.saved import load_keras
+    from segray.models import load_keras
 
     pre = json.load(open(os.path.join(run, "model", "preprocessing.json")))
     mean, std = np.float32(pre["mean"]), np.float32(pre["std"])
@@ -218,7 +217,7 @@ def make_run(root: str, name: str, size: int, mean, std) -> str:
     import keras
 
     from segray import models
-    from segray.data.info import default_color
+    from segray.data import default_color
 
     keras.utils.set_random_seed(0)
     model = models.build(name, 4, **BACKEND_OPTIONS[name])
@@ -235,8 +234,8 @@ def make_run(root: str, name: str, size: int, mean, std) -> str:
 
 def naive_onnx_loop(raw: str, run: str, out: str, batch: int) -> float:
     """images/s of the naive loop with the model converted to ONNX and run by ONNX Runtime."""
-    from segray.export.session import OnnxLogits, convert
-    from segray.models.saved import load_keras
+    from segray.export import OnnxLogits, convert
+    from segray.models import load_keras
 
     pre = json.load(open(os.path.join(run, "model", "preprocessing.json")))
     mean, std = np.float32(pre["mean"]), np.float32(pre["std"])

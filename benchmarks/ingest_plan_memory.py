@@ -2,7 +2,7 @@
 
 Makes N synthetic image/mask pairs in the ``ids`` layout (empty files: no
 pixels, only keys), then, in a fresh process for each N, lists and pairs them
-(``list_pairs``) and plans the chunks Ray will process (``_chunks``), and
+(``list_pairs``) and plans the chunks Ray will process (``plan_chunks``), and
 prints the driver's peak RSS. The per-image statistics no longer come back to
 the driver (each chunk's task returns one summary row), so what is left on the
 driver is the listing itself.
@@ -28,14 +28,14 @@ from tqdm import tqdm
 CHILD = r"""
 import json, resource, sys, time
 import psutil
-from segray.data.ingest import _chunks, chunk_items
+from segray.data import chunk_items, plan_chunks
 from segray.data.layouts import list_pairs
 root, shard_mb = sys.argv[1], float(sys.argv[2])
 base = psutil.Process().memory_info().rss
 t0 = time.perf_counter()
 plan = list_pairs(root, "ids", None, 3, None, None, "images")
 t1 = time.perf_counter()
-chunks = _chunks(plan, shard_mb, min_chunks=4)
+chunks = plan_chunks(plan, shard_mb, min_chunks=4)
 items = chunk_items(plan, root, chunks)
 t2 = time.perf_counter()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -35,10 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from segray import storage  # noqa: E402
 from segray.config import IngestConfig  # noqa: E402
+from segray.data import DecodeBatch, PipelineConfig, image_dtype, reset_draws, rows_per_batch  # noqa: E402
+from segray.data import augment, fit  # noqa: E402
+from segray.data import decode_image, decode_mask  # noqa: E402
 from segray.data import ingest, load_dataset_info, read_split, synthesize  # noqa: E402
-from segray.data.imageio import decode_image, decode_mask  # noqa: E402
-from segray.data.pipeline import DecodeBatch, PipelineConfig, _DRAWS, image_dtype, rows_per_batch  # noqa: E402
-from segray.data.transforms import augment, fit  # noqa: E402
 
 
 def _tables(dataset: str):
@@ -116,7 +116,7 @@ def main() -> None:
         pipeline(result.dst, size, args.batch)  # warm-up: worker processes, imports
         loops, pipes = [], []
         for r in range(args.repeats):
-            _DRAWS.clear()
+            reset_draws()
             t0 = time.perf_counter()
             n_loop, loop_bytes = plain_loop(result.dst, size, args.batch)
             loops.append(n_loop / (time.perf_counter() - t0))

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from segray import models
-from segray.models.summary import model_flops
+from segray.models import model_flops
 
 
 @dataclass(frozen=True)

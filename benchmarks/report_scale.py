@@ -32,10 +32,8 @@ sys.path.insert(0, ROOT)
 
 from segray import storage  # noqa: E402
 from segray.config import ReportConfig  # noqa: E402
-from segray.data.imageio import encode_png  # noqa: E402
-from segray.data.info import default_color  # noqa: E402
-from segray.inference.output import Output, claim, write_results  # noqa: E402
-from segray.inference.tables import RECORD_SCHEMA, latest_records, score_tables  # noqa: E402
+from segray.data import default_color, encode_png  # noqa: E402
+from segray.inference import RECORD_SCHEMA, Output, claim, latest_records, score_tables, write_results  # noqa: E402
 from segray.metrics import CELL_BASE, encode_cells  # noqa: E402
 
 CHUNK = 1000

@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from segray.config import TrainConfig  # noqa: E402
-from segray.data.info import ClassInfo, DatasetInfo  # noqa: E402
+from segray.data import ClassInfo, DatasetInfo  # noqa: E402
 
 INFO = DatasetInfo(
     classes=[ClassInfo(k, f"c{k}") for k in range(4)],
@@ -54,7 +54,7 @@ def _measure(loop_config):
     import ray.train
     import tensorflow as tf
 
-    from segray.training.loop import WorkerLoop
+    from segray.training import WorkerLoop
 
     cfg = TrainConfig.from_dict(loop_config["config"])
     world = ray.train.get_context().get_world_size()
@@ -65,10 +65,10 @@ def _measure(loop_config):
     y = tf.constant(rng.integers(0, 4, (b, size, size)).astype(np.uint8))
     params = int(sum(np.prod(v.shape) for v in loop.model.trainable_variables))
     for _ in range(3):
-        float(loop._train_step(x, y)[0])
+        float(loop.train_step(x, y)[0])
     t0 = time.perf_counter()
     for _ in range(steps):
-        float(loop._train_step(x, y)[0])
+        float(loop.train_step(x, y)[0])
     step_s = (time.perf_counter() - t0) / steps
     grads = np.zeros(params, np.float32)
     ar_s = 0.0

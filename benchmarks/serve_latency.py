@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from inference_throughput import make_run  # noqa: E402
 
-from segray.data.imageio import decode_mask, encode_png  # noqa: E402
+from segray.data import decode_mask, encode_png  # noqa: E402
 
 
 def load(port: int, bodies: list[bytes], size: int, concurrency: int, max_requests: int, max_seconds: float) -> dict[str, float]:

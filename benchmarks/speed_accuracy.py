@@ -1,6 +1,6 @@
 """Speed against accuracy of every registered model: parameters, GFLOPs, CPU latency, throughput, val mIoU.
 
-Prints the table of `segray models --benchmark` (segray.models.benchmark) and
+Prints the table of `segray models --benchmark` (segray.benchmark) and
 writes speed_accuracy.parquet (and, with --data, speed_accuracy.png: val mIoU
 against latency, the Pareto front marked) to --output. GFLOPs are counted
 from the Keras graph (2 per multiply-add of each convolution and dense layer).
@@ -36,8 +36,8 @@ def main() -> None:
 
     quiet_logging()
 
+    from segray import benchmark as bench
     from segray import models
-    from segray.models import benchmark as bench
 
     if args.data:
         from segray.runtime import init_ray

@@ -34,16 +34,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from segray.config import IngestConfig, TrainConfig  # noqa: E402
-from segray.data import ingest, read_split, synthesize  # noqa: E402
-from segray.data.info import DatasetInfo  # noqa: E402
-from segray.training.trainer import data_config  # noqa: E402
+from segray.data import DatasetInfo, ingest, read_split, synthesize  # noqa: E402
+from segray.training import data_config  # noqa: E402
 
 
 def step_only(cfg: TrainConfig, info: DatasetInfo, image_dtype, n: int, size: int, epochs: int) -> float:
     """images/s of WorkerLoop's train step on in-memory batches (this process, world size 1)."""
     import tensorflow as tf
 
-    from segray.training.loop import WorkerLoop
+    from segray.training import WorkerLoop
 
     loop = step_only.loop = getattr(step_only, "loop", None) or WorkerLoop(cfg, info, world_size=1)
     rng = np.random.default_rng(0)
@@ -56,7 +55,7 @@ def step_only(cfg: TrainConfig, info: DatasetInfo, image_dtype, n: int, size: in
         t0 = time.perf_counter()
         for _ in range(steps):
             # tf.constant per step, as run_epoch does with each batch.
-            out = loop._train_step(tf.constant(images), tf.constant(masks))
+            out = loop.train_step(tf.constant(images), tf.constant(masks))
             float(out[0])
         rates.append(steps * b / (time.perf_counter() - t0))
     return float(np.median(rates[1:]))
@@ -67,7 +66,7 @@ def _ray_loop(loop_config):
 
     import ray.train
 
-    from segray.training.loop import WorkerLoop
+    from segray.training import WorkerLoop
 
     cfg = TrainConfig.from_dict(loop_config["config"])
     info = DatasetInfo.from_json(loop_config["info"])
@@ -107,8 +106,8 @@ def gpu_step_only(width: int, depth: int, size: int, batch: int, steps: int) -> 
     import tensorflow as tf
 
     from segray import models
-    from segray.data.transforms import normalize_tf
-    from segray.training.losses import masked_cross_entropy
+    from segray.data import normalize_tf
+    from segray.training import masked_cross_entropy
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     model = models.build("unet", 2, input_shape=(size, size, 1), width=width, depth=depth)

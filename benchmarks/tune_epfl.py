@@ -52,10 +52,10 @@ def main() -> None:
 
     import segray
     from segray.config import IngestConfig
-    from segray.tuning.space import DEFAULT_SPACE
+    from segray.tuning import DEFAULT_SPACE
 
     from segray.runtime import init_ray, local_cpus
-    from segray.tuning.search import concurrent_trials, ray_cpus
+    from segray.tuning import concurrent_trials, ray_cpus
 
     with tempfile.TemporaryDirectory(prefix="segray-tune-epfl-") as tmp:
         space = {**DEFAULT_SPACE, "size": list(args.size), "crop": list(args.crop), "batch_size": args.batch}

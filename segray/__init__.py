@@ -41,14 +41,14 @@ _PUBLIC = {
     "ServeConfig": "segray.config",
     "PlanConfig": "segray.config",
     "ConfigError": "segray.config",
-    "Plan": "segray.planning.plan",
-    "IngestResult": "segray.data.ingest",
-    "TrainResult": "segray.training.trainer",
-    "TuneResult": "segray.tuning.results",
-    "PredictResult": "segray.inference.output",
-    "ReportResult": "segray.reporting.report",
-    "ExportResult": "segray.export.bundle",
-    "Served": "segray.serving.app",
+    "Plan": "segray.planning",
+    "IngestResult": "segray.data",
+    "TrainResult": "segray.training",
+    "TuneResult": "segray.tuning",
+    "PredictResult": "segray.inference",
+    "ReportResult": "segray.reporting",
+    "ExportResult": "segray.export",
+    "Served": "segray.serving",
 }
 
 __all__ = sorted([*_PUBLIC, "evaluate", "export_model", "ingest", "load_model", "plan", "predict", "query", "report", "serve", "train", "tune"])

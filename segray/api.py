@@ -25,7 +25,7 @@ from segray.config import (
     TrainConfig,
     TuneConfig,
 )
-from segray.runtime import DATA_PIPELINE_CPUS, check_fits, cluster_limits, init_ray, local_cpus
+from segray.runtime import DATA_PIPELINE_CPUS, check_fits, cluster_limits, init_ray, local_cpus, local_gpus
 
 C = TypeVar("C", bound=Config)
 
@@ -49,7 +49,7 @@ def ingest(cfg: IngestConfig | dict[str, Any], command: str = ""):
         ``IngestResult``: ``dst``, ``info`` (the ``DatasetInfo`` of dataset.json) and
         the rejected inputs as ``(uri, reason)``.
     """
-    from segray.data.ingest import ingest as run_ingest
+    from segray.data import ingest as run_ingest
 
     cfg = _config(IngestConfig, cfg)
     init_ray()
@@ -120,34 +120,25 @@ def tune(cfg: TuneConfig | dict[str, Any]):
     """
     import ray
 
-    from segray.tuning import search
+    from segray.tuning import concurrent_trials, prepare, ray_cpus, trial_count
+    from segray.tuning import run as run_search
 
     cfg = _config(TuneConfig, cfg)
-    prepared = search.prepare(cfg)
-    trials = search.trial_count(prepared)
+    prepared = prepare(cfg)
+    trials = trial_count(prepared)
     if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
-        concurrent = search.concurrent_trials(cfg, float(os.cpu_count() or 1), _local_gpus() if cfg.gpu else 0.0, trials, local=True)
-        init_ray(num_cpus=local_cpus(search.ray_cpus(cfg, concurrent)))
+        concurrent = concurrent_trials(cfg, float(os.cpu_count() or 1), local_gpus() if cfg.gpu else 0.0, trials, local=True)
+        init_ray(num_cpus=local_cpus(ray_cpus(cfg, concurrent)))
     else:
         # A cluster, or a Ray this process started before (a notebook's, an earlier call's):
         # its CPUs are what they are, so each trial's data pipeline must find one among them.
         init_ray()
         have = (cluster_limits() if os.environ.get("RAY_ADDRESS") else None) or ray.cluster_resources()
-        concurrent = search.concurrent_trials(cfg, have.get("CPU", 0.0), have.get("GPU", 0.0), trials, local=False)
+        concurrent = concurrent_trials(cfg, have.get("CPU", 0.0), have.get("GPU", 0.0), trials, local=False)
     per_trial = cfg.workers_per_trial * cfg.cpus_per_worker + DATA_PIPELINE_CPUS
     what = f"a trial of {cfg.workers_per_trial} worker(s) of {cfg.cpus_per_worker} CPU(s)"
     check_fits(per_trial, cfg.workers_per_trial if cfg.gpu else 0, "workers_per_trial", what)
-    return search.run(prepared, concurrent)
-
-
-def _local_gpus() -> float:
-    """GPUs on this machine (what a local Ray would find), without starting Ray."""
-    try:
-        from ray._private.accelerators import get_accelerator_manager_for_resource
-
-        return float(get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators())
-    except Exception:  # noqa: BLE001 - no way to count: assume none
-        return 0.0
+    return run_search(prepared, concurrent)
 
 
 def predict(cfg: PredictConfig | dict[str, Any]):
@@ -196,7 +187,7 @@ def report(cfg: ReportConfig | dict[str, Any]):
         FileNotFoundError: OUT, one of its tables or the run's history is missing (named).
         ValueError: OUT is not a finished predict or evaluate output.
     """
-    from segray.reporting.report import write_report
+    from segray.reporting import write_report
 
     return write_report(_config(ReportConfig, cfg))
 
@@ -222,27 +213,27 @@ def query(cfg: QueryConfig | dict[str, Any] | str, sql: str | None = None):
         FileExistsError: ``cfg.output`` exists and segray did not write it,
             or ``cfg.overwrite`` is off.
     """
-    from segray.reporting import query as q
+    from segray.reporting import OutputTables, below, check_output_file, confused, worst, write_result
 
     cfg = QueryConfig(out=cfg, sql=sql) if isinstance(cfg, str) else _config(QueryConfig, cfg)
     if cfg.output:
-        q.check_output_file(cfg.output, cfg.overwrite, "query result")  # before the work; again when writing
+        check_output_file(cfg.output, cfg.overwrite, "query result")  # before the work; again when writing
     try:
-        tables = q.OutputTables(cfg.out)
+        tables = OutputTables(cfg.out)
     except (FileNotFoundError, ValueError) as e:
         from segray.config import about
 
         raise about("out", type(e)(f"out {e}")) from None
     if cfg.worst is not None:
-        frame = q.worst(tables, cfg.worst, cfg.k)
+        frame = worst(tables, cfg.worst, cfg.k)
     elif cfg.below is not None:
-        frame = q.below(tables, *cfg.below)
+        frame = below(tables, *cfg.below)
     elif cfg.confused is not None:
-        frame = q.confused(tables, *cfg.confused)
+        frame = confused(tables, *cfg.confused)
     else:
         frame = tables.sql(cfg.sql)
     if cfg.output:
-        q.write_result(frame, cfg.output, cfg.overwrite)
+        write_result(frame, cfg.output, cfg.overwrite)
     return frame
 def export_model(cfg: ExportConfig | dict[str, Any]):
     """Writes a run's model as a SavedModel, ONNX or plain Keras file that loads without segray.
@@ -283,6 +274,6 @@ def load_model(run_uri: str):
 
     segray's custom layers are registered first, so nothing else needs importing.
     """
-    from segray.models.saved import load_model as load
+    from segray.models import load_model as load
 
     return load(run_uri)

@@ -61,7 +61,7 @@ def cmd_ingest(values: dict[str, Any]) -> None:
     result = segray.ingest(cfg, command="segray " + shlex.join(sys.argv[1:]))
     print(result.info.describe(cfg.destination))
     if result.errors:
-        from segray.data.quarantine import errors_uri
+        from segray.data import errors_uri
 
         print(f"{len(result.errors)} input(s) rejected, reasons in {errors_uri(cfg.destination)}; first ones:")
         for _, reason in result.errors[:5]:
@@ -70,7 +70,7 @@ def cmd_ingest(values: dict[str, Any]) -> None:
 
 def cmd_plan(values: dict[str, Any]) -> None:
     import segray
-    from segray.planning.plan import plan_uri
+    from segray.planning import plan_uri
 
     made = segray.plan(PlanConfig.from_dict(values))
     print(made.table())
@@ -121,7 +121,7 @@ def cmd_report(values: dict[str, Any]) -> None:
 
 def cmd_query(values: dict[str, Any]) -> None:
     import segray
-    from segray.reporting.query import format_text, to_json
+    from segray.reporting import format_text, to_json
 
     cfg = QueryConfig.from_dict(values)
     frame = segray.query(cfg)
@@ -159,8 +159,8 @@ def cmd_models(values: dict[str, Any]) -> None:
 
 
 def cmd_models_benchmark(cfg: ModelsConfig) -> None:
+    from segray import benchmark as bench
     from segray import models
-    from segray.models import benchmark as bench
 
     name = cfg.name
     if name is not None:
@@ -170,7 +170,7 @@ def cmd_models_benchmark(cfg: ModelsConfig) -> None:
             raise ConfigError(f"name {name!r}: {e}", field="name") from None
     data = cfg.data
     if data is not None:
-        from segray.data.info import load_dataset_info
+        from segray.data import load_dataset_info
         from segray.runtime import init_ray
 
         load_dataset_info(data)  # a wrong path fails here, before any model is timed

@@ -751,14 +751,16 @@ class TrainConfig(Config):
 
 def _deep_supervision_model(model: str) -> None:
     """Raises ConfigError unless ``model``'s registry entry says it takes deep supervision heads."""
-    from segray.models import registry  # only here: the registry imports Keras
+    # Only here: the registry imports Keras. From registry itself, as the face's saved-run names
+    # (segray.models.saved) read this module until they move above models/ (issue 25 item 2).
+    from segray.models.registry import available, spec
 
     try:
-        entry = registry.spec(model)
+        entry = spec(model)
     except ValueError as e:
         raise ConfigError(str(e), field="model") from None
     if entry.deep_supervision is None:
-        takes = [n for n in registry.available() if registry.spec(n).deep_supervision is not None]
+        takes = [n for n in available() if spec(n).deep_supervision is not None]
         raise ConfigError(
             f"deep_supervision: model {model!r} has no decoder levels to supervise; models that have: {', '.join(takes)}",
             field="deep_supervision",

@@ -236,6 +236,21 @@ def local_cpus(needed: float) -> int:
     return max(os.cpu_count() or 1, int(-(-needed // 1)))
 
 
+def local_gpus() -> float:
+    """GPUs on this machine (what a local Ray would find), without starting Ray.
+
+    Ray 2.60 has no public call for this (``ray.cluster_resources`` needs a
+    running Ray); this and ``cluster_limits`` are segray's only uses of
+    ``ray._private`` (tests/test_architecture.py holds them to that).
+    """
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        return float(get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators())
+    except Exception:  # noqa: BLE001 - no way to count: assume none
+        return 0.0
+
+
 def cluster_limits() -> dict[str, float] | None:
     """The most CPUs and GPUs the joined cluster's autoscaler may ever give (its node types x their max counts).
 

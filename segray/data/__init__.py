@@ -1,30 +1,54 @@
 """Datasets: raw layouts, ingest, synthetic data, the Ray Data input pipeline."""
 
-from segray.data.imageio import BadInput, decode_image, decode_mask, encode_png
-from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, load_classes, load_dataset_info
-from segray.data.ingest import IngestError, IngestResult, choose_val, ingest
-from segray.data.layouts import Plan, index_folder, list_pairs, pair_by_id
-from segray.data.pipeline import read_split
+from segray.data.imageio import BadInput, TooLarge, WrongChannels, decode_image, decode_mask, encode_png
+from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color, load_classes, load_dataset_info, parse_classes
+from segray.data.ingest import IngestError, IngestResult, choose_val, chunk_items, ingest, plan_chunks
+from segray.data.layouts import Plan, build_mask, id_problem, index_folder, list_pairs, pair_by_id
+from segray.data.pipeline import DecodeBatch, PipelineConfig, image_dtype, read_split, reset_draws, rows_per_batch, split_uri
+from segray.data.quarantine import errors_uri, write_errors
+from segray.data.shards import read_shards
 from segray.data.synthetic import synthesize
+from segray.data.transforms import FitMode, augment, fit, normalize_tf
 
 __all__ = [
     "IGNORE_INDEX",
     "BadInput",
     "ClassInfo",
     "DatasetInfo",
+    "DecodeBatch",
+    "FitMode",
     "IngestError",
     "IngestResult",
+    "PipelineConfig",
     "Plan",
+    "TooLarge",
+    "WrongChannels",
+    "augment",
+    "build_mask",
     "choose_val",
+    "chunk_items",
     "decode_image",
     "decode_mask",
+    "default_color",
     "encode_png",
+    "errors_uri",
+    "fit",
+    "id_problem",
+    "image_dtype",
     "index_folder",
     "ingest",
     "list_pairs",
     "load_classes",
     "load_dataset_info",
+    "normalize_tf",
     "pair_by_id",
+    "parse_classes",
+    "plan_chunks",
+    "read_shards",
     "read_split",
+    "reset_draws",
+    "rows_per_batch",
+    "split_uri",
     "synthesize",
+    "write_errors",
 ]

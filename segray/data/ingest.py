@@ -139,7 +139,7 @@ class IngestResult:
     errors: list[tuple[str, str]]
 
 
-def _chunks(plan: Plan, shard_mb: float, min_chunks: int) -> list[tuple[int, int]]:
+def plan_chunks(plan: Plan, shard_mb: float, min_chunks: int) -> list[tuple[int, int]]:
     """Splits the pairs into ``(start, stop)`` runs of about ``shard_mb`` source bytes, at least ``min_chunks``."""
     pairs = plan.pairs
     total = sum(p.nbytes for p in pairs)
@@ -467,7 +467,7 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
 
     start = time.time()
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
-    bounds = _chunks(plan, cfg.shard_mb, min_chunks=2 * max(cpus, 1))
+    bounds = plan_chunks(plan, cfg.shard_mb, min_chunks=2 * max(cpus, 1))
     items = chunk_items(plan, src, bounds, val)
     del val
     total_pairs = len(plan.pairs)

@@ -98,6 +98,11 @@ def _prepare_worker() -> None:
 _DRAWS: dict[tuple[int, str], int] = defaultdict(int)
 
 
+
+def reset_draws() -> None:
+    """Forgets this process's draws: the next pass over a split sees the augmentations of a first epoch again."""
+    _DRAWS.clear()
+
 class DecodeBatch:
     """``map_batches`` body: encoded rows -> decoded, fitted, augmented rows (``dtype`` images, uint8 masks)."""
 

@@ -10,6 +10,17 @@ conversion feeds ``segray predict --backend onnxruntime`` and ``segray serve``
 """
 
 from segray.export.bundle import ExportResult, export
+from segray.export.card import model_card, run_records
 from segray.export.formats import FORMATS, ONNX_OPSET
+from segray.export.session import OnnxLogits, convert
 
-__all__ = ["FORMATS", "ONNX_OPSET", "ExportResult", "export"]
+__all__ = [
+    "FORMATS",
+    "ONNX_OPSET",
+    "ExportResult",
+    "OnnxLogits",
+    "convert",
+    "export",
+    "model_card",
+    "run_records",
+]

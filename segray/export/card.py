@@ -10,8 +10,8 @@ from typing import Any
 
 from segray import storage
 from segray.export.formats import ONNX_OPSET, describe_outputs
-from segray.models.saved import BEST_FILE, MODEL_DIR, class_list
-from segray.training.artifacts import CONFIG_FILE, RunState, run_state
+from segray.models import BEST_FILE, MODEL_DIR, class_list
+from segray.training import CONFIG_FILE, RunState, run_state
 
 CARD_FILE = "model_card.json"
 
@@ -59,7 +59,7 @@ def training_state(run: str, keras_uri: str) -> RunState | None:
         return None
     state = run_state(folder)
     if state is not None and state.stopped is None and folder.rstrip("/") != run.rstrip("/"):
-        from segray.tuning.results import trial_end
+        from segray.tuning import trial_end
 
         end = trial_end(run, folder)
         if end is not None:
@@ -74,7 +74,7 @@ def model_card(
     """The card of one export.
 
     Args:
-        spec: the resolved model (``segray.inference.model.ModelSpec``).
+        spec: the resolved model (``segray.runs.ModelSpec``).
         fmt: the export format.
         multiple: what H and W are padded to (savedmodel, onnx) or must be divisible by (keras).
         config, best: the run's config.json and best.json (or None).

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from segray.models.layers import DivisibleSizeCheck, MaxPoolingWithArgmax2D, MaxUnpooling2D, ResizeLike
+from segray.models import DivisibleSizeCheck, MaxPoolingWithArgmax2D, MaxUnpooling2D, ResizeLike
 
 # Side of the square input the model is probed at to read the size ratio of
 # each resize (any multiple of every stride works).

@@ -9,8 +9,43 @@ the same tables from masks that already exist. Most users call them as
 """
 
 from segray.inference.evaluation import evaluate
-from segray.inference.output import Output, PredictResult
-from segray.inference.pipeline import predict
-from segray.inference.tables import format_per_class, read_confusion
+from segray.inference.geometry import fit_image
+from segray.inference.output import RUN_FILE, TABLES, Output, PredictResult, claim, read_parts, write_results
+from segray.inference.pipeline import converted, geometry_of, predict
+from segray.inference.predictor import Predictor
+from segray.inference.sources import display_uint8
+from segray.inference.tables import (
+    OK,
+    RECORD_SCHEMA,
+    format_per_class,
+    latest_records,
+    read_confusion,
+    record_cells,
+    score_tables,
+    table_schema,
+)
 
-__all__ = ["Output", "PredictResult", "evaluate", "format_per_class", "predict", "read_confusion"]
+__all__ = [
+    "OK",
+    "RECORD_SCHEMA",
+    "RUN_FILE",
+    "TABLES",
+    "Output",
+    "PredictResult",
+    "Predictor",
+    "claim",
+    "converted",
+    "display_uint8",
+    "evaluate",
+    "fit_image",
+    "format_per_class",
+    "geometry_of",
+    "latest_records",
+    "predict",
+    "read_confusion",
+    "read_parts",
+    "record_cells",
+    "score_tables",
+    "table_schema",
+    "write_results",
+]

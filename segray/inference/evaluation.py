@@ -22,9 +22,7 @@ import pyarrow.compute as pc
 
 from segray import storage
 from segray.config import ConfigError, EvaluateConfig, about
-from segray.data.imageio import BadInput, decode_mask
-from segray.data.info import IGNORE_INDEX, ClassInfo, load_classes
-from segray.data.layouts import Plan, build_mask, index_folder, list_pairs
+from segray.data import IGNORE_INDEX, BadInput, ClassInfo, Plan, build_mask, decode_mask, index_folder, list_pairs, load_classes
 from segray.inference.output import MASKS, Output, PredictResult, claim, write_results
 from segray.inference.pipeline import LIGHT_TASK_CPUS
 from segray.inference.tables import (

@@ -36,7 +36,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from segray.data.transforms import FitMode, fit
+from segray.data import FitMode, fit
 
 Mode = Literal["fit", "whole", "tile"]
 Weighting = Literal["gaussian", "linear"]

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from segray import storage
 from segray.config import about
-from segray.data.quarantine import write_errors
+from segray.data import write_errors
 from segray.inference.tables import OK, RECORD_SCHEMA, empty_tables, format_per_class, latest_records, table_schema, write_frame
 
 RUN_FILE = "_run.json"
@@ -90,7 +90,7 @@ class Output:
     @property
     def errors(self) -> str:
         """``OUT/_errors.parquet``: the rejected inputs (``segray.data.quarantine``)."""
-        from segray.data.quarantine import errors_uri
+        from segray.data import errors_uri
 
         return errors_uri(self.root)
 

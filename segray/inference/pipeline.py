@@ -25,12 +25,12 @@ import pyarrow.compute as pc
 from segray import storage
 from segray.config import ConfigError, PredictConfig, about
 from segray.inference.geometry import Geometry
-from segray.inference.model import ModelSpec, resolve_model
 from segray.inference.output import Output, PredictResult, claim, completed, merged_records, remove_temporaries, write_results
 from segray.inference.sources import SHARDS, Source, list_source
 from segray.inference.tables import ERROR, score_tables
-from segray.models.saved import class_list
+from segray.models import class_list
 from segray.ownership import canonical
+from segray.runs import ModelSpec, resolve_model
 from segray.runtime import bounded_retries
 
 FORMAT = "segray-predict/1"
@@ -262,9 +262,9 @@ def converted(spec: ModelSpec, geometry: Geometry):
     """
     import tensorflow as tf
 
-    from segray.export.session import convert
-    from segray.inference.model import weights_id
-    from segray.models.saved import load_keras
+    from segray.export import convert
+    from segray.models import load_keras
+    from segray.runs import weights_id
 
     with tf.device("/CPU:0"):
         net = load_keras(spec.uri)

@@ -52,7 +52,7 @@ class Predictor:
         # ONNX Runtime runs any batch size as it comes (a served request of one image costs one).
         self.pad_chunks = onnx_model is None
         if onnx_model is not None:
-            from segray.export.session import OnnxLogits
+            from segray.export import OnnxLogits
 
             if not isinstance(onnx_model, bytes):
                 import ray
@@ -65,9 +65,9 @@ class Predictor:
             return
         import tensorflow as tf
 
-        from segray.data.transforms import normalize_tf
-        from segray.inference.model import share_gpus, weights_id
-        from segray.models.saved import load_keras
+        from segray.data import normalize_tf
+        from segray.models import load_keras
+        from segray.runs import share_gpus, weights_id
 
         share_gpus()
         self.model = load_keras(model_uri)

@@ -26,9 +26,7 @@ import numpy as np
 
 from segray import storage
 from segray.config import about
-from segray.data.imageio import BadInput, decode_image
-from segray.data.info import IGNORE_INDEX, ClassInfo
-from segray.data.layouts import build_mask, id_problem, list_pairs
+from segray.data import IGNORE_INDEX, BadInput, ClassInfo, build_mask, decode_image, id_problem, list_pairs
 from segray.inference.geometry import Geometry, fit_image
 
 RAW = "raw"
@@ -123,7 +121,7 @@ def list_source(
     """
     import pyarrow.parquet as pq
 
-    from segray.data.info import load_dataset_info
+    from segray.data import load_dataset_info
 
     if layout is not None:
         return _raw_source(src, layout, classes_file, class_order, priority, images_dir)
@@ -210,7 +208,7 @@ def dataset_of(source: Source, finished: set[str], batch_size: int):
         # Several batches per read task: fewer, larger tasks for the same streaming.
         per_block = max(batch_size * 4, 16)
         return ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / per_block)))
-    from segray.data.shards import read_shards
+    from segray.data import read_shards
 
     columns = ["image_id", "image"] + (["mask"] if source.has_truth else [])
     return read_shards(source.shards, columns, include_path=True)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from segray import storage
-from segray.data.imageio import encode_png
+from segray.data import encode_png
 from segray.inference.output import Output
 from segray.inference.tables import error_record, ok_record, records_table
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from segray import storage
 from segray.config import ConfigError, about, from_dict
-from segray.data.info import IGNORE_INDEX, ClassInfo, parse_classes
+from segray.data import IGNORE_INDEX, ClassInfo, parse_classes
 
 MODEL_DIR = "model"
 MODEL_FILE = "model.keras"
@@ -189,8 +189,7 @@ def load_keras(uri: str):
     """Loads a ``.keras`` file from local storage or an object store with ``safe_mode=True``."""
     import keras
 
-    import segray.models  # noqa: F401 - registers the custom layers before loading
-
+    # segray.models, imported before any of its modules, has registered the custom layers.
     if storage.is_local(uri):
         return keras.saving.load_model(uri, safe_mode=True, compile=False)
     with tempfile.TemporaryDirectory(prefix="segray-model-") as tmp:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from segray import storage
-from segray.config import ConfigError, TrainConfig, from_dict
+from segray.config import ConfigError, TrainConfig
 from segray.planning.fingerprint import fingerprint, warn_missing
 from segray.planning.plan import Plan, PlanChoice, plan_uri, read_plan
 from segray.planning.rules import Machine, plan_choices
@@ -37,7 +36,7 @@ def make_plan(data: str, time_budget: float | None = None, gpu: bool = False, ma
     """
     import os
 
-    from segray.data.info import load_dataset_info
+    from segray.data import load_dataset_info
 
     info = load_dataset_info(data)
     if machine is None and os.environ.get("RAY_ADDRESS"):
@@ -70,13 +69,13 @@ def plan_for(values: dict[str, Any]) -> tuple[Plan, str]:
 def config_from(values: dict[str, Any], plan: tuple[Plan, str] | None = None) -> TrainConfig:
     """The TrainConfig of a run given only ``values`` (the fields the user set): the plan fills the rest.
 
-    The CLI, ``segray.train(dict)`` and the tuner build their configs here.
+    The CLI, ``segray.train(dict)`` and the tuner build their configs
+    through ``segray.training.config_from``, which handles ``resume`` (the
+    run's own config.json is the base) and comes here otherwise.
     Explicit values always win over the plan; a planned field that depends
     on a given one (``DEPENDS``) is left out. The config's ``plan`` field
     records the plan (its choices and reasons), the fields it set, and those
     given over it, so ``config.json`` of the run says how it was made.
-    With ``resume`` the run's own config.json is the base instead: a
-    resumed run keeps what it was started with.
 
     Args:
         values: the fields given.
@@ -89,16 +88,6 @@ def config_from(values: dict[str, Any], plan: tuple[Plan, str] | None = None) ->
     """
     cfg = TrainConfig.from_dict(values)  # the given values alone: unknown keys, types, ranges
     if "plan" in values:
-        return cfg
-    if cfg.resume:
-        from segray.training.artifacts import read_config, run_exists
-
-        run_uri = storage.join(cfg.storage, cfg.name)
-        if run_exists(run_uri):
-            saved = read_config(run_uri)
-            known = {f.name for f in dataclasses.fields(TrainConfig)}
-            base = {k: v for k, v in saved.items() if k in known and k not in ("data", "storage")}
-            return from_dict(TrainConfig, {**base, **values})
         return cfg
     plan, source = plan or plan_for({"data": cfg.data, "time_budget": cfg.time_budget, "gpu": cfg.gpu})
     planned = plan.train_values()

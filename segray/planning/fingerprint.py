@@ -16,7 +16,7 @@ import numpy as np
 
 from segray import storage
 from segray.config import Config, ConfigError, about
-from segray.data.info import IGNORE_INDEX, DatasetInfo, load_dataset_info
+from segray.data import IGNORE_INDEX, DatasetInfo, load_dataset_info
 
 # Images decoded for the fingerprint at most: sizes and frequencies settle
 # long before, and a large train split must not make planning slow.
@@ -95,8 +95,7 @@ def fingerprint(data: str, info: DatasetInfo | None = None, max_images: int = MA
     Raises:
         ConfigError: the dataset has fewer than 2 classes, or its train split is empty.
     """
-    from segray.data.imageio import decode_image, decode_mask
-    from segray.data.pipeline import split_uri
+    from segray.data import decode_image, decode_mask, split_uri
 
     info = info or load_dataset_info(data)
     if info.num_classes < 2:

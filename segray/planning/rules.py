@@ -102,7 +102,7 @@ def unet_depth(patch: list[int]) -> Choice:
 
 def train_flops(patch: list[int], width: int, depth: int, num_classes: int) -> float:
     """FLOPs of one patch's train step (3x the forward), from the model's layers."""
-    from segray.models.summary import flops_per_image
+    from segray.models import flops_per_image
 
     return 3.0 * flops_per_image(PLANNED_MODEL, tuple(patch), num_classes, depth=depth, width=width)
 

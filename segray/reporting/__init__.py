@@ -6,7 +6,33 @@ DuckDB views; ``worst``, ``below`` and ``confused`` are the named questions
 HTML page. Most users call them as ``segray.report`` and ``segray.query``.
 """
 
-from segray.reporting.query import VIEWS, OutputTables, below, confused, iou_histogram, open_output, worst
+from segray.reporting.query import (
+    VIEWS,
+    OutputTables,
+    below,
+    check_output_file,
+    confused,
+    format_text,
+    iou_histogram,
+    open_output,
+    to_json,
+    worst,
+    write_result,
+)
 from segray.reporting.report import ReportResult, write_report
 
-__all__ = ["VIEWS", "OutputTables", "ReportResult", "below", "confused", "iou_histogram", "open_output", "worst", "write_report"]
+__all__ = [
+    "VIEWS",
+    "OutputTables",
+    "ReportResult",
+    "below",
+    "check_output_file",
+    "confused",
+    "format_text",
+    "iou_histogram",
+    "open_output",
+    "to_json",
+    "worst",
+    "write_report",
+    "write_result",
+]

@@ -29,8 +29,8 @@ import pandas as pd
 import pyarrow as pa
 
 from segray import storage
-from segray.data.info import IGNORE_INDEX, ClassInfo, default_color
-from segray.inference.output import RUN_FILE, TABLES, Output
+from segray.data import IGNORE_INDEX, ClassInfo, default_color
+from segray.inference import RUN_FILE, TABLES, Output
 
 VIEWS = (*TABLES, "errors", "image_confusion")
 PREDICT_FORMAT, EVALUATE_FORMAT = "segray-predict/", "segray-evaluate/"
@@ -76,7 +76,7 @@ def open_output(out: str) -> OutputInfo:
         FileNotFoundError: ``out`` does not exist.
         ValueError: ``out`` is not a segray output, or its predict has not finished.
     """
-    from segray.data.info import load_classes
+    from segray.data import load_classes
 
     layout = Output(out)
     if not storage.exists(layout.run_file):
@@ -171,7 +171,7 @@ class OutputTables:
         return self._tables[name]
 
     def _read(self, name: str) -> pa.Table:
-        from segray.inference.tables import table_schema
+        from segray.inference import table_schema
 
         if name == "image_confusion":
             return self._image_confusion()
@@ -189,8 +189,7 @@ class OutputTables:
     def _image_confusion(self) -> pa.Table:
         import pyarrow.compute as pc
 
-        from segray.inference.output import read_parts
-        from segray.inference.tables import OK, latest_records, record_cells
+        from segray.inference import OK, latest_records, read_parts, record_cells
 
         if self.info.kind != "predict":
             raise ValueError(

@@ -23,8 +23,8 @@ import pandas as pd
 
 from segray import storage
 from segray.config import ReportConfig, about
-from segray.reporting import svg
 from segray.ownership import write_owned_file
+from segray.reporting import svg
 from segray.reporting.query import OutputTables, check_output_file, iou_histogram, worst
 from segray.reporting.strips import ERROR_COLOURS, colour_table, read_pixels, strip_png
 
@@ -187,7 +187,7 @@ def _confusion(tables: OutputTables) -> str:
 
 
 def _curves(run: str) -> str:
-    from segray.training.artifacts import HISTORY_FILE, read_history
+    from segray.training import HISTORY_FILE, read_history
 
     uri = storage.join(run, HISTORY_FILE)
     if not storage.exists(uri):

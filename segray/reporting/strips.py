@@ -15,10 +15,8 @@ import cv2
 import numpy as np
 
 from segray import storage
-from segray.data.imageio import BadInput, decode_image, decode_mask, encode_png
-from segray.data.info import IGNORE_INDEX
-from segray.inference.output import Output
-from segray.inference.sources import display_uint8
+from segray.data import IGNORE_INDEX, BadInput, decode_image, decode_mask, encode_png
+from segray.inference import Output, display_uint8
 from segray.reporting.query import OutputInfo
 
 GAP = 4
@@ -46,8 +44,7 @@ def _record_uris(out: Output, ids: set[str]) -> dict[str, str]:
     """image id -> the URI its predict record names (the image file, or ``shard#id``)."""
     import pyarrow.compute as pc
 
-    from segray.inference.output import read_parts
-    from segray.inference.tables import OK, latest_records
+    from segray.inference import OK, latest_records, read_parts
 
     records = latest_records(read_parts(out, ["image_id", "uri", "status", "run"]))
     if not records.num_rows:

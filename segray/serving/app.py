@@ -45,7 +45,7 @@ class SegmentModel:
     """The replica's state: the predictor, how images reach it, and the answers that never change."""
 
     def __init__(self, settings: dict[str, Any], onnx_model: bytes | None):
-        from segray.inference.predictor import Predictor
+        from segray.inference import Predictor
 
         self.settings = settings
         self.geometry = settings["geometry"]
@@ -57,7 +57,7 @@ class SegmentModel:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Decoded RGB -> the predictor's input, as ``ReadDecode`` makes it: the image's own dtype, fitted to the trained size."""
-        from segray.inference.geometry import fit_image
+        from segray.inference import fit_image
 
         return fit_image(image, self.geometry.size, self.geometry.fit) if self.geometry.mode == "fit" else image
 
@@ -196,11 +196,10 @@ def serve(cfg: ServeConfig) -> Served:
     """
     from ray import serve as ray_serve
 
-    from segray.export.card import model_card, run_records
-    from segray.export.formats import ONNX_OPSET
-    from segray.inference.model import resolve_model
-    from segray.inference.pipeline import converted as convert_pinned
-    from segray.inference.pipeline import geometry_of
+    from segray.export import ONNX_OPSET, model_card, run_records
+    from segray.inference import converted as convert_pinned
+    from segray.inference import geometry_of
+    from segray.runs import resolve_model
     from segray.runtime import is_verbose
 
     spec = resolve_model(cfg.run)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from segray.data.imageio import BadInput, TooLarge, WrongChannels, decode_image, encode_png
+from segray.data import BadInput, TooLarge, WrongChannels, decode_image, encode_png
 
 
 class RequestError(Exception):

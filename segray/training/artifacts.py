@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from segray import storage
-from segray.models.saved import Preprocessing, write_model
+from segray.models import Preprocessing, write_model
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.parquet"

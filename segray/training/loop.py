@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from segray.config import TrainConfig
-from segray.data.info import IGNORE_INDEX, DatasetInfo
-from segray.models.saved import Preprocessing
+from segray.data import IGNORE_INDEX, DatasetInfo
+from segray.models import Preprocessing
 from segray.runtime import BF16_CPU_FLAGS, cpu_has_bf16, normal_priority
 from segray.training.artifacts import RunArtifacts, load_state, save_state, write_end
 from segray.training.budget import Budget
@@ -57,7 +57,7 @@ def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
 
 def float32_model(cfg: TrainConfig, num_classes: int):
     """The run's model in float32 whatever the training policy: the saved model predicts and exports without mixed precision."""
-    from segray.models.registry import build, dtype_policy
+    from segray.models import build, dtype_policy
 
     with dtype_policy("float32"):
         return build(cfg.model, num_classes, input_shape=(None, None, 3), **cfg.model_options)
@@ -153,8 +153,8 @@ class WorkerLoop:
             weights = np.asarray(cfg.class_weights, np.float32)
         self.class_weights = None if weights is None else tf.constant(weights, tf.float32)
         self.loss = TrainingLoss(self.num_classes, self.class_weights, cfg.loss, cfg.dice_weight, levels, IGNORE_INDEX)
-        self._train_step = tf.function(self._distributed(self._replica_train), jit_compile=cfg.xla, reduce_retracing=True)
-        self._eval_step = tf.function(self._distributed(self._replica_eval), reduce_retracing=True)
+        self.train_step = tf.function(self._distributed(self._replica_train), jit_compile=cfg.xla, reduce_retracing=True)
+        self.eval_step = tf.function(self._distributed(self._replica_eval), reduce_retracing=True)
         self._all_sum = tf.function(
             lambda v: self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(tf.identity, args=(v,)), axis=None)
         )
@@ -182,7 +182,7 @@ class WorkerLoop:
 
     def model_input(self, images):
         """Pipeline images (uint8, or float32 0..255) -> the model's normalised float32, in-graph."""
-        from segray.data.transforms import normalize_tf
+        from segray.data import normalize_tf
 
         return normalize_tf(images, self.info.mean, self.info.std)
 
@@ -250,7 +250,7 @@ class WorkerLoop:
         import tensorflow as tf
 
         C = self.num_classes
-        step = self._train_step if train else self._eval_step
+        step = self.train_step if train else self.eval_step
         loss_sum, weight_sum, cm, images = 0.0, 0.0, np.zeros((C, C), np.int64), 0
         t0 = time.time()
         for batch in self._batches(shard) if train else self._val_batches(shard):

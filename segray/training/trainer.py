@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, replace
 from typing import Any
 
 from segray import storage
-from segray.config import ConfigError, TrainConfig, about, field_defaults, resumable_fields
-from segray.data.info import DatasetInfo, load_dataset_info
+from segray.config import ConfigError, TrainConfig, about, field_defaults, from_dict, resumable_fields
+from segray.data import DatasetInfo, load_dataset_info
 from segray.ownership import canonical
 from segray.runtime import is_verbose
 from segray.training.artifacts import HISTORY_FILE, clear_end, read_config, read_history, run_exists, write_config, write_end
@@ -43,6 +44,39 @@ class ResolvedRun:
     config: TrainConfig
     info: DatasetInfo
     run_uri: str
+
+
+def config_from(values: dict[str, Any], plan=None) -> TrainConfig:
+    """The TrainConfig of a run from the fields the user gave; the dataset's plan fills the rest.
+
+    The CLI, ``segray.train(dict)`` and the tuner build their configs here.
+    With ``resume`` the run's own config.json is the base instead: a resumed
+    run keeps what it was started with. Otherwise the plan is applied by
+    ``segray.planning.config_from`` (given values win over it).
+
+    Args:
+        values: the fields given.
+        plan: ``(plan, source)`` made already, as a search does once for all
+            its trials; None: the plan for the values.
+
+    Raises:
+        ConfigError: a bad value (named), an unknown key, or a plan file that
+            does not validate.
+    """
+    from segray.planning import config_from as planned
+
+    cfg = TrainConfig.from_dict(values)  # the given values alone: unknown keys, types, ranges
+    if "plan" in values:
+        return cfg
+    if cfg.resume:
+        run_uri = storage.join(cfg.storage, cfg.name)
+        if run_exists(run_uri):
+            saved = read_config(run_uri)
+            known = {f.name for f in dataclasses.fields(TrainConfig)}
+            base = {k: v for k, v in saved.items() if k in known and k not in ("data", "storage")}
+            return from_dict(TrainConfig, {**base, **values})
+        return cfg
+    return planned(values, plan)
 
 
 def resolve(cfg: TrainConfig) -> ResolvedRun:
@@ -179,7 +213,7 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
         clear_end(run_uri)  # training again: the run is unfinished until its loop ends
 
     if cfg.plan:
-        from segray.planning.plan import PLAN_FILE
+        from segray.planning import PLAN_FILE
 
         storage.write_text(storage.join(run_uri, PLAN_FILE), json.dumps(cfg.plan, indent=2) + "\n")
     size = tuple(cfg.size)

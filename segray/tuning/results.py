@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from segray import storage
-from segray.models.saved import SEARCH_BEST_FILE as BEST_FILE  # run file names are spelled in saved.py
+from segray.models import SEARCH_BEST_FILE as BEST_FILE  # run file names are spelled in saved.py
 
 TRIALS_FILE = "trials.parquet"
 PLOT_FILE = "search.png"
@@ -99,9 +99,9 @@ def trial_rows(grid, runs_uri: str, stopped: dict[str, int]) -> tuple[pd.DataFra
     stretch, so a trial resumed after the driver stopped shows there only its
     epochs since. ``seconds``, ``started`` and ``ended`` are that stretch's.
     """
-    from segray.models.saved import BEST_FILE as SAVED_BEST_FILE
-    from segray.models.saved import MODEL_DIR
-    from segray.training.artifacts import HISTORY_FILE
+    from segray.models import BEST_FILE as SAVED_BEST_FILE
+    from segray.models import MODEL_DIR
+    from segray.training import HISTORY_FILE
 
     rows, curves = [], []
     for result in grid:
@@ -164,7 +164,7 @@ def trial_rows(grid, runs_uri: str, stopped: dict[str, int]) -> tuple[pd.DataFra
 
 
 def _planned_epochs(run_uri: str) -> int | None:
-    from segray.training.artifacts import CONFIG_FILE, read_config
+    from segray.training import CONFIG_FILE, read_config
 
     return int(read_config(run_uri)["epochs"]) if storage.exists(storage.join(run_uri, CONFIG_FILE)) else None
 
@@ -188,7 +188,7 @@ def _reports(result) -> pd.DataFrame | None:
 
 def best_trial(table: pd.DataFrame) -> dict[str, Any] | None:
     """``best.json``'s contents: the trial of highest best val mIoU, with its run's resolved config."""
-    from segray.training.artifacts import read_config
+    from segray.training import read_config
 
     if not len(table) or table["best_val_miou"].isna().all():
         return None

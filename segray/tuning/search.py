@@ -71,7 +71,7 @@ def prepare(cfg: TuneConfig) -> Search:
         FileExistsError: the search exists and ``resume`` is off.
         FileNotFoundError: ``resume`` without a search, or ``data`` is not a dataset.
     """
-    from segray.planning.apply import plan_for
+    from segray.planning import plan_for
     from segray.training import resolve
 
     space = load_space(cfg.search_space)

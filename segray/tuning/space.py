@@ -190,7 +190,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], plan=None) -> Tra
     if options:
         values["model_options"] = options
     if plan is not None:
-        from segray.planning.apply import config_from
+        from segray.training import config_from
 
         return config_from(values, plan)
     return TrainConfig.from_dict(values)

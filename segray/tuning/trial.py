@@ -33,8 +33,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], plan=None) -> None:
     """
     import ray.tune
 
-    from segray.training import train
-    from segray.training.artifacts import run_exists
+    from segray.training import run_exists, train
 
     name = ray.tune.get_context().get_trial_id()
     again = {"resume": True} if run_exists(storage.join(base["storage"], name)) else {}

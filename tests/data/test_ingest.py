@@ -388,7 +388,7 @@ def test_images_of_every_dtype_share_one_scale(tmp_path):
 
 def test_chunk_tasks_send_sums_not_a_row_per_image(tmp_path):
     """The driver's memory must not grow with the images: a chunk returns its rejects and one row of sums."""
-    from segray.data.ingest import _ChunkWriter, _chunks, _Stats, chunk_items
+    from segray.data.ingest import _ChunkWriter, _Stats, chunk_items, plan_chunks
     from segray.data.layouts import list_pairs
 
     raw = str(tmp_path / "raw")
@@ -398,7 +398,7 @@ def test_chunk_tasks_send_sums_not_a_row_per_image(tmp_path):
         f.write(b"not a png")
     _png(os.path.join(raw, "masks", "zz_bad.png"), np.zeros((16, 16), np.uint8))
     plan = list_pairs(raw, "ids", None, 3)
-    bounds = _chunks(plan, 128, min_chunks=2)
+    bounds = plan_chunks(plan, 128, min_chunks=2)
     assert len(bounds) == 2 and bounds[0][0] == 0 and bounds[-1][1] == len(plan.pairs) == 30
     items = chunk_items(plan, raw, bounds, val={p.image_id for p in plan.pairs[:5]})
     writer = _ChunkWriter(str(tmp_path / "ds"), "ids", None, "r1", 10**6)

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pytest
 
 from segray import storage
+from segray.config import EvaluateConfig, PredictConfig
 from segray.data.imageio import decode_mask, encode_png
 from segray.data.ingest import SHARD_SCHEMA
-from segray.config import EvaluateConfig, PredictConfig
 from segray.inference import evaluate, predict, read_confusion
 from tests.inference.helpers import (
     CLASS_NAMES,
@@ -287,8 +287,8 @@ def test_segment_only_without_masks(tmp_path):
 
 def test_predictor_refuses_weights_other_than_the_pinned_ones(tmp_path):
     from segray.inference.geometry import Geometry
-    from segray.inference.model import weights_id
     from segray.inference.predictor import Predictor
+    from segray.runs import weights_id
 
     path = str(tmp_path / "m.keras")
     save_keras(tiny_unet(seed=1), path)

@@ -9,9 +9,9 @@ import pytest
 
 from segray.inference.components import remove_small_components
 from segray.inference.geometry import GAUSSIAN_SIGMA, Geometry, fit_image, gaussian_profile, tiled_argmax, tiled_logits
-from segray.inference.model import ModelSpec
 from segray.inference.pipeline import geometry_of
 from segray.inference.predictor import Predictor
+from segray.runs import ModelSpec
 from tests.inference.helpers import save_keras
 
 

@@ -116,7 +116,7 @@ def test_bad_common_arguments_are_named(num_classes: int, input_shape: tuple, ex
 
 @pytest.mark.parametrize("name", NAMES)
 def test_declared_multiple_is_what_the_built_model_checks(name: str) -> None:
-    from segray.inference.model import required_multiple
+    from segray.runs import required_multiple
 
     entry = models.spec(name)
     for options in (dict(TINY_OPTIONS[name]), {**TINY_OPTIONS[name], **({"depth": 3} if "depth" in entry.default_options() else {})}):

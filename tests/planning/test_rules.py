@@ -107,3 +107,25 @@ def test_a_planned_boolean_is_turned_off_by_its_no_flag_and_recorded():
     assert cfg.deep_supervision is False and cfg.mixed_precision is True
     assert cfg.plan["overridden"]["deep_supervision"] == {"plan": True, "given": False}
     assert cfg.plan["overridden"]["mixed_precision"] == {"plan": False, "given": True}
+
+
+def test_a_resumed_run_keeps_its_own_config_over_the_plan(tmp_path):
+    """Resume is training's (segray.training.config_from); planning.config_from applies a plan only."""
+    from segray.config import TrainConfig
+    from segray.planning import config_from as planned
+    from segray.training import config_from
+    from segray.training.artifacts import write_config
+    from segray.tuning import trial_config
+
+    choices = plan_choices(fp([0.7, 0.3], size=(512, 512)), 2, 600.0, False, TWO_CORES)
+    plan = (plan_of(fp([0.7, 0.3], size=(512, 512)), choices), "/d/plan.json")
+    started = TrainConfig(data="/d", storage=str(tmp_path), name="r", model="segnet", epochs=7, lr=0.005)
+    write_config(str(tmp_path / "r"), started.to_dict(), {}, exclusive=True)
+    given = {"data": "/d", "storage": str(tmp_path), "name": "r", "resume": True}
+    for cfg in (config_from(given), config_from(given, plan), trial_config(given, {}, plan)):
+        assert (cfg.model, cfg.epochs, cfg.lr, cfg.resume, cfg.plan) == ("segnet", 7, 0.005, True, started.plan)
+    # A run that does not exist yet starts from the given values alone, as before.
+    fresh = config_from({**given, "name": "new"}, plan)
+    assert fresh.resume and fresh.plan == started.plan and fresh.model == TrainConfig(data="/d", storage="/s", name="n").model
+    # The plan alone (no resume branch there) fills the planned fields.
+    assert planned({**given, "name": "new"}, plan).plan["source"] == "/d/plan.json"

@@ -47,7 +47,7 @@ def test_xla_step_matches_the_plain_step_and_learns(name: str) -> None:
     x, y = tf.constant(images), tf.constant(labels)
     plain, xla = worker(name, xla=False), worker(name, xla=True)
     xla.model.set_weights(plain.model.get_weights())
-    first = [loop._train_step(x, y) for loop in (plain, xla)]
+    first = [loop.train_step(x, y) for loop in (plain, xla)]
     (ls_p, ws_p, cm_p), (ls_x, ws_x, cm_x) = [[t.numpy() for t in out] for out in first]
     # The loss and the matrix come from the forward pass, before the update.
     assert ws_x == ws_p == labels.size - 4
@@ -57,11 +57,11 @@ def test_xla_step_matches_the_plain_step_and_learns(name: str) -> None:
     truth_counts = np.bincount(labels[labels != 255], minlength=2)
     np.testing.assert_array_equal(cm_x.sum(axis=1), truth_counts)
     np.testing.assert_array_equal(cm_p.sum(axis=1), truth_counts)
-    losses = [float(xla._train_step(x, y)[0]) / float(ws_x) for _ in range(15)]
+    losses = [float(xla.train_step(x, y)[0]) / float(ws_x) for _ in range(15)]
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * float(ls_x) / float(ws_x), losses
     # Images and masks are parameters of the compiled step, not constants folded
     # in (which would mean one compilation per batch).
-    hlo = xla._train_step.experimental_get_compiler_ir(x, y)(stage="hlo")
+    hlo = xla.train_step.experimental_get_compiler_ir(x, y)(stage="hlo")
     entry = next(line for line in hlo.splitlines() if line.startswith("ENTRY"))
     assert "f32[4,32,32,3]" in entry and "s32[4,32,32]" in entry, entry
 
@@ -121,9 +121,9 @@ def test_deep_supervision_trains_the_model_through_heads_at_half_and_quarter_siz
     heads = [v for v in loop.net.trainable_variables if v.path.startswith("deep_supervision")]
     assert len(heads) == 4  # kernel and bias of two 1x1 heads
     before = [v.numpy().copy() for v in heads]
-    first = float(loop._train_step(x, y)[0])
+    first = float(loop.train_step(x, y)[0])
     assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, heads)), "the heads got no gradient"
-    losses = [float(loop._train_step(x, y)[0]) for _ in range(15)]
+    losses = [float(loop.train_step(x, y)[0]) for _ in range(15)]
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * first, (first, losses)
     # Checkpoints hold the heads (and their optimizer slots): a resumed loop predicts the same at every size.
     save_state(str(tmp_path), loop.net, loop.optimizer, {"epoch": 0})
@@ -178,7 +178,7 @@ def test_mixed_precision_on_cpu_computes_in_bfloat16_where_the_cpu_does_and_save
         assert {v.dtype for v in loop.net.trainable_variables} == {"float32"}
         images, labels = squares(n=4)
         x, y = tf.constant(images), tf.constant(labels)
-        losses = [float(loop._train_step(x, y)[0]) for _ in range(16)]
+        losses = [float(loop.train_step(x, y)[0]) for _ in range(16)]
         assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
         # The saved model is built in float32 whatever the run computed in, and predicts what the run's weights say.
         saved = loop_module.float32_model(cfg, INFO.num_classes)

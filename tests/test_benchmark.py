@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 
+from segray import benchmark as bench
 from segray import storage
-from segray.models import benchmark as bench
 from segray.models import flops_per_image
 from segray.models.registry import TINY_OPTIONS
 

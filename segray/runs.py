@@ -1,4 +1,8 @@
-"""Which model predicts, and how its inputs are prepared.
+"""Resolving MODEL or RUN to a model: which model predicts, and how its inputs are prepared.
+
+Predict, export and serve all start here, so it sits below the three of them
+(export used to reach into inference for it, and inference into export for
+the ONNX conversion). It reads the saved-run contract of ``segray.models``.
 
 MODEL is a training run (``STORAGE/RUN`` with ``model/model.keras`` and
 ``model/preprocessing.json``), its ``model/`` folder, a ``.keras`` file
@@ -17,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from segray.data.info import IGNORE_INDEX, ClassInfo, default_color
-from segray.models.saved import PREPROCESSING_FILE, class_list, load_keras, locate, read_preprocessing
+from segray.data import IGNORE_INDEX, ClassInfo, default_color
+from segray.models import PREPROCESSING_FILE, class_list, load_keras, locate, read_preprocessing
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def weights_id(model) -> str:
 
 def required_multiple(model) -> int:
     """The ``multiple`` of the model's size-check layers (1 when it has none)."""
-    from segray.models.layers import DivisibleSizeCheck
+    from segray.models import DivisibleSizeCheck
 
     multiple = 1
     for layer in model._flatten_layers(include_self=False, recursive=True):

@@ -94,8 +94,7 @@ def measure_speed(
     """One row of the table without accuracy: sizes, CPU timings, and GPU fp32/fp16 timings when there is a GPU."""
     import keras
 
-    from segray.models.registry import build, dtype_policy
-    from segray.models.summary import count_params, model_flops
+    from segray.models import build, count_params, dtype_policy, model_flops
 
     options = options or {}
     keras.mixed_precision.set_global_policy("float32")
@@ -120,11 +119,12 @@ def measure_speed(
 
 def measure_accuracy(name: str, data: str, size: tuple[int, int], epochs: int, options: dict[str, Any], work_dir: str, batch_size: int = 8) -> dict[str, Any]:
     """val mIoU and Dice of ``name`` trained for ``epochs`` epochs on ``data`` (one worker), and the seconds it took."""
-    import segray
+    from segray.api import train
+    from segray.config import TrainConfig
 
     t0 = time.time()
-    result = segray.train(
-        segray.TrainConfig(
+    result = train(
+        TrainConfig(
             data=data, storage=work_dir, name=name, model=name, epochs=epochs, workers=1, batch_size=batch_size,
             size=list(size), model_options=options,
         )
@@ -175,7 +175,7 @@ def benchmark(
 
     options = options or {}
     if data is not None:
-        from segray.data.info import load_dataset_info
+        from segray.data import load_dataset_info
 
         num_classes = load_dataset_info(data).num_classes
     rows = []
