@@ -196,27 +196,31 @@ def match_image(
 def _coco_matches(match: ImageMatch, t_classes: np.ndarray, p_classes: np.ndarray, scores: np.ndarray, max_detections: int) -> tuple[np.ndarray, np.ndarray]:
     """Kept detection indices (per class top ``max_detections`` by score) and their match bits, as COCOeval.evaluateImg."""
     kept, bits = [], []
-    iou_of = {(int(p), int(t)): v for p, t, v in zip(match.pairs_pred, match.pairs_truth, match.pairs_iou)}
     for c in np.unique(p_classes[p_classes > 0]):
         dets = np.flatnonzero(p_classes == c)
         dets = dets[_score_order(scores[dets])][:max_detections]
         gts = np.flatnonzero(t_classes == c)  # truth in id order, as the annotations are listed
+        # Dense IoU (detections x truth) of this class from the sparse pairs.
+        row_of = np.full(len(p_classes), -1)
+        row_of[dets] = np.arange(len(dets))
+        col_of = np.full(len(t_classes), -1)
+        col_of[gts] = np.arange(len(gts))
+        ious = np.zeros((len(dets), len(gts)))
+        here = (row_of[match.pairs_pred] >= 0) & (col_of[match.pairs_truth] >= 0)
+        ious[row_of[match.pairs_pred[here]], col_of[match.pairs_truth[here]]] = match.pairs_iou[here]
         matched = np.zeros(len(dets), np.int64)
-        for ti, threshold in enumerate(IOU_THRESHOLDS):
-            gt_taken = np.zeros(len(gts), bool)
-            for di, d in enumerate(dets):
-                best, m = min(threshold, 1 - 1e-10), -1
-                for gi, g in enumerate(gts):
-                    if gt_taken[gi]:
-                        continue
-                    value = iou_of.get((int(d), int(g)), 0.0)
-                    # COCO: `if iou < best: continue` then take it, so an equal IoU later in order wins.
-                    if value < best:
-                        continue
-                    best, m = value, gi
-                if m >= 0:
-                    gt_taken[m] = True
-                    matched[di] |= 1 << ti
+        if len(gts):
+            for ti, threshold in enumerate(IOU_THRESHOLDS):
+                free = np.ones(len(gts), bool)
+                for di in range(len(dets)):
+                    values = np.where(free, ious[di], -np.inf)
+                    best = values.max()
+                    # COCO walks the truth keeping `iou >= best so far` (from the threshold): the
+                    # largest IoU wins and, among equal ones, the last in truth order.
+                    if best >= min(threshold, 1 - 1e-10):
+                        m = len(gts) - 1 - int(np.argmax(values[::-1] == best))
+                        free[m] = False
+                        matched[di] |= 1 << ti
         kept.append(dets)
         bits.append(matched)
     if not kept:

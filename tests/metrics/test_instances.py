@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -178,6 +179,7 @@ def test_split_into_parts_merges_to_one_pass_exactly(seed):
     # Through each serialised form: a JSON round trip and an Arrow table round trip.
     parts[0] = InstanceMetrics.from_dict(json.loads(json.dumps(parts[0].to_dict())))
     parts[1] = InstanceMetrics.from_arrow(parts[1].to_arrow())
+    parts[2] = pickle.loads(pickle.dumps(parts[2]))  # what a Ray task's return goes through
     merged = InstanceMetrics.merged([parts[2], parts[0], parts[1]])
     a, b = whole.scores(), merged.scores()
     for key in a:
@@ -264,3 +266,4 @@ def test_match_image_and_helpers():
     assert object_boxes(pred, 3).tolist() == [[0, 0, 1, 3], [1, 1, 2, 2], [-1, -1, -1, -1]]
     with pytest.raises(ValueError, match="holds id 2 but only 1 classes"):
         match_image(truth, [1], pred, [1, 1], [0.3, 0.6])
+
