@@ -72,6 +72,7 @@ def instances_from_classes(
     classes_or_probabilities: npt.ArrayLike,
     min_size: int = 4,
     class_id: int = 1,
+    interior_threshold: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Objects from a 3-class prediction: interior components as seeds, seeded watershed over the foreground.
 
@@ -82,6 +83,9 @@ def instances_from_classes(
         min_size: interior components with fewer pixels are not seeds (their
             pixels may still join a neighbouring object through the watershed).
         class_id: the class every object gets (a one-class bottom-up model).
+        interior_threshold: with probabilities, a seed pixel must also have
+            P(interior) at least this; soft predictions blur thin boundaries,
+            and a margin keeps touching objects' seeds apart (None: argmax only).
 
     Returns:
         ``instances`` uint16 ``(H, W)`` (object ``i`` has value ``i + 1``,
@@ -111,6 +115,8 @@ def instances_from_classes(
         raise ValueError(f"expected (H, W, 3) probabilities or an (H, W) label map, got shape {values.shape}")
 
     interior = labels == INTERIOR
+    if interior_threshold is not None and interior_probability is not None:
+        interior &= interior_probability >= interior_threshold
     seeds, count = ndimage.label(interior, structure=np.ones((3, 3), bool))
     if count:
         sizes = np.bincount(seeds.reshape(-1), minlength=count + 1)
