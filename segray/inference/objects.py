@@ -96,13 +96,15 @@ def objects_table(
     pred_classes = np.asarray(pred_classes, np.int64).reshape(-1)
     pred_scores = np.asarray(pred_scores, np.float64).reshape(-1)
     pred = np.asarray(pred_map)
-    if truth_map is None:
-        empty = np.zeros(pred.shape, np.int64)
-        match = match_image(empty, np.zeros(0, np.int64), pred, pred_classes, pred_scores)
-    else:
-        if truth_classes is None:
-            raise ValueError(f"image {image_id!r}: a truth map needs its truth classes")
-        match = match_image(truth_map, truth_classes, pred, pred_classes, pred_scores)
+    if truth_map is not None and truth_classes is None:
+        raise ValueError(f"image {image_id!r}: a truth map needs its truth classes")
+    try:
+        if truth_map is None:
+            match = match_image(np.zeros(pred.shape, np.int64), np.zeros(0, np.int64), pred, pred_classes, pred_scores)
+        else:
+            match = match_image(truth_map, truth_classes, pred, pred_classes, pred_scores)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"image {image_id!r}: {e}") from None
     keep = np.flatnonzero(pred_classes > 0)
     boxes = object_boxes(pred, len(pred_classes))[keep]
     has_truth = truth_map is not None

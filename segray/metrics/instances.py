@@ -314,7 +314,10 @@ class InstanceMetrics:
             values = np.asarray(classes, np.int64).reshape(-1)
             if len(values) and values.max() >= self.num_classes:
                 raise ValueError(f"image {image_id!r}: {name} class {int(values.max())} outside 1..{self.num_classes - 1}")
-        record = image_record(image_id, truth_map, truth_classes, pred_map, pred_classes, pred_scores, self.max_detections)
+        try:
+            record = image_record(image_id, truth_map, truth_classes, pred_map, pred_classes, pred_scores, self.max_detections)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"image {image_id!r}: {e}") from None
         self.records.append(record)
         return record
 

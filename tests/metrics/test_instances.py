@@ -10,6 +10,8 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from segray.metrics import InstanceMetrics, match_image, object_boxes, semantic_from_instances
 
@@ -187,6 +189,23 @@ def test_split_into_parts_merges_to_one_pass_exactly(seed):
     assert whole.summary() == pytest.approx(merged.summary(), nan_ok=True, rel=0, abs=0)
 
 
+RECORDS = [InstanceMetrics(5).add(*image) for image in scenes(9, 10, 5)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=len(RECORDS), max_size=len(RECORDS)), st.permutations(range(len(RECORDS))))
+def test_any_split_and_order_of_images_gives_the_same_scores(part_of, order):
+    whole = InstanceMetrics(5)
+    for record in RECORDS:
+        whole.add_record(record)
+    parts = [InstanceMetrics(5) for _ in range(4)]
+    for i in order:
+        parts[part_of[i]].add_record(RECORDS[i])
+    a, b = whole.scores(), InstanceMetrics.merged(parts).scores()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_merging_an_image_twice_raises():
     images = scenes(5, 3, 3)
     part = accumulate(images, 3)
@@ -266,4 +285,10 @@ def test_match_image_and_helpers():
     assert object_boxes(pred, 3).tolist() == [[0, 0, 1, 3], [1, 1, 2, 2], [-1, -1, -1, -1]]
     with pytest.raises(ValueError, match="holds id 2 but only 1 classes"):
         match_image(truth, [1], pred, [1, 1], [0.3, 0.6])
-
+    metrics = InstanceMetrics(3)
+    with pytest.raises(ValueError, match=r"image 'b7': truth instance map is 3x2, prediction is 2x2"):
+        metrics.add("b7", truth, [1, 1], pred[:, :2], [1, 1], [0.3, 0.6])
+    with pytest.raises(ValueError, match=r"image 'b7': predicted class 3 outside 1..2"):
+        metrics.add("b7", truth, [1, 1], pred, [1, 3], [0.3, 0.6])
+    with pytest.raises(ValueError, match="got 1 scores for 2 predicted classes"):
+        metrics.add("b7", truth, [1, 1], pred, [1, 1], [0.3])
