@@ -171,16 +171,19 @@ def test_more_than_max_detections_keeps_the_best_per_class():
 
 
 @pytest.mark.parametrize("seed", [3, 4])
-def test_split_into_parts_merges_to_one_pass_exactly(seed):
+def test_split_into_parts_merges_to_one_pass_exactly(seed, tmp_path):
     num_classes = 5
     images = scenes(seed, 15, num_classes)
     whole = accumulate(images, num_classes)
     rng = np.random.default_rng(seed)
     part_of = rng.integers(0, 3, len(images))
     parts = [accumulate([im for im, p in zip(images, part_of) if p == k], num_classes) for k in range(3)]
-    # Through each serialised form: a JSON round trip and an Arrow table round trip.
+    # Through each serialised form: a JSON round trip, a Parquet file, a pickle.
     parts[0] = InstanceMetrics.from_dict(json.loads(json.dumps(parts[0].to_dict())))
-    parts[1] = InstanceMetrics.from_arrow(parts[1].to_arrow())
+    import pyarrow.parquet as pq
+
+    pq.write_table(parts[1].to_arrow(), tmp_path / "part1.parquet")  # a saved part, as a resumed predict reads it
+    parts[1] = InstanceMetrics.from_arrow(pq.read_table(tmp_path / "part1.parquet"))
     parts[2] = pickle.loads(pickle.dumps(parts[2]))  # what a Ray task's return goes through
     merged = InstanceMetrics.merged([parts[2], parts[0], parts[1]])
     a, b = whole.scores(), merged.scores()
