@@ -396,6 +396,10 @@ class InstanceMetrics:
             object counts (``predicted`` counts every prediction; ``tp`` /
             ``fp`` / ``fn`` are the panoptic ones at IoU > 0.5).
         """
+        return self._compute()[0]
+
+    def _compute(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """(per-class scores, COCO precision ``(T, R, C)``, recall ``(T, C)``; NaN for classes without truth)."""
         records = self._sorted_records()
         c = self.num_classes
 
@@ -426,10 +430,9 @@ class InstanceMetrics:
             sq = np.where(present, np.where(tp > 0, iou_sum / np.maximum(tp, 1), 0.0), np.nan)
             rq = np.where(present, tp / np.where(present, denominator, 1), np.nan)
         t50, t75 = 0, int(np.flatnonzero(np.isclose(IOU_THRESHOLDS, 0.75))[0])
-        self._precision, self._recall = precision, recall
         rows = slice(1, c)
         predicted = tp + fp
-        return {
+        per_class = {
             "class_id": np.arange(1, c, dtype=np.int32),
             "ap": precision.mean(axis=(0, 1))[rows],
             "ap50": precision[t50].mean(axis=0)[rows],
@@ -439,6 +442,7 @@ class InstanceMetrics:
             "truth": truth[rows].astype(np.int64), "predicted": predicted[rows].astype(np.int64),
             "tp": tp[rows].astype(np.int64), "fp": fp[rows].astype(np.int64), "fn": fn[rows].astype(np.int64),
         }
+        return per_class, precision, recall
 
     def summary(self) -> dict[str, Any]:
         """Means over classes: ``ap``, ``ap50``, ``ap75``, ``ar100`` over classes with truth
@@ -446,9 +450,9 @@ class InstanceMetrics:
         classes in truth or prediction (``pq_classes``), and object counts ``images``,
         ``truth_objects``, ``predicted_objects``.
         """
-        per_class = self.scores()
+        per_class, precision, recall = self._compute()
         with_truth = per_class["truth"] > 0
-        precision, recall = self._precision[:, :, 1:][:, :, with_truth], self._recall[:, 1:][:, with_truth]
+        precision, recall = precision[:, :, 1:][:, :, with_truth], recall[:, 1:][:, with_truth]
         t75 = int(np.flatnonzero(np.isclose(IOU_THRESHOLDS, 0.75))[0])
         undefined = not with_truth.any()
         return {
