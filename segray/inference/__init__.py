@@ -10,6 +10,7 @@ the same tables from masks that already exist. Most users call them as
 
 from segray.inference.evaluation import evaluate
 from segray.inference.geometry import fit_image
+from segray.inference.objects import INSTANCE_PER_CLASS_SCHEMA, OBJECTS_SCHEMA, instance_per_class_frame, objects_table
 from segray.inference.output import RUN_FILE, TABLES, Output, PredictResult, claim, read_parts, write_results
 from segray.inference.pipeline import converted, geometry_of, predict
 from segray.inference.predictor import Predictor
@@ -26,6 +27,8 @@ from segray.inference.tables import (
 )
 
 __all__ = [
+    "INSTANCE_PER_CLASS_SCHEMA",
+    "OBJECTS_SCHEMA",
     "OK",
     "RECORD_SCHEMA",
     "RUN_FILE",
@@ -40,7 +43,9 @@ __all__ = [
     "fit_image",
     "format_per_class",
     "geometry_of",
+    "instance_per_class_frame",
     "latest_records",
+    "objects_table",
     "predict",
     "read_confusion",
     "read_parts",

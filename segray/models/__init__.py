@@ -16,6 +16,7 @@ A model of your own: its file and a ``register`` call (``segray.models.registry`
 
 from typing import Any
 
+from segray.models.bottomup import boundary_target, instances_from_classes
 from segray.models.layers import DivisibleSizeCheck, MaxPoolingWithArgmax2D, MaxUnpooling2D, ResizeLike
 from segray.models.registry import DEEP_SUPERVISION_LEVELS, NO_XLA, ModelSpec, available, build, dtype_policy, register, spec
 from segray.models.summary import count_params, describe, flops_per_image, model_flops
@@ -52,12 +53,14 @@ __all__ = [
     "Preprocessing",
     "ResizeLike",
     "available",
+    "boundary_target",
     "build",
     "class_list",
     "count_params",
     "describe",
     "dtype_policy",
     "flops_per_image",
+    "instances_from_classes",
     "load_keras",
     "load_model",
     "locate",
