@@ -584,7 +584,7 @@ class IngestConfig(Config):
             raise ConfigError(f"max_instances must be at most 65535 (instance maps are 16-bit), got {self.max_instances}", field="max_instances")
         layout_task = "instance" if self.layout in INSTANCE_LAYOUTS else "semantic"
         if self.task and self.task != layout_task and not (self.task == "instance" and self.layout == "ids"):
-            raise ConfigError(f"task {self.task} does not go with layout {self.layout} (a {layout_task} layout); "
+            raise ConfigError(f"task {self.task} does not go with layout {self.layout} (a{'n' if layout_task == 'instance' else ''} {layout_task} layout); "
                               f"instance layouts: {', '.join(INSTANCE_LAYOUTS)}", field="task")
 
     @property
