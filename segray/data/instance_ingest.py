@@ -268,9 +268,10 @@ class InstanceChunkWriter:
         try:
             labels = self._labels(pair, image.shape[0], image.shape[1])
         except BadInput as e:
+            # Name the file the problem is in: the label file, or the image (coco).
             text = str(e)
-            where = pair["mask_uris"][0] if pair["mask_uris"] else pair["image_uri"]
-            raise BadInput(text if text.startswith(("/", where)) or "://" in text.split(" ")[0] else f"{where}: {text}") from None
+            where = pair["image_uri"] if self.layout == "coco" else pair["mask_uris"][0]
+            raise BadInput(text if where in text or pair["image_uri"] in text else f"{where}: {text}") from None
         if labels.ids.shape != image.shape[:2]:
             raise BadInput(f"instances {pair['mask_uris'][0]} are {labels.ids.shape[1]}x{labels.ids.shape[0]}, "
                            f"image {pair['image_uri']} is {image.shape[1]}x{image.shape[0]}")

@@ -342,6 +342,7 @@ def labels_from_masks(blobs: list[tuple[str, bytes]], max_pixels: int | None, ma
     """
     ids = None
     dropped = []
+    kept: list[str] = []
     count = 0
     for uri, data in blobs:
         on = _binary(uri, data, max_pixels)
@@ -354,7 +355,10 @@ def labels_from_masks(blobs: list[tuple[str, bytes]], max_pixels: int | None, ma
             continue
         clash = on & (ids > 0)
         if clash.any():
-            raise BadInput(f"mask {uri} overlaps an earlier mask in {int(clash.sum())} pixels; the per-instance layout allows one object per pixel")
+            other = kept[int(np.bincount(ids[clash]).argmax()) - 1]
+            raise BadInput(f"mask {uri} overlaps an earlier mask in {int(clash.sum())} pixels ({storage.basename(other)} the most); "
+                           "the per-instance layout allows one object per pixel")
+        kept.append(uri)
         count += 1
         _check_count(count, max_instances)
         ids[on] = count

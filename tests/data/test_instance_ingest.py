@@ -84,7 +84,7 @@ def test_instance_ids_layout_renumbers_objects_and_quarantines_with_reasons(tmp_
     assert (got[2:10, 2:12] == 1).all() and (got[22:30, 30:38] == 2).all() and (got[12:20, 5:25] == 3).all()
     text = "\n".join(reasons(dst))
     assert "b.json: unknown class id(s) (object 1: 7); the object classes are [1, 2]" in text
-    assert "5 objects, more than max_instances 4" in text
+    assert "instances/c.png: 5 objects, more than max_instances 4" in text
     assert "object 1 of" in text and "has no class in instance_classes/" in text
     info = load_dataset_info(dst)
     assert info.task == "instance" and info.layout == "instance-ids" and result.info.errors == 3
@@ -120,7 +120,7 @@ def test_per_instance_layout_drops_empty_masks_and_sets_aside_overlaps(tmp_path)
     assert (ids[a] == 1).all() and (ids[b] == 2).all() and ids.astype(bool).sum() == a.sum() + b.sum()
     text = "\n".join(reasons(dst))
     assert "m1.png: empty mask (no pixel set): the object is left out" in text
-    assert "clash/masks/m1.png overlaps an earlier mask in 4 pixels; the per-instance layout allows one object per pixel" in text
+    assert "clash/masks/m1.png overlaps an earlier mask in 4 pixels (m0.png the most); the per-instance layout allows one object per pixel" in text
     info = load_dataset_info(dst)
     assert info.class_names == ["background", "object"] and info.objects["dropped"] == 1
     assert info.objects["classes"]["object"]["aspect"]["p95"] > 2  # b is 10 high, 4 wide
