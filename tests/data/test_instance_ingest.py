@@ -59,7 +59,9 @@ def test_instance_ids_layout_renumbers_objects_and_quarantines_with_reasons(tmp_
     ids = np.zeros((32, 40), np.uint16)
     ids[2:10, 2:12], ids[12:20, 5:25], ids[22:30, 30:38] = 5, 300, 9
     (src / "images" / "a.png").write_bytes(image())
-    (src / "instances" / "a.png").write_bytes(encode_png(ids))
+    ok, tif = cv2.imencode(".tif", ids)  # a 16-bit TIFF label image
+    assert ok
+    (src / "instances" / "a.tif").write_bytes(tif.tobytes())
     (src / "instance_classes" / "a.json").write_text(json.dumps({"5": 1, "9": 2, "300": 1}))
     # b: an object of class 7, which classes.json does not declare.
     (src / "images" / "b.png").write_bytes(image())
@@ -206,6 +208,13 @@ def test_cli_task_instance_reads_the_ids_layout_as_instance_ids(tmp_path, capsys
     info = load_dataset_info(dst)
     assert info.task == "instance" and sum(info.splits.values()) == 6 and info.objects["count"] > 6
     # A semantic task does not go with an instance layout.
+    # The plan reads the object statistics: Mask R-CNN's entries, each with its reason.
+    assert cli_main(["plan", dst, "--time-budget", "10m"]) == 0
+    plan = json.loads(open(os.path.join(dst, "plan.json")).read())
+    assert plan["choices"]["model"]["value"] == "maskrcnn" and plan["fingerprint"]["objects"]["count"] == info.objects["count"]
+    for entry in ("anchor_sizes", "anchor_ratios", "roi_size", "mask_size", "max_detections"):
+        assert plan["choices"][entry]["reason"], entry
+    capsys.readouterr()
     assert cli_main(["ingest", src, str(tmp_path / "x"), "--layout", "coco", "--task", "semantic"]) == 2
     assert "--task semantic does not go with layout coco (an instance layout)" in capsys.readouterr().err
     shutil.rmtree(dst)
