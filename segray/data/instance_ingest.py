@@ -106,12 +106,14 @@ class ObjectStats:
         self.overlap_pixels = 0
         self.crowd = 0
         self.dropped = 0
+        self.clipped = 0
 
     def add(self, split: str, labels: ObjectLabels) -> None:
         k = labels.count
         self.per_image[split][str(k)] = self.per_image[split].get(str(k), 0) + 1
         self.overlap_pixels += labels.overlap_pixels
         self.crowd += labels.crowd
+        self.clipped += labels.clipped
         self.dropped += len(labels.dropped)
         if not k:
             return
@@ -132,7 +134,7 @@ class ObjectStats:
             "side_min": {s: [x if math.isfinite(x) else None for x in v.tolist()] for s, v in self.side_min.items()},
             "side_max": {s: v.tolist() for s, v in self.side_max.items()},
             "per_image": self.per_image,
-            "overlap_pixels": self.overlap_pixels, "crowd": self.crowd, "dropped": self.dropped,
+            "overlap_pixels": self.overlap_pixels, "crowd": self.crowd, "dropped": self.dropped, "clipped": self.clipped,
         })
 
     def merge(self, text: str) -> None:
@@ -148,6 +150,7 @@ class ObjectStats:
         self.overlap_pixels += other["overlap_pixels"]
         self.crowd += other["crowd"]
         self.dropped += other["dropped"]
+        self.clipped += other["clipped"]
 
     def summary(self, class_names: list[str], splits: list[str], max_instances: int) -> dict[str, Any]:
         """``dataset.json``'s ``objects``: statistics of ``splits`` (the train split, or all when it is empty)."""
@@ -208,6 +211,7 @@ class ObjectStats:
             "overlap_pixels": self.overlap_pixels,
             "crowd_skipped": self.crowd,
             "dropped": self.dropped,
+            "clipped": self.clipped,
             "bins": {"side": "bin i: 2^(i/4) .. 2^((i+1)/4) px, side = sqrt(area)",
                      "aspect": f"bin j: 2^((j-{ASPECT_OFFSET})/4) .. 2^((j-{ASPECT_OFFSET - 1})/4), aspect = box height / width"},
         }

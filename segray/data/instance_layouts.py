@@ -29,6 +29,8 @@ smaller object in front of it). The pixels so taken are counted per image
 and in ``dataset.json`` (``objects.overlap_pixels``); an object left without
 a pixel is dropped with its reason. Crowd annotations (``iscrowd`` 1) mark
 groups, not objects: they are left out and counted (``objects.crowd_skipped``).
+A polygon that reaches past the image's border is cut at it and counted
+(``objects.clipped``).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class ObjectLabels:
         dropped: ``(uri, reason)`` of objects left out (the image is kept).
         overlap_pixels: pixels two or more objects claimed (``coco``).
         crowd: crowd annotations left out (``coco``).
+        clipped: objects whose polygon reaches past the image's border, cut at it (``coco``).
     """
 
     ids: np.ndarray
@@ -96,6 +99,7 @@ class ObjectLabels:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     overlap_pixels: int = 0
     crowd: int = 0
+    clipped: int = 0
 
     @property
     def count(self) -> int:
@@ -376,7 +380,7 @@ def labels_from_coco(image: dict[str, Any], height: int, width: int, source: str
 
     if (image["height"], image["width"]) != (height, width) and image["height"] and image["width"]:
         raise BadInput(f"{source} gives this image as {image['width']}x{image['height']}, the file is {width}x{height}")
-    objects, dropped, crowd = [], [], 0
+    objects, dropped, crowd, clipped = [], [], 0, 0
     for ann in image["objects"]:
         where = f"{source}#annotation={ann['id']}"
         if ann["iscrowd"]:
@@ -409,6 +413,8 @@ def labels_from_coco(image: dict[str, Any], height: int, width: int, source: str
             why = f"lies outside the {width}x{height} image" if outside else "covers no pixel"
             dropped.append((where, f"{where}: the object {why}: it is left out"))
             continue
+        if isinstance(seg, list) and any(min(p[0::2]) < 0 or max(p[0::2]) > width or min(p[1::2]) < 0 or max(p[1::2]) > height for p in seg if len(p) >= 6):
+            clipped += 1
         objects.append((int(on.sum()), ann, on))
     _check_count(len(objects), max_instances)
     ids = np.zeros((height, width), np.uint16)
@@ -427,4 +433,4 @@ def labels_from_coco(image: dict[str, Any], height: int, width: int, source: str
             where = f"{source}#annotation={objects[i][1]['id']}"
             dropped.append((where, f"{where}: every pixel of the object lies under smaller objects: it is left out"))
     ids, object_classes = _renumber(ids, classes_of)
-    return ObjectLabels(ids, object_classes, dropped, overlap, crowd)
+    return ObjectLabels(ids, object_classes, dropped, overlap, crowd, clipped)

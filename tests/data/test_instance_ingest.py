@@ -125,6 +125,7 @@ def test_per_instance_layout_drops_empty_masks_and_sets_aside_overlaps(tmp_path)
     assert "clash/masks/m1.png overlaps an earlier mask in 4 pixels (m0.png the most); the per-instance layout allows one object per pixel" in text
     info = load_dataset_info(dst)
     assert info.class_names == ["background", "object"] and info.objects["dropped"] == 1
+    assert info.objects["clipped"] == 1
     assert info.objects["classes"]["object"]["aspect"]["p95"] > 2  # b is 10 high, 4 wide
 
 
@@ -145,6 +146,7 @@ def test_coco_polygons_rle_overlaps_crowd_and_bad_objects(tmp_path):
         {"id": 2, "image_id": 1, "category_id": 5, "segmentation": rle, "iscrowd": 0},
         {"id": 3, "image_id": 1, "category_id": 3, "segmentation": [[60, 60, 70, 60, 70, 70]], "iscrowd": 0},  # outside the image
         {"id": 4, "image_id": 1, "category_id": 3, "segmentation": big, "iscrowd": 1},
+        {"id": 7, "image_id": 1, "category_id": 5, "segmentation": [[44, 30, 60, 30, 60, 38, 44, 38]], "iscrowd": 0},  # cut at the border
         {"id": 5, "image_id": 2, "category_id": 9, "segmentation": big, "iscrowd": 0},  # unknown category
         {"id": 6, "image_id": 7, "category_id": 3, "segmentation": big, "iscrowd": 0},  # unknown image
     ]
@@ -156,8 +158,10 @@ def test_coco_polygons_rle_overlaps_crowd_and_bad_objects(tmp_path):
     assert sorted(rows) == ["pics/one"]
     ids, classes = check_row(rows["pics/one"])
     # The larger car is painted first, the smaller wheel stays on top of it.
-    assert classes.tolist() == [1, 2]
+    assert classes.tolist() == [1, 2, 2]
     np.testing.assert_array_equal(ids == 2, small.astype(bool))
+    ys, xs = np.nonzero(ids == 3)  # the part of x 44..60, y 30..38 inside the 50-wide image
+    assert xs.min() >= 43 and xs.max() == 49 and ys.min() >= 29 and ys.max() <= 39 and len(xs) >= 5 * 7
     truth_big = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(big, 40, 50))).astype(bool)
     np.testing.assert_array_equal(ids == 1, truth_big & ~small.astype(bool))
     text = "\n".join(reasons(dst))
@@ -167,6 +171,7 @@ def test_coco_polygons_rle_overlaps_crowd_and_bad_objects(tmp_path):
     info = result.info
     assert info.class_names == ["background", "car", "wheel"] and info.extra["coco_category_ids"] == {"car": 3, "wheel": 5}
     assert info.objects["overlap_pixels"] == int(small.sum()) and info.objects["crowd_skipped"] == 1 and info.objects["dropped"] == 1
+    assert info.objects["clipped"] == 1
 
 
 def test_coco_file_written_by_labelme(tmp_path):
