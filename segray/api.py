@@ -274,6 +274,6 @@ def load_model(run_uri: str):
 
     segray's custom layers are registered first, so nothing else needs importing.
     """
-    from segray.models import load_model as load
+    from segray.runs import load_model as load
 
     return load(run_uri)
