@@ -50,7 +50,7 @@ def predict_test(run_uri: str, test: str, out: str, tta: str | None) -> np.ndarr
     from segray import storage
     from segray.config import PredictConfig
     from segray.inference import read_confusion
-    from segray.models import Preprocessing  # noqa: F401
+    from segray.runs import Preprocessing  # noqa: F401
 
     fields = {f.name for f in dataclasses.fields(PredictConfig)}
     pre = json.loads(storage.read_text(storage.join(run_uri, "model", "preprocessing.json")))

@@ -153,7 +153,7 @@ def baseline_model_predict(raw: str, run: str, batch: int) -> float:
     """
     import keras
 
-    from segray.models import load_keras
+    from segray.runs import load_keras
 
     pre = json.load(open(os.path.join(run, "model", "preprocessing.json")))
     names = sorted(os.listdir(os.path.join(raw, "images")))
@@ -175,7 +175,7 @@ def baseline_model_predict(raw: str, run: str, batch: int) -> float:
 
 def baseline_naive_loop(raw: str, run: str, out: str, batch: int) -> float:
     """images/s of one process that reads, decodes, predicts, encodes and writes batch by batch."""
-    from segray.models import load_keras
+    from segray.runs import load_keras
 
     pre = json.load(open(os.path.join(run, "model", "preprocessing.json")))
     mean, std = np.float32(pre["mean"]), np.float32(pre["std"])
@@ -235,7 +235,7 @@ def make_run(root: str, name: str, size: int, mean, std) -> str:
 def naive_onnx_loop(raw: str, run: str, out: str, batch: int) -> float:
     """images/s of the naive loop with the model converted to ONNX and run by ONNX Runtime."""
     from segray.export import OnnxLogits, convert
-    from segray.models import load_keras
+    from segray.runs import load_keras
 
     pre = json.load(open(os.path.join(run, "model", "preprocessing.json")))
     mean, std = np.float32(pre["mean"]), np.float32(pre["std"])

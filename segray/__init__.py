@@ -27,7 +27,9 @@ import importlib as _importlib
 
 __version__ = "0.1.0"
 
-from segray.api import evaluate, export_model, ingest, load_model, plan, predict, query, report, serve, train, tune
+# The API's calls (segray.api.__all__: a new one needs no line here).
+from segray.api import *  # noqa: F403
+from segray.api import __all__ as _API
 
 _PUBLIC = {
     "IngestConfig": "segray.config",
@@ -51,7 +53,7 @@ _PUBLIC = {
     "Served": "segray.serving",
 }
 
-__all__ = sorted([*_PUBLIC, "evaluate", "export_model", "ingest", "load_model", "plan", "predict", "query", "report", "serve", "train", "tune"])
+__all__ = sorted([*_PUBLIC, *_API])
 
 
 def __getattr__(name: str) -> object:

@@ -3,7 +3,8 @@
 Each call checks its config, starts a local Ray or joins the cluster in
 ``RAY_ADDRESS`` (once per process), runs the job and returns what it made,
 the tables as pandas DataFrames. The CLI and ``jobs/`` are thin callers of
-these functions.
+these functions: ``COMMANDS`` names the subcommand of each, ``segray``
+re-exports ``__all__``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from segray.config import (
 from segray.runtime import DATA_PIPELINE_CPUS, check_fits, cluster_limits, init_ray, local_cpus, local_gpus
 
 C = TypeVar("C", bound=Config)
+
+__all__ = ["evaluate", "export_model", "ingest", "load_model", "plan", "predict", "query", "report", "serve", "train", "tune"]
 
 
 def _config(cls: type[C], cfg: C | dict[str, Any]) -> C:
@@ -277,6 +280,22 @@ def load_model(run_uri: str):
 
     segray's custom layers are registered first, so nothing else needs importing.
     """
-    from segray.models import load_model as load
+    from segray.runs import load_model as load
 
     return load(run_uri)
+
+
+# Subcommand -> the call it makes, its config class (whose fields are its flags) and its line in `segray --help`.
+# `segray NAME` prints what the call returns (its ``describe()``) unless segray.cli has a handler of its own.
+COMMANDS: dict[str, tuple[Any, type[Config], str]] = {
+    "ingest": (ingest, IngestConfig, "check a raw dataset and write Parquet shards + dataset.json"),
+    "plan": (plan, PlanConfig, "fingerprint a dataset and write plan.json: every training choice with its reason"),
+    "train": (train, TrainConfig, "train a model on an ingested dataset with Ray Train; the dataset's plan fills what no flag sets"),
+    "tune": (tune, TuneConfig, "search hyperparameters on Ray Tune: trials of `segray train`, poor ones stopped by ASHA"),
+    "predict": (predict, PredictConfig, "segment images with a trained model; evaluate where masks exist"),
+    "evaluate": (evaluate, EvaluateConfig, "IoU/Dice tables from existing predicted and true masks"),
+    "report": (report, ReportConfig, "write one self-contained HTML report of a predict output"),
+    "query": (query, QueryConfig, "SQL (DuckDB) over a predict output's tables, or a named question"),
+    "export": (export_model, ExportConfig, "write a run's model as a SavedModel, ONNX or plain Keras file that loads without segray"),
+    "serve": (serve, ServeConfig, "serve a run's model over HTTP on Ray Serve"),
+}

@@ -1,8 +1,9 @@
 """The ``segray`` command: one entry point, one subcommand per job.
 
 Each subcommand turns its flags (over the values of ``--config FILE.yaml``)
-into one config, calls one function of the Python API (``segray.api``) and
-prints where the results went. The flags are generated from the config
+into one config, calls one function of the Python API (``segray.api``, whose
+``COMMANDS`` names the subcommands) and prints what it returns
+(``describe()``) or, with a handler here, where the results went. The flags are generated from the config
 classes' fields (``segray.config.flag``): a field is the long flag with dashes
 as underscores, so a YAML file uses the same names. Errors the user can fix
 end with a one-line message naming the flag, and exit code 2.
@@ -18,22 +19,18 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from segray import api
 from segray.config import (
     ConfigError,
     DemoConfig,
-    EvaluateConfig,
-    ExportConfig,
     FlagSpec,
     IngestConfig,
     ModelsConfig,
     PlanConfig,
-    PredictConfig,
     QueryConfig,
     ReportConfig,
     ServeConfig,
     SynthConfig,
-    TrainConfig,
-    TuneConfig,
     field_defaults,
     flags,
     load_file,
@@ -44,6 +41,17 @@ Handler = Callable[[dict[str, Any]], None]
 
 
 # --- subcommands: flags -> config -> one API call -> what was written -----------------
+
+
+def describing(call: Callable[[Any], Any], config_cls: type) -> Handler:
+    """The handler of an API call whose result says what it made: ``print(call(config).describe())``."""
+
+    def handler(values: dict[str, Any]) -> None:
+        result = call(config_cls.from_dict(values))
+        if result is not None:
+            print(result.describe())
+
+    return handler
 
 
 def cmd_synth(values: dict[str, Any]) -> None:
@@ -97,25 +105,6 @@ def cmd_train(values: dict[str, Any]) -> None:
     print(f"run: {result.run_uri} (model/model.keras, history.parquet, curves.png, config.json, tensorboard/)")
 
 
-def cmd_tune(values: dict[str, Any]) -> None:
-    import segray
-
-    result = segray.tune(TuneConfig.from_dict(values))
-    print(result.describe())
-
-
-def cmd_predict(values: dict[str, Any]) -> None:
-    import segray
-
-    print(segray.predict(PredictConfig.from_dict(values)).describe())
-
-
-def cmd_evaluate(values: dict[str, Any]) -> None:
-    import segray
-
-    print(segray.evaluate(EvaluateConfig.from_dict(values)).describe())
-
-
 def cmd_report(values: dict[str, Any]) -> None:
     import segray
 
@@ -137,12 +126,6 @@ def cmd_query(values: dict[str, Any]) -> None:
         sys.stdout.write(to_json(frame))
     else:
         print(format_text(frame))
-def cmd_export(values: dict[str, Any]) -> None:
-    import segray
-
-    print(segray.export_model(ExportConfig.from_dict(values)).describe())
-
-
 def cmd_serve(values: dict[str, Any]) -> None:
     import segray
 
@@ -200,19 +183,21 @@ def cmd_demo(values: dict[str, Any]) -> None:
 # --- parser ------------------------------------------------------------------------
 
 
-# Subcommand -> its handler, its config class (whose fields are its flags) and its line in `segray --help`.
+# API calls whose subcommand prints more, or other than, the result's describe().
+HANDLERS: dict[str, Handler] = {
+    "ingest": cmd_ingest,
+    "plan": cmd_plan,
+    "train": cmd_train,
+    "report": cmd_report,
+    "query": cmd_query,
+    "serve": cmd_serve,
+}
+
+# Subcommand -> its handler, its config class (whose fields are its flags) and its line in `segray --help`:
+# the API's (segray.api.COMMANDS) between the commands of the CLI alone.
 COMMANDS: dict[str, tuple[Handler, type, str]] = {
     "synth": (cmd_synth, SynthConfig, "write a synthetic dataset of shapes in the ids layout"),
-    "ingest": (cmd_ingest, IngestConfig, "check a raw dataset and write Parquet shards + dataset.json"),
-    "plan": (cmd_plan, PlanConfig, "fingerprint a dataset and write plan.json: every training choice with its reason"),
-    "train": (cmd_train, TrainConfig, "train a model on an ingested dataset with Ray Train; the dataset's plan fills what no flag sets"),
-    "tune": (cmd_tune, TuneConfig, "search hyperparameters on Ray Tune: trials of `segray train`, poor ones stopped by ASHA"),
-    "predict": (cmd_predict, PredictConfig, "segment images with a trained model; evaluate where masks exist"),
-    "evaluate": (cmd_evaluate, EvaluateConfig, "IoU/Dice tables from existing predicted and true masks"),
-    "report": (cmd_report, ReportConfig, "write one self-contained HTML report of a predict output"),
-    "query": (cmd_query, QueryConfig, "SQL (DuckDB) over a predict output's tables, or a named question"),
-    "export": (cmd_export, ExportConfig, "write a run's model as a SavedModel, ONNX or plain Keras file that loads without segray"),
-    "serve": (cmd_serve, ServeConfig, "serve a run's model over HTTP on Ray Serve"),
+    **{name: (HANDLERS.get(name) or describing(call, cls), cls, text) for name, (call, cls, text) in api.COMMANDS.items()},
     "models": (cmd_models, ModelsConfig, "list models, show one's parameters and FLOPs, or benchmark speed against accuracy"),
     "demo": (cmd_demo, DemoConfig, "run the whole pipeline on a local synthetic dataset"),
 }

@@ -775,9 +775,8 @@ class TrainConfig(Config):
 
 def _deep_supervision_model(model: str) -> None:
     """Raises ConfigError unless ``model``'s registry entry says it takes deep supervision heads."""
-    # Only here: the registry imports Keras. From registry itself, as the face's saved-run names
-    # (segray.models.saved) read this module until they move above models/ (issue 25 item 2).
-    from segray.models.registry import available, spec
+    # Only here: the registry imports Keras.
+    from segray.models import available, spec
 
     try:
         entry = spec(model)

@@ -109,20 +109,12 @@ def unit_imports(path: Path) -> list[tuple[str, int]]:
     return found
 
 
-# models/saved.py holds the saved-run contract (config, dataset info, storage)
-# until issue 25 item 2 moves it to a runs module above models/; its imports
-# are the one known upward edge (models -> config -> models) left out here.
-PENDING_MOVE = {PACKAGE / "models" / "saved.py"}
-
-
 def package_graph() -> dict[str, dict[str, list[str]]]:
     """node -> {imported node: [file:line, ...]} over every module of segray/."""
     graph: dict[str, dict[str, list[str]]] = {}
     for name, path in MODULES.items():
         source = unit(name)
         graph.setdefault(source, {})
-        if path in PENDING_MOVE:
-            continue
         for target, line in unit_imports(path):
             if target != source:
                 graph[source].setdefault(target, []).append(f"{path.relative_to(ROOT)}:{line}")
@@ -280,13 +272,29 @@ def test_jobs_are_thin_callers_of_one_helper():
         assert len(path.read_text().splitlines()) < 25
 
 
+RUN_FILE_NAMES = (
+    '"config.json"', '"plan.json"', '"history.parquet"', '"ended.json"', '"preprocessing.json"', '"model.keras"', '"best.json"',
+    '"weights.npz"', '"optimizer.npz"', '"state.json"', '"trials.parquet"',
+)
+
+
 def test_saved_run_file_names_are_spelled_in_one_module():
+    layout = PACKAGE / "runs" / "layout.py"
+    assert all(literal in layout.read_text() for literal in RUN_FILE_NAMES)
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "saved.py":
+        if path == layout:
             continue
         text = path.read_text()
-        for literal in ('"preprocessing.json"', '"model.keras"', '"best.json"'):
-            assert literal not in text, f"{path} spells {literal}; use segray.models.saved"
+        for literal in RUN_FILE_NAMES:
+            assert literal not in text, f"{path} spells {literal}; use segray.runs"
+
+
+def test_models_import_nothing_of_segray_outside_models():
+    """Models build networks; runs, data, storage, config and the API sit above them (runs saves and loads models)."""
+    for name, path in MODULES.items():
+        if name.startswith("segray.models"):
+            outside = [(m, line) for m, _, line in imports(path) if m.startswith("segray") and unit(m) != "segray.models"]
+            assert not outside, f"{path} imports {outside}; segray.models imports only its own modules"
 
 
 def test_model_families_are_reached_through_the_registry_only():

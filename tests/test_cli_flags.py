@@ -290,3 +290,17 @@ def test_a_flag_of_several_texts_reports_a_bad_one_as_a_usage_error():
         build_parser().parse_args(["query", "o", "--below", "cat", "low"])
     assert exit_.value.code == 2
     assert "argument --below: IOU 'low' is not a number" in err.getvalue()
+
+
+def test_each_api_command_is_a_subcommand_and_a_name_of_segray():
+    """A subcommand of an API call is wired by its ``segray.api.COMMANDS`` entry alone (issue 25: 3 files, not 5)."""
+    import segray
+    from segray import api
+
+    assert [c for c in COMMANDS if c in api.COMMANDS] == list(api.COMMANDS)
+    for name, (call, config_cls, help_text) in api.COMMANDS.items():
+        handler, cls, text = COMMANDS[name]
+        assert (cls, text) == (config_cls, help_text), name
+        assert handler is cli.HANDLERS.get(name, handler) and callable(handler)
+        assert call.__name__ in api.__all__ and getattr(segray, call.__name__) is call, name
+    assert set(api.__all__) <= set(segray.__all__)

@@ -306,7 +306,7 @@ def test_ingest_killed_then_rerun_equals_an_uninterrupted_one(ray_cluster, s3, t
 def test_train_killed_then_resumed_finishes_the_run(ray_cluster, s3, tmp_path):
     from segray import export_model
     from segray.config import ExportConfig, TrainConfig
-    from segray.training.artifacts import read_history, run_state
+    from segray.runs import read_history, run_state
 
     raw, ds = str(tmp_path / "raw"), str(tmp_path / "ds")
     synthesize(raw, n=48, size=(32, 32), num_classes=3, seed=9, show_progress=False)

@@ -28,7 +28,7 @@ from segray.data.ingest import SHARD_SCHEMA
 from segray.inference import predict
 from segray.inference.output import Output, claim
 from segray.ownership import MARKER, claim_folder
-from segray.training.artifacts import write_config
+from segray.runs import write_config
 from tests.inference.helpers import random_pair, write_run
 
 

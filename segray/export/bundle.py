@@ -20,7 +20,7 @@ from segray import storage
 from segray.config import ExportConfig, about
 from segray.export.card import CARD_FILE, model_card, run_records, training_state
 from segray.export.formats import write_keras, write_onnx, write_savedmodel
-from segray.training import RunState, run_state
+from segray.runs import RunState, run_state
 
 # The exported model's logits may differ from the original's by float rounding only.
 PARITY_TOLERANCE = 1e-4
@@ -108,8 +108,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     import tensorflow as tf
 
     from segray.export.portable import export_multiple, portable_core, portable_model
-    from segray.models import load_keras
-    from segray.runs import resolve_model
+    from segray.runs import load_keras, resolve_model
 
     _check_output(cfg.output)
     # RUN itself first: a run that failed or was killed before its first epoch has no model yet.

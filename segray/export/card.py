@@ -10,8 +10,7 @@ from typing import Any
 
 from segray import storage
 from segray.export.formats import ONNX_OPSET, describe_outputs
-from segray.models import BEST_FILE, MODEL_DIR, class_list
-from segray.training import CONFIG_FILE, RunState, run_state
+from segray.runs import BEST_FILE, CONFIG_FILE, MODEL_DIR, RunState, class_list, run_state
 
 CARD_FILE = "model_card.json"
 

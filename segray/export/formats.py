@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from segray.models import MODEL_FILE
+from segray.runs import MODEL_FILE
 
 FORMATS = ("savedmodel", "onnx", "keras")
 

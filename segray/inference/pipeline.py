@@ -28,9 +28,8 @@ from segray.inference.geometry import Geometry
 from segray.inference.output import Output, PredictResult, claim, completed, merged_records, remove_temporaries, write_results
 from segray.inference.sources import SHARDS, Source, list_source
 from segray.inference.tables import ERROR, score_tables
-from segray.models import class_list
 from segray.ownership import canonical
-from segray.runs import ModelSpec, resolve_model
+from segray.runs import ModelSpec, class_list, resolve_model
 from segray.runtime import bounded_retries
 
 FORMAT = "segray-predict/1"
@@ -263,8 +262,7 @@ def converted(spec: ModelSpec, geometry: Geometry):
     import tensorflow as tf
 
     from segray.export import convert
-    from segray.models import load_keras
-    from segray.runs import weights_id
+    from segray.runs import load_keras, weights_id
 
     with tf.device("/CPU:0"):
         net = load_keras(spec.uri)

@@ -66,8 +66,7 @@ class Predictor:
         import tensorflow as tf
 
         from segray.data import normalize_tf
-        from segray.models import load_keras
-        from segray.runs import share_gpus, weights_id
+        from segray.runs import load_keras, share_gpus, weights_id
 
         share_gpus()
         self.model = load_keras(model_uri)

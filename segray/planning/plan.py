@@ -19,9 +19,9 @@ from typing import Any
 from segray import storage
 from segray.config import Config, ConfigError, TrainConfig
 from segray.planning.fingerprint import Fingerprint
+from segray.runs import PLAN_FILE
 
 PLAN_FORMAT = "segray-plan/1"
-PLAN_FILE = "plan.json"
 # Entries that describe training rather than set a field; only these values are implemented.
 INFO_ENTRIES = {"normalization": ("zscore",), "validation": ("every epoch",)}
 # Entries of an instance plan that are options of its model: ``train_values``

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from segray import storage
 from segray.config import ReportConfig, about
 from segray.ownership import write_owned_file
 from segray.reporting import svg
@@ -187,10 +186,9 @@ def _confusion(tables: OutputTables) -> str:
 
 
 def _curves(run: str) -> str:
-    from segray.training import HISTORY_FILE, read_history
+    from segray.runs import HISTORY_FILE, has_history, read_history
 
-    uri = storage.join(run, HISTORY_FILE)
-    if not storage.exists(uri):
+    if not has_history(run):
         raise about("run", FileNotFoundError(f"run {run}: no {HISTORY_FILE} there (expected a training run, STORAGE/RUN)"))
     history = read_history(run)
     epochs = (history["epoch"] + 1).tolist()

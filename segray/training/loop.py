@@ -24,9 +24,9 @@ import numpy as np
 
 from segray.config import TrainConfig
 from segray.data import IGNORE_INDEX, DatasetInfo
-from segray.models import Preprocessing
 from segray.runtime import BF16_CPU_FLAGS, cpu_has_bf16, normal_priority
-from segray.training.artifacts import RunArtifacts, load_state, save_state, write_end
+from segray.runs import Preprocessing, load_state, save_state, write_end
+from segray.training.artifacts import RunArtifacts
 from segray.training.budget import Budget
 from segray.training.report import PREVIEW_IMAGES, epoch_line, preview_strips
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -12,7 +11,7 @@ from segray.config import ConfigError, TrainConfig, about, field_defaults, from_
 from segray.data import DatasetInfo, load_dataset_info
 from segray.ownership import canonical
 from segray.runtime import is_verbose
-from segray.training.artifacts import HISTORY_FILE, clear_end, read_config, read_history, run_exists, write_config, write_end
+from segray.runs import clear_end, has_history, read_config, read_history, run_exists, write_config, write_end, write_plan
 
 # What a resumed run may change (the fields marked resumable): how long it goes on and how failures are handled.
 # Anything else (data, model, loss, sizes, learning rate ...) would make its
@@ -160,7 +159,7 @@ def _check_resumable(run_uri: str, cfg: TrainConfig) -> None:
 
 def _record_failure(run_uri: str, epochs: int, error: BaseException) -> None:
     """``ended.json`` of a run Ray Train gave up on: the epochs done and the error's last line."""
-    done = len(read_history(run_uri)) if storage.exists(storage.join(run_uri, HISTORY_FILE)) else 0
+    done = len(read_history(run_uri)) if has_history(run_uri) else 0
     lines = str(error).strip().splitlines()
     write_end(run_uri, done, epochs, "failed", f"{type(error).__name__}: {lines[-1][:300]}" if lines else type(error).__name__)
 
@@ -213,9 +212,7 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
         clear_end(run_uri)  # training again: the run is unfinished until its loop ends
 
     if cfg.plan:
-        from segray.planning import PLAN_FILE
-
-        storage.write_text(storage.join(run_uri, PLAN_FILE), json.dumps(cfg.plan, indent=2) + "\n")
+        write_plan(run_uri, cfg.plan)
     size = tuple(cfg.size)
     crop = tuple(cfg.crop) if cfg.crop else None
     datasets = {"train": read_split(cfg.data, "train", size=size, crop=crop, augment=cfg.augment, seed=cfg.seed, info=info,

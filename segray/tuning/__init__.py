@@ -6,12 +6,11 @@ search (``search.run``) and writes ``trials.parquet``, ``best.json`` and
 (``space``) is a YAML mapping of TrainConfig fields to values or domains.
 """
 
-from segray.tuning.results import BEST_FILE, TuneResult, read_best, trial_end
+from segray.tuning.results import TuneResult, read_best, trial_end
 from segray.tuning.search import Search, concurrent_trials, prepare, ray_cpus, run, trial_count
 from segray.tuning.space import DEFAULT_SPACE, SearchSpace, load_space, trial_config
 
 __all__ = [
-    "BEST_FILE",
     "DEFAULT_SPACE",
     "Search",
     "SearchSpace",

@@ -32,9 +32,9 @@ from typing import Any
 import pandas as pd
 
 from segray import storage
-from segray.models import SEARCH_BEST_FILE as BEST_FILE  # run file names are spelled in saved.py
+from segray.runs import SEARCH_BEST_FILE as BEST_FILE
+from segray.runs import TRIALS_FILE
 
-TRIALS_FILE = "trials.parquet"
 PLOT_FILE = "search.png"
 
 
@@ -99,9 +99,8 @@ def trial_rows(grid, runs_uri: str, stopped: dict[str, int]) -> tuple[pd.DataFra
     stretch, so a trial resumed after the driver stopped shows there only its
     epochs since. ``seconds``, ``started`` and ``ended`` are that stretch's.
     """
-    from segray.models import BEST_FILE as SAVED_BEST_FILE
-    from segray.models import MODEL_DIR
-    from segray.training import HISTORY_FILE
+    from segray.runs import BEST_FILE as SAVED_BEST_FILE
+    from segray.runs import MODEL_DIR, has_history, read_history
 
     rows, curves = [], []
     for result in grid:
@@ -111,8 +110,7 @@ def trial_rows(grid, runs_uri: str, stopped: dict[str, int]) -> tuple[pd.DataFra
         if trial_id is None:
             continue
         run_uri = storage.join(runs_uri, trial_id)
-        history_uri = storage.join(run_uri, HISTORY_FILE)
-        history = storage.read_parquet(history_uri).to_pandas() if storage.exists(history_uri) else None
+        history = read_history(run_uri) if has_history(run_uri) else None
         error = None if result.error is None else f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:500]}"
         if history is None and error is None:
             continue  # never started (the time budget ran out first)
@@ -164,9 +162,9 @@ def trial_rows(grid, runs_uri: str, stopped: dict[str, int]) -> tuple[pd.DataFra
 
 
 def _planned_epochs(run_uri: str) -> int | None:
-    from segray.training import CONFIG_FILE, read_config
+    from segray.runs import read_config, run_exists
 
-    return int(read_config(run_uri)["epochs"]) if storage.exists(storage.join(run_uri, CONFIG_FILE)) else None
+    return int(read_config(run_uri)["epochs"]) if run_exists(run_uri) else None
 
 
 def _param_value(value: Any) -> Any:
@@ -188,7 +186,7 @@ def _reports(result) -> pd.DataFrame | None:
 
 def best_trial(table: pd.DataFrame) -> dict[str, Any] | None:
     """``best.json``'s contents: the trial of highest best val mIoU, with its run's resolved config."""
-    from segray.training import read_config
+    from segray.runs import read_config
 
     if not len(table) or table["best_val_miou"].isna().all():
         return None
@@ -248,7 +246,7 @@ def write_outputs(uri: str, table: pd.DataFrame, curve: pd.DataFrame) -> dict[st
 
 def trial_end(uri: str, run_uri: str) -> tuple[str, str] | None:
     """How the search at ``uri`` ended the trial whose run is ``run_uri``: (a key of
-    ``training.artifacts.STOP_REASONS``, a detail), or None when its trials table does not list it.
+    ``segray.runs.STOP_REASONS``, a detail), or None when its trials table does not list it.
     """
     trials_uri = storage.join(uri, TRIALS_FILE)
     if not storage.exists(trials_uri):

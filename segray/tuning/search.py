@@ -24,10 +24,10 @@ from typing import Any
 
 from segray import storage
 from segray.config import ConfigError, TuneConfig, about
+from segray.runs import SEARCH_RUNS_DIR
 from segray.runtime import DATA_PIPELINE_CPUS
 from segray.tuning.space import SearchSpace, check_space, load_space, probes, trial_config
 
-RUNS_DIR = "runs"
 # A trial's own process only waits on its Train run (whose controller asks for no CPU and
 # whose workers ask for their own); Tune refuses a trial that asks for nothing at all.
 TRIAL_DRIVER_CPUS = 0.01
@@ -48,7 +48,7 @@ def trial_base(cfg: TuneConfig, uri: str) -> dict[str, Any]:
     """The TrainConfig fields the search sets for every trial (``name`` is the trial's id)."""
     return {
         "data": cfg.data,
-        "storage": storage.join(uri, RUNS_DIR),
+        "storage": storage.join(uri, SEARCH_RUNS_DIR),
         "workers": cfg.workers_per_trial,
         "cpus_per_worker": cfg.cpus_per_worker,
         "gpu": cfg.gpu,
@@ -185,6 +185,6 @@ def run(search: Search, concurrent: int):
     started = time.time()
     grid = tuner.fit()
     seconds = time.time() - started
-    table, curve = trial_rows(grid, storage.join(search.uri, RUNS_DIR), stopped_early(search.uri))
+    table, curve = trial_rows(grid, storage.join(search.uri, SEARCH_RUNS_DIR), stopped_early(search.uri))
     best = write_outputs(search.uri, table, curve)
     return TuneResult(search.uri, table, best, seconds)

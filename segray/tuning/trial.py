@@ -33,7 +33,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], plan=None) -> None:
     """
     import ray.tune
 
-    from segray.training import run_exists, train
+    from segray.runs import run_exists
+    from segray.training import train
 
     name = ray.tune.get_context().get_trial_id()
     again = {"resume": True} if run_exists(storage.join(base["storage"], name)) else {}

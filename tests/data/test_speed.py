@@ -119,7 +119,7 @@ def _old_masks(model, images: list[np.ndarray], geometry: Geometry, batch_size: 
 )
 def test_predictor_masks_equal_the_float_path(geometry, tmp_path):
     from segray.inference.predictor import Predictor
-    from segray.models.saved import load_keras
+    from segray.runs import load_keras
 
     path = str(tmp_path / "model.keras")
     save_keras(tiny_unet(), path)

@@ -110,7 +110,7 @@ def test_exports_load_without_segray_and_match_predict(exported, ray_cluster):
     from segray.inference import predict
     from segray.inference.geometry import Geometry
     from segray.inference.predictor import Predictor
-    from segray.models.saved import locate
+    from segray.runs import locate
 
     root, run, _, images = exported
     loader = json.loads((root / "loader.json").read_text())
@@ -142,7 +142,7 @@ def test_onnx_and_savedmodel_take_any_size(exported):
 
     from segray.inference.geometry import Geometry, pad_to
     from segray.inference.predictor import Predictor
-    from segray.models.saved import locate
+    from segray.runs import locate
 
     root, run, _, _ = exported
     image, _ = random_pair(np.random.default_rng(7), 30, 21)
@@ -206,7 +206,7 @@ def test_export_refuses_an_unfinished_run_unless_allowed_and_the_card_says_so(tm
 
     from segray.cli import main
     from segray.config import TrainConfig
-    from segray.training.artifacts import HISTORY_FILE, run_state, write_config, write_end
+    from segray.runs import HISTORY_FILE, run_state, write_config, write_end
 
     run = write_run(str(tmp_path / "runs" / "r"), [32, 32])
     cfg = TrainConfig(data=str(tmp_path / "ds"), storage=str(tmp_path / "runs"), name="r", epochs=8, time_budget=600.0)

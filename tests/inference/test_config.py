@@ -14,7 +14,7 @@ from segray.data.imageio import encode_png
 from segray.data.info import ClassInfo, DatasetInfo
 from segray.config import PredictConfig
 from segray.runs import resolve_model
-from segray.models.saved import load_keras
+from segray.runs import load_keras
 from segray.inference.output import Output, claim
 from segray.inference.pipeline import resolve_geometry
 from segray.inference.sources import list_source

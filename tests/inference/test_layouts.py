@@ -145,7 +145,7 @@ def test_a_palette_folder_is_read_with_its_colours_and_quarantine(tmp_path):
 def test_training_records_the_per_class_priority_the_model_was_trained_with(tmp_path):
     from types import SimpleNamespace
 
-    from segray.models.saved import Preprocessing
+    from segray.runs import Preprocessing
     from segray.training.loop import preprocessing_of
 
     info = ingest(IngestConfig(source=EPFL_MINI, destination=str(tmp_path / "d"), layout="per-class", images_dir="slices", class_order=ORDER, priority=PRIORITY)).info

@@ -318,7 +318,7 @@ def test_patch_trained_model_slides_its_window_and_records_it(tmp_path):
     """preprocessing.json's window is used without --tile (an image smaller than it too), with flip TTA and component removal."""
     from segray.inference.components import remove_small_components
     from segray.inference.geometry import tiled_argmax
-    from segray.models.saved import load_keras
+    from segray.runs import load_keras
     from tests.inference.helpers import preprocessing
 
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")

@@ -14,7 +14,7 @@ from segray.config import ConfigError, IngestConfig
 from segray.data import ingest, synthesize
 from segray.planning import make_plan, plan_uri, read_plan
 from segray.training import config_from
-from segray.training.artifacts import run_state
+from segray.runs import run_state
 
 TINY = ["--model-option", "depth=2", "--model-option", "width=8"]
 

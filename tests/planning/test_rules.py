@@ -114,7 +114,7 @@ def test_a_resumed_run_keeps_its_own_config_over_the_plan(tmp_path):
     from segray.config import TrainConfig
     from segray.planning import config_from as planned
     from segray.training import config_from
-    from segray.training.artifacts import write_config
+    from segray.runs import write_config
     from segray.tuning import trial_config
 
     choices = plan_choices(fp([0.7, 0.3], size=(512, 512)), 2, 600.0, False, TWO_CORES)

@@ -101,7 +101,7 @@ def test_deep_supervision_trains_the_model_through_heads_at_half_and_quarter_siz
     import tensorflow as tf
 
     from segray.config import ConfigError
-    from segray.training.artifacts import load_state, save_state, write_config
+    from segray.runs import load_state, save_state, write_config
     from segray.training.trainer import _check_resumable
 
     def ds_worker() -> WorkerLoop:

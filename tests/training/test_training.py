@@ -349,7 +349,7 @@ def test_not_a_dataset_and_existing_run_are_refused(shapes, tmp_path, capsys):
 
 
 def test_resume_refuses_fields_that_alter_the_run(shapes, tmp_path, capsys):
-    from segray.training.artifacts import write_config
+    from segray.runs import write_config
 
     runs = str(tmp_path / "runs")
     first = resolve(config(shapes.dst, runs, "r", epochs=2))
@@ -374,7 +374,7 @@ def test_a_run_that_fails_says_so_and_export_refuses_it(shapes, tmp_path):
 
     from segray import export_model
     from segray.config import ExportConfig
-    from segray.training.artifacts import run_state
+    from segray.runs import run_state
 
     checked = resolve(config(shapes.dst, str(tmp_path / "runs"), "f", workers=1, max_failures=0))
     broken = replace(checked, config=replace(checked.config, model_options={**TINY_UNET, "no_such_option": 1}))

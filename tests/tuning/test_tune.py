@@ -206,7 +206,7 @@ def test_asha_stops_the_clearly_worse_arm_early(search):
     # ASHA ends the trial from outside: its run has no end of its own, but exported through
     # the search it counts as ended (stopped early by ASHA), not as an unfinished run.
     from segray.export.card import training_state
-    from segray.training.artifacts import run_state
+    from segray.runs import run_state
 
     assert run_state(bad["run_uri"]).stopped is None
     through_search = training_state(search.uri, os.path.join(bad["run_uri"], "model", "model.keras"))

@@ -2,7 +2,7 @@
 
 Predict, export and serve all start here, so it sits below the three of them
 (export used to reach into inference for it, and inference into export for
-the ONNX conversion). It reads the saved-run contract of ``segray.models``.
+the ONNX conversion). It reads a run's ``model/`` folder (``segray.runs.model``).
 
 MODEL is a training run (``STORAGE/RUN`` with ``model/model.keras`` and
 ``model/preprocessing.json``), its ``model/`` folder, a ``.keras`` file
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from segray.data import IGNORE_INDEX, ClassInfo, default_color
-from segray.models import PREPROCESSING_FILE, class_list, load_keras, locate, read_preprocessing
+from segray.runs.layout import PREPROCESSING_FILE
+from segray.runs.model import class_list, load_keras, locate, read_preprocessing
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,12 @@
-"""The saved-run contract: what training leaves for inference, and how to read it.
+"""A run's ``model/`` folder: what training leaves for inference, and how to read it.
 
-A run's model lives in ``RUN/model/``:
-
-- ``model.keras``: the best model by val mIoU (loads with ``safe_mode=True``
-  once segray's layers are registered; ``load_model`` does that);
-- ``preprocessing.json``: what a predictor needs besides the weights
-  (``Preprocessing``: normalisation, size, classes);
-- ``best.json``: the epoch it comes from and that epoch's metrics.
+``RUN/model/`` holds ``model.keras`` (the best model by val mIoU; loads with
+``safe_mode=True`` once segray's layers are registered, which ``load_keras``
+does), ``preprocessing.json`` (``Preprocessing``: normalisation, size,
+classes) and ``best.json`` (its epoch and that epoch's metrics).
 
 Training writes these files with ``write_model``; inference finds them with
 ``locate`` and reads them with ``read_preprocessing`` and ``load_keras``.
-Nothing else spells their names.
 """
 
 from __future__ import annotations
@@ -24,13 +20,7 @@ from typing import Any
 from segray import storage
 from segray.config import ConfigError, about, from_dict
 from segray.data import IGNORE_INDEX, ClassInfo, parse_classes
-
-MODEL_DIR = "model"
-MODEL_FILE = "model.keras"
-PREPROCESSING_FILE = "preprocessing.json"
-BEST_FILE = "best.json"
-# A search of `segray tune` (STORAGE/NAME) names its best trial's run in a file of the same name.
-SEARCH_BEST_FILE = BEST_FILE
+from segray.runs.layout import BEST_FILE, MODEL_DIR, MODEL_FILE, PREPROCESSING_FILE, SEARCH_BEST_FILE
 
 
 @dataclass(frozen=True)
@@ -189,7 +179,8 @@ def load_keras(uri: str):
     """Loads a ``.keras`` file from local storage or an object store with ``safe_mode=True``."""
     import keras
 
-    # segray.models, imported before any of its modules, has registered the custom layers.
+    import segray.models  # noqa: F401  registers segray's layers, so safe_mode loads them
+
     if storage.is_local(uri):
         return keras.saving.load_model(uri, safe_mode=True, compile=False)
     with tempfile.TemporaryDirectory(prefix="segray-model-") as tmp:
