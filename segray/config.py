@@ -864,6 +864,11 @@ class PredictConfig(Config):
         priority: ``per-class``: overlap priority, first wins; default the
             model's (recorded at training), else ``class_order``.
         images_dir: ``per-class``: the folder of images.
+        chunk: raster inputs (``segray.inference.rasters``): the side of an
+            output chunk, the unit of work and of resume.
+        truth: raster inputs: the truth raster, or a folder of rasters named as the inputs.
+        mask_format: raster inputs: ``ome-zarr`` (``masks/<id>.ome.zarr``) or
+            ``tiff`` (a tiled pyramidal BigTIFF ``masks/<id>.ome.tif``).
     """
 
     model: str = flag(help="a training run (STORAGE/RUN), a search (STORAGE/NAME: its best trial) or a .keras file; required")
@@ -891,9 +896,13 @@ class PredictConfig(Config):
     priority: list[str] | None = flag(
         None, parse=parse_names, help="per-class: overlap priority, first wins (default: the model's; must match it)")
     images_dir: str = flag("images", help="per-class: folder of images (default images)")
+    chunk: int = flag(2048, help="raster inputs (TIFF/Zarr): output chunk side, the unit of work and of resume (default 2048)")
+    truth: str | None = flag(None, help="raster inputs: the truth raster, or a folder of them named as the inputs")
+    mask_format: Literal["ome-zarr", "tiff"] = flag("ome-zarr", help="raster inputs: masks as OME-Zarr, or tiled pyramidal BigTIFF")
 
     def validate(self) -> None:
         _positive(self, "max_pixels")
+        _positive(self, "chunk")
         _uri(self, "model", "input", "output")
         _layout_options(self, "input")
         if self.layout is not None and self.split is not None:
