@@ -326,6 +326,17 @@ def parse_class_iou(texts: list[str]) -> list:
         raise ConfigError(f"IOU {threshold!r} is not a number") from None
 
 
+def parse_height_width(texts: list[str]) -> list[int]:
+    """['10000', '12000'] -> [10000, 12000]: a height and a width in pixels."""
+    try:
+        values = [int(t) for t in texts]
+    except ValueError:
+        raise ConfigError(f"expected H W in pixels, got {' '.join(texts)!r}") from None
+    if min(values) < 16:
+        raise ConfigError(f"a raster of {values[0]}x{values[1]} is too small; use at least 16 16")
+    return values
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'256' -> (256, 256); '256x320' -> (256, 320) as (height, width)."""
     parts = text.lower().split("x")
@@ -1140,6 +1151,9 @@ class SynthConfig(Config):
         size: ``[H, W]`` of each image.
         classes: classes including background.
         seed: seeds the shapes.
+        large: ``[H, W]``: instead of ``n`` pairs, one raster of that size
+            (``DST/images/synth_HxW.ome.tif`` and ``DST/truth/...``,
+            ``segray.data.rasters.write_synthetic_raster``).
     """
 
     dst: str = flag(positional=True, required=True, help="local folder or a bucket URI (s3, gs, az)")
@@ -1147,6 +1161,8 @@ class SynthConfig(Config):
     size: list[int] = flag(default_factory=lambda: [128, 128], parse=parse_hw, help="H or HxW (default 128)")
     classes: int = flag(4, help="classes including background (default 4)")
     seed: int = flag(0, help="default 0")
+    large: list[int] | None = flag(None, nargs=2, metavar=("H", "W"), parse=parse_height_width,
+                                   help="instead: one tiled OME-TIFF raster of H x W pixels and its truth, written tile by tile")
 
 
 @dataclass(frozen=True)

@@ -220,9 +220,10 @@ def raster_pixels(uri: str) -> int | None:
 
 
 def _class_color(k: int) -> np.ndarray:
-    from segray.data.synthetic import _class_color as color
+    from segray.data.info import default_color
 
-    return color(k)
+    # The colours of segray.data.synthetic's shapes.
+    return 0.5 * np.array(default_color(k), np.float32) + 100.0
 
 
 def synthetic_tile(y0: int, x0: int, h: int, w: int, num_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -330,7 +330,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
 
     rasters = raster_inputs(cfg.input)
     if rasters is not None:
-        return predict_rasters(cfg, rasters, spec, geometry)
+        return predict_rasters(cfg, rasters, spec, geometry, FORMAT, inference_settings(geometry), lambda: converted(spec, geometry))
     class_order, priority = layout_options(cfg, spec)
     try:
         source = list_source(cfg.input, cfg.split, cfg.layout, cfg.classes, class_order, priority, cfg.images_dir)

@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from segray import storage
 from segray.config import about
-from segray.data.rasters import ZARR_SUFFIXES, is_raster_name, open_raster, raster_id, zarr_store
+from segray.data import ZARR_SUFFIXES, is_raster_name, open_raster, raster_id, zarr_store
 from segray.inference.geometry import Geometry, pad_to, window_starts, window_weights
 
 CHUNKS, ZARRS = "_chunks", "_zarr"
@@ -503,8 +503,13 @@ def raster_tables(chunks: pa.Table, entries: list[RasterEntry], class_names: lis
     return per_chunk, records, counts
 
 
-def predict_rasters(cfg, uris: list[str], spec, geometry: Geometry) -> Any:
+def predict_rasters(cfg, uris: list[str], spec, geometry: Geometry, run_format: str, settings: dict[str, Any], convert) -> Any:
     """Predicts each raster chunk by chunk on Ray Data (see the module docstring) and writes the tables.
+
+    Args:
+        run_format: ``_run.json``'s format (predict's).
+        settings: summary.json's ``inference`` (``pipeline.inference_settings``).
+        convert: ``() -> ConvertedModel``, the ONNX conversion (``pipeline.converted``) for ``onnxruntime``.
 
     Raises:
         ValueError: settings that cannot be chunked (no window, component removal), a bad chunk size.
@@ -514,7 +519,6 @@ def predict_rasters(cfg, uris: list[str], spec, geometry: Geometry) -> Any:
     import ray
 
     from segray.inference.output import Output, claim, write_results
-    from segray.inference.pipeline import FORMAT, converted, inference_settings
     from segray.inference.tables import records_table, score_tables, write_frame
     from segray.models import class_list
     from segray.ownership import canonical
@@ -535,7 +539,7 @@ def predict_rasters(cfg, uris: list[str], spec, geometry: Geometry) -> Any:
     out = Output(cfg.output)
     names = [c.name for c in spec.classes]
     identity = {
-        "format": FORMAT, "model_id": spec.model_id, "source": [canonical(u) for u in uris],
+        "format": run_format, "model_id": spec.model_id, "source": [canonical(u) for u in uris],
         "truth": [canonical(e.truth_uri) if e.truth_uri else None for e in entries], "geometry": geometry.lineage(),
         "classes": names, "mean": list(spec.mean), "std": list(spec.std), "ignore_index": spec.ignore_index,
         "chunk": chunk, "mask_format": cfg.mask_format, "raster_shapes": [[e.height, e.width] for e in entries],
@@ -552,7 +556,7 @@ def predict_rasters(cfg, uris: list[str], spec, geometry: Geometry) -> Any:
         "mean": tuple(spec.mean), "std": tuple(spec.std),
     }
     if cfg.backend == "onnxruntime":
-        onnx = converted(spec, geometry)
+        onnx = convert()
         predictor_kwargs.update(onnx_model=ray.put(onnx.data), onnx_id=onnx.onnx_id)
     written = 0
     if done_before < plan.total:
@@ -590,7 +594,7 @@ def predict_rasters(cfg, uris: list[str], spec, geometry: Geometry) -> Any:
         "images": len(entries), **scores, "errors": len(errors), "model_id": spec.model_id, "model": spec.uri, "source": cfg.input,
         "source_kind": "rasters", "has_truth": has_truth,
         "config": {**cfg.to_dict(), "resolved": {"geometry": geometry.lineage(), "model": spec.describe()}},
-        "inference": inference_settings(geometry),
+        "inference": settings,
         "rasters": [
             {"image_id": e.image_id, "uri": e.uri, "height": e.height, "width": e.width, "chunks": plan.grid(e)[0] * plan.grid(e)[1],
              "pyramid_levels": levels[e.image_id], "mask": mask_uri(out.root, e.image_id, cfg.mask_format) if cfg.mask_format != "tiff"

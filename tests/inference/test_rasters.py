@@ -106,7 +106,7 @@ def test_chunked_predict_equals_in_memory_and_resumes(ray_cluster, model_run, tm
     image_uri, truth_uri = write_synthetic_raster(str(tmp_path / "syn"), 200, 330, num_classes=3, tile=64, show_progress=False)
     out = str(tmp_path / "out")
     cfg = PredictConfig(model=model_run, input=str(tmp_path / "syn" / "images"), output=out, chunk=128, tile=[64, 64], overlap=0.5,
-                        batch_size=4, workers=2, truth=str(tmp_path / "syn" / "truth"))
+                        batch_size=4, workers=1, truth=str(tmp_path / "syn" / "truth"))
     result = segray.predict(cfg)
     assert result.summary["chunks"] == 2 * 3 and result.summary["chunks_this_run"] == 6
     mask_uri = result.summary["rasters"][0]["mask"]
