@@ -28,6 +28,7 @@ Outputs, under OUT:
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ CHUNK_SCHEMA = pa.schema(
         ("cm_cells", pa.list_(pa.int32())),
         ("cm_counts", pa.list_(pa.int64())),
         ("run", pa.int64()),
+        ("worker_peak_rss", pa.int64()),
     ]
 )
 
@@ -399,6 +401,8 @@ class PredictChunks:
             "image_id": raster.image_id, "chunk_row": row, "chunk_col": col, "y": y0, "x": x0, "height": y1 - y0, "width": x1 - x0,
             "pixels": np.bincount(pred.ravel(), minlength=self.num_classes).tolist(), "has_truth": raster.truth_uri is not None,
             "cm_cells": cells.tolist(), "cm_counts": counts.tolist(), "run": self.run,
+            # The actor's peak so far: memory per worker should depend on the chunk and window, not the raster.
+            "worker_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
         # Last, and atomic: the part is what says the chunk is done.
         storage.write_parquet(pa.Table.from_pylist([record], schema=CHUNK_SCHEMA), part)
