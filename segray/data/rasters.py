@@ -128,11 +128,12 @@ def zarr_store(uri: str, read_only: bool = True):
 
     if storage.is_local(uri):
         return zarr.storage.LocalStore(storage.filesystem(uri)[1], read_only=read_only)
-    from fsspec.implementations.arrow import ArrowFSWrapper
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-    fs, path = storage.filesystem(uri)
-    return zarr.storage.FsspecStore(AsyncFileSystemWrapper(ArrowFSWrapper(fs)), path=path, read_only=read_only)
+    fs, path = storage.fsspec_filesystem(uri)
+    if not fs.async_impl:
+        fs = AsyncFileSystemWrapper(fs)
+    return zarr.storage.FsspecStore(fs, path=path, read_only=read_only)
 
 
 def _zarr_levels(uri: str) -> list[tuple[Any, str]]:

@@ -142,3 +142,49 @@ def test_chunked_predict_equals_in_memory_and_resumes(ray_cluster, model_run, tm
     assert again.summary["chunks_this_run"] == 2
     np.testing.assert_array_equal(_pred_from_zarr(mask_uri), pred)
     np.testing.assert_array_equal(again.per_class["iou"].to_numpy(), before["iou"].to_numpy())
+
+
+def _label_image(uri: str, pred: np.ndarray, chunk: int) -> int:
+    from segray.inference.rasters import create_label_image, write_chunk_levels
+
+    levels = create_label_image(uri, *pred.shape, chunk, [(0, 0, 0), (255, 0, 0), (0, 255, 0)], "x")
+    for y in range(0, pred.shape[0], chunk):
+        for x in range(0, pred.shape[1], chunk):
+            write_chunk_levels(uri, levels, y, x, pred[y : y + chunk, x : x + chunk])
+    return levels
+
+
+def test_label_pyramid_written_chunk_by_chunk_and_as_tiff(tmp_path):
+    from segray.inference.rasters import write_tiff_mask
+
+    pred = np.random.default_rng(0).integers(0, 3, (300, 520), dtype=np.uint8)
+    uri = str(tmp_path / "m.ome.zarr")
+    levels = _label_image(uri, pred, 128)
+    assert levels == 2
+    for k in range(levels):
+        s = 1 << k
+        assert np.array_equal(open_raster(uri).read(0, 300, 0, 520, level=k)[..., 0], pred[::s, ::s])
+    tiff = str(tmp_path / "masks" / "m.ome.tif")
+    write_tiff_mask(uri, tiff, tile=64)
+    back = open_raster(tiff)
+    assert len(back.levels) == levels
+    assert np.array_equal(back.read(0, 300, 0, 520)[..., 0], pred)
+    assert np.array_equal(back.read(0, 150, 0, 260, level=1)[..., 0], pred[::2, ::2])
+
+
+def test_rasters_read_and_masks_written_in_object_storage(s3, tmp_path):
+    import pyarrow.fs as pafs
+
+    image_uri, _ = write_synthetic_raster(str(tmp_path), 200, 260, num_classes=3, tile=64, show_progress=False)
+    bucket = s3.bucket("rasters")
+    remote = storage.join(bucket, "in", "scan.ome.tif")
+    fs, path = storage.filesystem(remote)
+    pafs.copy_files(image_uri, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    assert raster_inputs(storage.join(bucket, "in")) == [remote]
+    expected, _ = synthetic_tile(0, 0, 200, 260, 3)
+    assert np.array_equal(open_raster(remote).read(30, 190, 70, 250), expected[30:190, 70:250])
+    pred = np.random.default_rng(1).integers(0, 3, (200, 260), dtype=np.uint8)
+    mask = storage.join(bucket, "out", "masks", "scan.ome.zarr")
+    _label_image(mask, pred, 128)
+    assert any(k.endswith(".zattrs") for k in s3.keys(mask))
+    assert np.array_equal(open_raster(mask).read(0, 200, 0, 260)[..., 0], pred)
