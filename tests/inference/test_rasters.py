@@ -95,6 +95,7 @@ def _pred_from_zarr(uri: str) -> np.ndarray:
     return open_raster(uri).read(0, 10**9, 0, 10**9)[..., 0]
 
 
+@pytest.mark.slow
 def test_chunked_predict_equals_in_memory_and_resumes(ray_cluster, model_run, tmp_path):
     import segray
     from segray.config import PredictConfig
@@ -133,6 +134,14 @@ def test_chunked_predict_equals_in_memory_and_resumes(ray_cluster, model_run, tm
     per_chunk = storage.read_parquet(os.path.join(out, "raster_chunks.parquet")).to_pandas()
     assert per_chunk["pixels"].sum() == 200 * 330 and len(per_chunk) == 6 * 3
     before = result.per_class.copy()
+    # The report shows an overview of the raster from the pyramid, and the worst chunks.
+    from segray.config import ReportConfig
+    from segray.reporting import write_report
+
+    page = str(tmp_path / "report.html")
+    write_report(ReportConfig(out=out, output=page))
+    text = open(page).read()
+    assert 'data-image-id="synth_200x330"' in text and "overview with mask" in text and "mean IoU" in text
 
     # Killed mid-run: two chunks' records gone (their zarr chunks may be half written); the rerun does only those.
     parts = sorted(f.uri for f in storage.list_files(os.path.join(out, "_chunks")))
