@@ -87,8 +87,7 @@ def run_predict(run: str, folder: str, out: str, args, backend: str) -> dict:
 
 def in_memory(run: str, folder: str, h: int, w: int, args) -> tuple[float, np.ndarray]:
     """Megapixels/s of today's in-memory sliding window (one process, the whole raster decoded) and its mask."""
-    from segray.inference import Predictor, geometry_of
-    from segray.inference.geometry import tiled_argmax
+    from segray.inference import Predictor, geometry_of, tiled_argmax
     from segray.runs import resolve_model
 
     spec = resolve_model(run)

@@ -9,7 +9,7 @@ the same tables from masks that already exist. Most users call them as
 """
 
 from segray.inference.evaluation import evaluate
-from segray.inference.geometry import fit_image
+from segray.inference.geometry import fit_image, tiled_argmax
 from segray.inference.output import RUN_FILE, TABLES, Output, PredictResult, claim, read_parts, write_results
 from segray.inference.pipeline import converted, geometry_of, predict
 from segray.inference.predictor import Predictor
@@ -47,5 +47,6 @@ __all__ = [
     "record_cells",
     "score_tables",
     "table_schema",
+    "tiled_argmax",
     "write_results",
 ]
