@@ -263,14 +263,13 @@ def create_label_image(uri: str, height: int, width: int, chunk: int, colors: li
 
     levels = pyramid_levels(height, width, chunk)
     store = zarr_store(uri, read_only=False)
-    try:
-        existing = zarr.open_group(store, mode="r")
-        if "multiscales" in existing.attrs:
-            return len(existing.attrs["multiscales"][0]["datasets"])
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError if hasattr(zarr.errors, "GroupNotFoundError") else FileNotFoundError):
-        pass
-    except Exception:  # noqa: BLE001 - anything unreadable is made anew
-        pass
+    attrs = storage.join(uri, ".zattrs")
+    if storage.exists(attrs):
+        # A resumed run: the done chunks are in it (never re-created, which would empty them).
+        multiscales = json.loads(storage.read_text(attrs)).get("multiscales")
+        if not multiscales:
+            raise ValueError(f"{uri} exists and is not a label image segray wrote (no multiscales in {attrs}); remove it or use another output")
+        return len(multiscales[0]["datasets"])
     group = zarr.open_group(store, mode="w", zarr_format=2)
     for k in range(levels):
         s = 1 << k
@@ -377,14 +376,26 @@ class PredictChunks:
         return self.open[uri]
 
     def chunk(self, index: int) -> str:
-        """Predicts and writes chunk ``index``; returns its part's URI (nothing is done when the part exists)."""
-        from segray.metrics import sparse_confusion
+        """Predicts and writes chunk ``index``; returns its part's URI (nothing is done when the part exists).
 
+        Raises:
+            RuntimeError: naming the raster and the chunk, when reading, predicting or writing fails.
+        """
         raster, row, col = self.plan.locate(index)
         part = chunk_part(self.out_root, raster.image_id, row, col)
         if storage.exists(part):
             return ""
         y0, y1, x0, x1 = self.plan.box(raster, row, col)
+        try:
+            self._predict_chunk(raster, row, col, (y0, y1, x0, x1), part)
+        except Exception as e:
+            raise RuntimeError(f"{raster.uri}: chunk ({row}, {col}) at y {y0}, x {x0} ({y1 - y0}x{x1 - x0}) failed: {type(e).__name__}: {e}") from e
+        return part
+
+    def _predict_chunk(self, raster: RasterEntry, row: int, col: int, box: tuple[int, int, int, int], part: str) -> None:
+        from segray.metrics import sparse_confusion
+
+        y0, y1, x0, x1 = box
         source = self._raster(raster.uri)
         g = self.predictor.geometry
         read = lambda a, b, c, d: model_input(source.read(a, b, c, d))  # noqa: E731
@@ -406,7 +417,6 @@ class PredictChunks:
         }
         # Last, and atomic: the part is what says the chunk is done.
         storage.write_parquet(pa.Table.from_pylist([record], schema=CHUNK_SCHEMA), part)
-        return part
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         written = [self.chunk(int(i)) for i in batch["id"]]
