@@ -71,8 +71,14 @@ def raster_inputs(uri: str) -> list[str] | None:
     """The rasters ``--input`` names, or None when it is one of today's inputs (a layout, an ingested dataset).
 
     The rule: a TIFF or Zarr named directly, or a folder whose top level holds
-    TIFF / Zarr rasters and neither an ``images/`` folder nor Parquet shards.
+    TIFF / Zarr rasters and neither an ``images/`` folder nor Parquet shards,
+    or a comma-separated list of rasters.
     """
+    if "," in uri:
+        listed = [u.strip() for u in uri.split(",") if u.strip()]
+        if listed and all(is_raster_name(u) for u in listed):
+            return listed
+        return None
     if is_raster_name(uri):
         return [uri]
     if not storage.is_dir(uri) or storage.exists(storage.join(uri, "images")):

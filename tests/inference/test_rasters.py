@@ -27,6 +27,7 @@ def test_synthetic_raster_reads_back_by_windows_as_generated(tmp_path):
     assert set(np.unique(truth)) == {0, 1, 2}
     assert raster_inputs(str(tmp_path / "images")) == [image_uri]
     assert raster_inputs(image_uri) == [image_uri]
+    assert raster_inputs(f"{image_uri}, {truth_uri}") == [image_uri, truth_uri]
     # Today's inputs keep their meaning: a raw layout (images/ + masks/) is not a raster folder, even with TIFFs in it.
     assert raster_inputs(str(tmp_path)) is None
 
