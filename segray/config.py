@@ -914,6 +914,8 @@ class PredictConfig(Config):
     def validate(self) -> None:
         _positive(self, "max_pixels")
         _positive(self, "chunk")
+        if self.truth is not None:
+            _uri(self, "truth")
         _uri(self, "model", "input", "output")
         _layout_options(self, "input")
         if self.layout is not None and self.split is not None:

@@ -75,7 +75,8 @@ def raster_inputs(uri: str) -> list[str] | None:
     or a comma-separated list of rasters.
     """
     if "," in uri:
-        listed = [u.strip() for u in uri.split(",") if u.strip()]
+        # Each made absolute, as config does for one path: Ray workers run in other folders.
+        listed = [storage.absolute(u.strip()) for u in uri.split(",") if u.strip()]
         if listed and all(is_raster_name(u) for u in listed):
             return listed
         return None
