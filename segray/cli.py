@@ -62,6 +62,12 @@ def cmd_synth(values: dict[str, Any]) -> None:
         synthesize_instances(cfg.dst, n=cfg.n, size=tuple(cfg.size), num_classes=cfg.classes, seed=cfg.seed)
         print(f"wrote {cfg.n} images with instance maps ({cfg.size[0]}x{cfg.size[1]}, {cfg.classes} classes) to {cfg.dst} (layout instance-ids)")
         return
+    if cfg.large:
+        from segray.data import write_synthetic_raster
+
+        image, truth = write_synthetic_raster(cfg.dst, cfg.large[0], cfg.large[1], num_classes=cfg.classes, seed=cfg.seed)
+        print(f"wrote a {cfg.large[0]}x{cfg.large[1]} raster ({cfg.classes} classes): {image}, truth {truth}")
+        return
     synthesize(cfg.dst, n=cfg.n, size=tuple(cfg.size), num_classes=cfg.classes, seed=cfg.seed)
     print(f"wrote {cfg.n} image/mask pairs ({cfg.size[0]}x{cfg.size[1]}, {cfg.classes} classes) to {cfg.dst}")
 

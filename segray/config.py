@@ -326,6 +326,17 @@ def parse_class_iou(texts: list[str]) -> list:
         raise ConfigError(f"IOU {threshold!r} is not a number") from None
 
 
+def parse_height_width(texts: list[str]) -> list[int]:
+    """['10000', '12000'] -> [10000, 12000]: a height and a width in pixels."""
+    try:
+        values = [int(t) for t in texts]
+    except ValueError:
+        raise ConfigError(f"expected H W in pixels, got {' '.join(texts)!r}") from None
+    if min(values) < 16:
+        raise ConfigError(f"a raster of {values[0]}x{values[1]} is too small; use at least 16 16")
+    return values
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'256' -> (256, 256); '256x320' -> (256, 320) as (height, width)."""
     parts = text.lower().split("x")
@@ -887,6 +898,11 @@ class PredictConfig(Config):
         priority: ``per-class``: overlap priority, first wins; default the
             model's (recorded at training), else ``class_order``.
         images_dir: ``per-class``: the folder of images.
+        chunk: raster inputs (``segray.inference.rasters``): the side of an
+            output chunk, the unit of work and of resume.
+        truth: raster inputs: the truth raster, or a folder of rasters named as the inputs.
+        mask_format: raster inputs: ``ome-zarr`` (``masks/<id>.ome.zarr``) or
+            ``tiff`` (a tiled pyramidal BigTIFF ``masks/<id>.ome.tif``).
     """
 
     model: str = flag(help="a training run (STORAGE/RUN), a search (STORAGE/NAME: its best trial) or a .keras file; required")
@@ -914,9 +930,15 @@ class PredictConfig(Config):
     priority: list[str] | None = flag(
         None, parse=parse_names, help="per-class: overlap priority, first wins (default: the model's; must match it)")
     images_dir: str = flag("images", help="per-class: folder of images (default images)")
+    chunk: int = flag(2048, help="raster inputs (TIFF/Zarr): output chunk side, the unit of work and of resume (default 2048)")
+    truth: str | None = flag(None, help="raster inputs: the truth raster, or a folder of them named as the inputs")
+    mask_format: Literal["ome-zarr", "tiff"] = flag("ome-zarr", help="raster inputs: masks as OME-Zarr, or tiled pyramidal BigTIFF")
 
     def validate(self) -> None:
         _positive(self, "max_pixels")
+        _positive(self, "chunk")
+        if self.truth is not None:
+            _uri(self, "truth")
         _uri(self, "model", "input", "output")
         _layout_options(self, "input")
         if self.layout is not None and self.split is not None:
@@ -1155,6 +1177,9 @@ class SynthConfig(Config):
         classes: classes including background.
         seed: seeds the shapes.
         task: ``instance``: objects with ids (``segray.data.synthesize_instances``).
+        large: ``[H, W]``: instead of ``n`` pairs, one raster of that size
+            (``DST/images/synth_HxW.ome.tif`` and ``DST/truth/...``,
+            ``segray.data.rasters.write_synthetic_raster``).
     """
 
     dst: str = flag(positional=True, required=True, help="local folder or a bucket URI (s3, gs, az)")
@@ -1164,6 +1189,8 @@ class SynthConfig(Config):
     seed: int = flag(0, help="default 0")
     task: Literal["semantic", "instance"] = flag(
         "semantic", help="instance: overlapping shapes, one id per object, in the instance-ids layout (default semantic)")
+    large: list[int] | None = flag(None, nargs=2, metavar=("H", "W"), parse=parse_height_width,
+                                   help="instead: one tiled OME-TIFF raster of H x W pixels and its truth, written tile by tile")
 
 
 @dataclass(frozen=True)

@@ -244,6 +244,26 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return backend.connect(), path
 
 
+def fsspec_filesystem(uri: str):
+    """The fsspec filesystem for ``uri`` and the path inside it, for libraries that take one (zarr's ``FsspecStore``).
+
+    s3:// gets an asynchronous s3fs client set up from the same environment
+    as ``filesystem`` (endpoint, region); gs:// and az:// the fsspec
+    filesystem ``filesystem`` wraps; a local path fsspec's local filesystem.
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        import s3fs
+
+        client = {"region_name": _region(), **({"endpoint_url": _endpoint()} if _endpoint() else {})}
+        return s3fs.S3FileSystem(asynchronous=True, client_kwargs=client, use_listings_cache=False), path
+    if isinstance(fs, pafs.PyFileSystem):
+        return fs.handler.fs, path
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem(), path
+
+
 def join(uri: str, *parts: str) -> str:
     """Joins path parts onto a URI with '/' (also for local paths)."""
     scheme, rest = _split(uri)

@@ -10,6 +10,7 @@ from segray.data.instance_layouts import INSTANCE_LAYOUTS, ObjectLabels, list_in
 from segray.data.layouts import Plan, build_mask, id_problem, index_folder, list_pairs, pair_by_id
 from segray.data.pipeline import DecodeBatch, PipelineConfig, image_dtype, read_split, reset_draws, rows_per_batch, split_uri
 from segray.data.quarantine import errors_uri, write_errors
+from segray.data.rasters import ZARR_SUFFIXES, Raster, is_raster_name, open_raster, raster_id, write_synthetic_raster, zarr_store
 from segray.data.shards import read_shards
 from segray.data.synthetic import synthesize
 from segray.data.synthetic_instances import synthesize_instances
@@ -36,7 +37,9 @@ __all__ = [
     "PipelineConfig",
     "Plan",
     "TooLarge",
+    "Raster",
     "WrongChannels",
+    "ZARR_SUFFIXES",
     "augment",
     "build_mask",
     "choose_val",
@@ -50,14 +53,17 @@ __all__ = [
     "id_problem",
     "image_dtype",
     "index_folder",
+    "is_raster_name",
     "ingest",
     "list_pairs",
     "load_classes",
     "load_dataset_info",
     "normalize_tf",
+    "open_raster",
     "pair_by_id",
     "parse_classes",
     "plan_chunks",
+    "raster_id",
     "read_shards",
     "read_split",
     "reset_draws",
@@ -66,4 +72,6 @@ __all__ = [
     "synthesize",
     "synthesize_instances",
     "write_errors",
+    "write_synthetic_raster",
+    "zarr_store",
 ]

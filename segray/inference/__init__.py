@@ -9,7 +9,7 @@ the same tables from masks that already exist. Most users call them as
 """
 
 from segray.inference.evaluation import evaluate
-from segray.inference.geometry import fit_image
+from segray.inference.geometry import fit_image, tiled_argmax
 from segray.inference.objects import INSTANCE_PER_CLASS_SCHEMA, OBJECTS_SCHEMA, instance_per_class_frame, objects_table
 from segray.inference.output import RUN_FILE, TABLES, Output, PredictResult, claim, read_parts, write_results
 from segray.inference.pipeline import converted, geometry_of, predict
@@ -52,5 +52,6 @@ __all__ = [
     "record_cells",
     "score_tables",
     "table_schema",
+    "tiled_argmax",
     "write_results",
 ]

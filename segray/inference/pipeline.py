@@ -324,6 +324,11 @@ def predict(cfg: PredictConfig) -> PredictResult:
     started, run = time.time(), time.time_ns()
     spec = resolve_model(cfg.model)
     geometry = resolve_geometry(cfg, spec)
+    from segray.inference.rasters import predict_rasters, raster_inputs
+
+    rasters = raster_inputs(cfg.input)
+    if rasters is not None:
+        return predict_rasters(cfg, rasters, spec, geometry, FORMAT, inference_settings(geometry), lambda: converted(spec, geometry))
     class_order, priority = layout_options(cfg, spec)
     try:
         source = list_source(cfg.input, cfg.split, cfg.layout, cfg.classes, class_order, priority, cfg.images_dir)

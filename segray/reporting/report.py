@@ -276,7 +276,13 @@ def _errors(tables: OutputTables) -> str:
 def render(tables: OutputTables, run: str | None = None, k: int = 12) -> tuple[str, int]:
     """The report's HTML and the number of image strips in it."""
     per_class = tables.table("per_class").to_pandas()
-    worst_html, strips = _worst(tables, k) if not per_class.empty else ('<p class="note">No scored images.</p>', 0)
+    rasters = tables.info.summary.get("source_kind") == "rasters"
+    if rasters:  # no image strips of rasters: an overview from the mask's pyramid, and the worst chunks
+        from segray.reporting.rasters import raster_section
+
+        worst_html, strips = raster_section(tables.info.summary, tables.info.uri, [c.color for c in tables.info.classes]), 0
+    else:
+        worst_html, strips = _worst(tables, k) if not per_class.empty else ('<p class="note">No scored images.</p>', 0)
     sections = [
         ("summary", "Summary", _summary(tables)),
         ("classes", "Classes", _legend(tables) + _per_class(tables, per_class)),
@@ -286,7 +292,7 @@ def render(tables: OutputTables, run: str | None = None, k: int = 12) -> tuple[s
         sections.append(("training", "Training curves", _curves(run)))
     sections += [
         ("distribution", "Per-image IoU", _distribution(tables, per_class)),
-        ("worst-images", f"Worst images per class (up to {k})", worst_html),
+        ("rasters", "Rasters: overview and worst chunks", worst_html) if rasters else ("worst-images", f"Worst images per class (up to {k})", worst_html),
         ("quarantine", f"Quarantined files ({tables.table('errors').num_rows:,})", _errors(tables)),
     ]
     title = f"segray report: {tables.info.uri}"
