@@ -541,7 +541,7 @@ def predict_rasters(cfg, uris: list[str], spec, geometry: Geometry, run_format: 
 
     from segray.inference.output import Output, claim, write_results
     from segray.inference.tables import records_table, score_tables, write_frame
-    from segray.models import class_list
+    from segray.runs import class_list
     from segray.ownership import canonical
     from segray.runtime import bounded_retries
 
