@@ -47,8 +47,8 @@ def pyramid_anchors(
 ) -> tf.Tensor:
     """All anchors over the levels P2, P3 ... (stride 4, 8 ...), normalised: ``(A, 4)``."""
     out = [
-        level_anchors(h, w, 2 ** (level + 2), float(size), ratios)
-        for level, ((h, w), size) in enumerate(zip(feature_sizes, sizes))
+        level_anchors(hw[0], hw[1], 2 ** (level + 2), float(size), ratios)
+        for level, (hw, size) in enumerate(zip(feature_sizes, sizes))
     ]
     scale = tf.cast(tf.stack([image_size[0], image_size[1], image_size[0], image_size[1]]), tf.float32)
     return tf.concat(out, axis=0) / scale

@@ -155,6 +155,24 @@ class ClassMasks(keras.layers.Layer):
         return (classes[0], classes[1], logits[1], logits[2])
 
 
+def _residual_block(x: Any, filters: int, name: str, strides: int = 1) -> Any:
+    """ResNet basic block whose strided shortcut is a 2x2 average pool then a 1x1 conv (ResNet-D).
+
+    Not ``blocks.residual_block``'s strided 1x1 conv: oneDNN's gradient of a
+    strided 1x1 conv corrupts the heap on a batch of one image (TensorFlow
+    2.21, CPU), and Mask R-CNN trains on batches that small.
+    """
+    shortcut = x
+    if strides != 1:
+        shortcut = keras.layers.AveragePooling2D(strides, padding="same", name=f"{name}_down")(shortcut)
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = blocks.conv_bn_relu(shortcut, filters, f"{name}_proj", kernel_size=1, activation=False)
+    y = blocks.conv_bn_relu(x, filters, f"{name}_1", strides=strides)
+    y = blocks.conv_bn_relu(y, filters, f"{name}_2", activation=False)
+    y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
+    return keras.layers.ReLU(name=f"{name}_out")(y)
+
+
 def _backbone_fpn(shape: tuple, blocks_per_stage: Sequence[int], width: int, fpn_filters: int, levels: int) -> keras.Model:
     """ResNet (basic blocks) + FPN: image -> ``[P2, ..., P(levels + 1)]``."""
     inputs = keras.Input(shape, name="image")
@@ -163,7 +181,7 @@ def _backbone_fpn(shape: tuple, blocks_per_stage: Sequence[int], width: int, fpn
     stages = []
     for stage, count in enumerate(blocks_per_stage):
         for block in range(count):
-            x = blocks.residual_block(x, width * 2**stage, f"c{stage + 2}_{block + 1}", strides=2 if stage and not block else 1)
+            x = _residual_block(x, width * 2**stage, f"c{stage + 2}_{block + 1}", strides=2 if stage and not block else 1)
         stages.append(x)
     top = None
     outputs = []
