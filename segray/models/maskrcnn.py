@@ -333,16 +333,17 @@ class MaskRCNNLoss:
 
     Args:
         model: a model from ``build_maskrcnn``.
-        max_instances: ``M`` of the batch's ``classes`` ``(B, M)``.
+        max_instances: ``M`` of the batch's ``classes`` ``(B, M)``; None:
+            read from their static shape when the step is traced.
         rpn_batch: anchors sampled per image for the RPN loss.
         roi_batch: RoIs sampled per image for the heads.
         roi_positive: the largest fraction of them that are positive.
         train_proposals: RPN proposals per image during training (None: the model's ``proposals``).
     """
 
-    def __init__(self, model: keras.Model, max_instances: int, rpn_batch: int = 256, roi_batch: int = 256,
+    def __init__(self, model: keras.Model, max_instances: int | None = None, rpn_batch: int = 256, roi_batch: int = 256,
                  roi_positive: float = 0.25, train_proposals: int | None = None) -> None:
-        self.model, self.max_instances = model, int(max_instances)
+        self.model, self.max_instances = model, None if max_instances is None else int(max_instances)
         self.fpn, self.rpn = model.get_layer("fpn"), model.get_layer("rpn_head")
         self.box_head, self.mask_head = model.get_layer("box_head"), model.get_layer("mask_head")
         proposal_layer = model.get_layer("proposals")
@@ -373,7 +374,9 @@ class MaskRCNNLoss:
 
     def image_terms(self, images: tf.Tensor, instances: tf.Tensor, classes: tf.Tensor, training: bool = True) -> dict[str, tf.Tensor]:
         """The five loss terms of each image, ``(B,)`` each: ``rpn_class``, ``rpn_box``, ``class``, ``box``, ``mask``."""
-        m = self.max_instances
+        m = self.max_instances or classes.shape[1]
+        if m is None:
+            raise ValueError("MaskRCNNLoss: the batch's classes (B, M) need a static M, or pass max_instances")
         classes = tf.cast(classes, tf.int32)[:, :m]
         image_size = tuple(tf.unstack(tf.shape(images)[1:3]))
         gt_boxes, present, onehot = det.instance_boxes(instances, m)
@@ -387,11 +390,14 @@ class MaskRCNNLoss:
         terms = self._rpn_terms(logits, deltas, anchors, gt_boxes, present)
 
         proposals, valid = det.propose(logits, deltas, anchors, self.pre_nms, self.proposals, self.nms_iou)
-        rois, labels, weights, targets, matched = self._sample_rois(proposals, valid, gt_boxes, present, classes)
+        # Sampled from the proposals and the truth boxes: at most that many.
+        roi_batch = min(self.roi_batch, self.proposals + m)
+        positive_max = min(self.roi_positive_max, roi_batch)
+        rois, labels, weights, targets, matched = self._sample_rois(proposals, valid, gt_boxes, present, classes, roi_batch, positive_max)
         roi_levels = min(levels, 4)
         pooled = det.multilevel_roi_align(features[:roi_levels], rois, self.roi_size, image_size, self.anchor_sizes[0])
         class_logits, box_deltas = self.box_head(pooled, training=training)
-        batch, count = tf.shape(rois)[0], self.roi_batch
+        batch, count = tf.shape(rois)[0], roi_batch
         class_logits = tf.reshape(tf.cast(class_logits, tf.float32), [batch, count, self.num_classes])
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=class_logits)
         samples = tf.maximum(tf.reduce_sum(weights, axis=1), 1.0)
@@ -404,7 +410,7 @@ class MaskRCNNLoss:
 
         # Positives come first in the sampled RoIs (they are sampled by priority), so the
         # mask head runs on the first roi_positive_max only.
-        f = self.roi_positive_max
+        f = positive_max
         mask_rois, mask_labels, mask_matched = rois[:, :f], labels[:, :f], matched[:, :f]
         mask_pooled = det.multilevel_roi_align(features[:roi_levels], mask_rois, self.mask_roi_size, image_size, self.anchor_sizes[0])
         mask_logits = tf.cast(self.mask_head(mask_pooled, training=training), tf.float32)  # (B*F, S, S, K)
@@ -437,18 +443,18 @@ class MaskRCNNLoss:
         return {"rpn_class": tf.reduce_sum(bce * weights, axis=1) / samples,
                 "rpn_box": tf.reduce_sum(box * tf.cast(positive, tf.float32), axis=1) / samples}
 
-    def _sample_rois(self, proposals, valid, gt_boxes, present, classes):
+    def _sample_rois(self, proposals, valid, gt_boxes, present, classes, roi_batch, positive_max):
         """``roi_batch`` RoIs per image, positives first: ``(rois, labels, weights, target boxes, matched object index)``."""
         boxes = tf.concat([proposals, gt_boxes], axis=1)
         valid = tf.concat([valid, present], axis=1)
         iou = tf.where(present[:, None, :], det.box_iou(boxes, gt_boxes), -1.0)
         max_iou = tf.reduce_max(iou, axis=2)
         matched = tf.argmax(iou, axis=2, output_type=tf.int32)
-        positive = det.sample(valid & (max_iou >= 0.5), self.roi_positive_max, self.roi_positive_max)
+        positive = det.sample(valid & (max_iou >= 0.5), positive_max, positive_max)
         negative = valid & (max_iou < 0.5)
         noise = tf.random.uniform(tf.shape(max_iou))
         priority = tf.where(positive, 2.0 + noise, tf.where(negative, 1.0 + noise, -1.0 + noise))
-        order = tf.math.top_k(priority, k=self.roi_batch).indices
+        order = tf.math.top_k(priority, k=roi_batch).indices
         rois = tf.gather(boxes, order, batch_dims=1)
         picked = tf.gather(priority, order, batch_dims=1)
         matched = tf.gather(matched, order, batch_dims=1)

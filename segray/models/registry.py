@@ -76,6 +76,10 @@ class ModelSpec:
             trained by ``TrainingLoss``) or ``instance`` (objects: boxes,
             classes, scores, masks; trained by its own loss, e.g.
             ``segray.models.maskrcnn.MaskRCNNLoss``, on the instance batch).
+        instance_loss: for an ``instance`` model, ``instance_loss(model) ->
+            loss`` with ``loss(images, instances, classes, training) ->
+            (loss, parts)``: the replica's loss divided by the global batch
+            and its per-image terms summed (``MaskRCNNLoss``); None otherwise.
     """
 
     name: str
@@ -86,6 +90,7 @@ class ModelSpec:
     deep_supervision: Callable[[keras.Model, int, int], keras.Model] | None = None
     decoder_levels: Callable[..., int] | None = None
     task: str = "semantic"
+    instance_loss: Callable[[keras.Model], Any] | None = None
 
     def default_options(self) -> dict[str, Any]:
         """The builder's keyword options with their defaults."""
@@ -120,6 +125,7 @@ BUILTIN: dict[str, ModelSpec] = {
         no_xla="its proposal and detection NMS (combined_non_max_suppression) has no XLA kernel",
         input_multiple=maskrcnn.input_multiple,
         task="instance",
+        instance_loss=maskrcnn.MaskRCNNLoss,
     ),
     "segnet": ModelSpec(
         "segnet",
