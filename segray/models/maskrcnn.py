@@ -82,6 +82,8 @@ class RoIAlign(keras.layers.Layer):
     """Call on ``[image, boxes (B, N, 4), P2, P3, ...]`` -> ``(B * N, crop, crop, C)`` pooled from each box's level."""
 
     def __init__(self, crop: int, base_size: float, **kwargs: Any) -> None:
+        # Boxes stay float32 under mixed precision (bfloat16 would move them by pixels); features keep their dtype.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.crop, self.base_size = int(crop), float(base_size)
 

@@ -203,3 +203,11 @@ def test_a_short_training_overfits_one_scene() -> None:
     assert min(ious) > 0.5, f"IoU per object {ious}, loss {first:.3f} -> {last:.3f}"
     # The best object of each truth has its class.
     assert len(predicted["classes"]) == int(predicted["instances"].max())
+
+
+def test_mixed_precision_model_gives_float32_detections(mixed_float16: None) -> None:
+    model = models.build("maskrcnn", 3, **TINY)
+    assert model.get_layer("fpn").get_layer("fpn_p2").compute_dtype == "float16"
+    out = model(np.zeros((1, 64, 64, 3), np.float32), training=False)
+    assert out["boxes"].dtype == tf.float32 and out["masks"].dtype == tf.float32
+    assert np.isfinite(out["masks"].numpy()).all()
