@@ -174,6 +174,7 @@ def _iou_with_best(truth: np.ndarray, predicted: np.ndarray, k: int) -> float:
     return max([float((t & (predicted == j)).sum() / (t | (predicted == j)).sum()) for j in range(1, int(predicted.max()) + 1)] or [0.0])
 
 
+@pytest.mark.slow
 def test_a_short_training_overfits_one_scene() -> None:
     """The step loop.py runs (strategy.run in a tf.function) on one synthetic scene: the loss drops and the objects come back."""
     image, instances, classes = scene()

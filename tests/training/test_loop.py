@@ -194,6 +194,7 @@ def test_mixed_precision_on_cpu_computes_in_bfloat16_where_the_cpu_does_and_save
         keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.mark.slow
 def test_instance_model_trains_by_the_same_step_shape() -> None:
     """An ``instance`` registry entry gets its own loss on (image, instances, classes) batches; the semantic path is untouched."""
     import tensorflow as tf
