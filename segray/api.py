@@ -50,9 +50,12 @@ def ingest(cfg: IngestConfig | dict[str, Any], command: str = ""):
         the rejected inputs as ``(uri, reason)``.
     """
     from segray.data import ingest as run_ingest
+    from segray.data import ingest_instances
 
     cfg = _config(IngestConfig, cfg)
     init_ray()
+    if cfg.instance_layout:
+        return ingest_instances(cfg, command=command)
     return run_ingest(cfg, command=command)
 
 

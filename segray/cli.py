@@ -47,9 +47,13 @@ Handler = Callable[[dict[str, Any]], None]
 
 
 def cmd_synth(values: dict[str, Any]) -> None:
-    from segray.data import synthesize
+    from segray.data import synthesize, synthesize_instances
 
     cfg = SynthConfig.from_dict(values)
+    if cfg.task == "instance":
+        synthesize_instances(cfg.dst, n=cfg.n, size=tuple(cfg.size), num_classes=cfg.classes, seed=cfg.seed)
+        print(f"wrote {cfg.n} images with instance maps ({cfg.size[0]}x{cfg.size[1]}, {cfg.classes} classes) to {cfg.dst} (layout instance-ids)")
+        return
     synthesize(cfg.dst, n=cfg.n, size=tuple(cfg.size), num_classes=cfg.classes, seed=cfg.seed)
     print(f"wrote {cfg.n} image/mask pairs ({cfg.size[0]}x{cfg.size[1]}, {cfg.classes} classes) to {cfg.dst}")
 

@@ -542,12 +542,20 @@ class IngestConfig(Config):
         overwrite: replace DESTINATION if segray ingested it before.
         max_pixels: an image or mask with more pixels (by its header) is set
             aside before it is decoded.
+        task: ``instance`` (objects) or ``semantic`` (classes); None: from
+            the layout (``coco``, ``instance-ids`` and ``per-instance`` are
+            instance layouts). ``instance`` with the default layout ``ids``
+            reads ``instance-ids``.
+        max_instances: instance datasets: an image with more objects is set aside.
     """
 
     source: str = flag(positional=True, help="raw dataset: local folder or a bucket URI (s3, gs, az)")
     destination: str = flag(positional=True, help="where the ingested dataset goes")
-    layout: Literal["ids", "palette", "per-class", "voc"] = flag(
+    layout: Literal["ids", "palette", "per-class", "voc", "coco", "instance-ids", "per-instance"] = flag(
         "ids", help="voc: PASCAL VOC's JPEGImages/ and SegmentationClass/ (default ids)")
+    task: Literal["semantic", "instance"] | None = flag(
+        None, help="instance: objects, not only classes (default: from the layout; with layout ids it reads instance-ids)")
+    max_instances: int = flag(256, help="instance: images with more objects are set aside (default 256)")
     val_fraction: float = flag(0.1, help="share of images in val: exactly round(F x N), by hash rank (default 0.1)")
     val_ids: str | None = flag(None, help="file of image ids, one a line: these are the val split (pins it; --val-fraction is not used)")
     split_seed: int = flag(0, help="draw another split of the same size (default 0)")
@@ -571,8 +579,24 @@ class IngestConfig(Config):
             raise ConfigError(f"split_seed must be 0 or more, got {self.split_seed}", field="split_seed")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}", field="val_fraction")
-        _positive(self, "shard_mb", "num_classes")
+        _positive(self, "shard_mb", "num_classes", "max_instances")
+        if self.max_instances > 65535:
+            raise ConfigError(f"max_instances must be at most 65535 (instance maps are 16-bit), got {self.max_instances}", field="max_instances")
+        layout_task = "instance" if self.layout in INSTANCE_LAYOUTS else "semantic"
+        if self.task and self.task != layout_task and not (self.task == "instance" and self.layout == "ids"):
+            raise ConfigError(f"task {self.task} does not go with layout {self.layout} (a{'n' if layout_task == 'instance' else ''} {layout_task} layout); "
+                              f"instance layouts: {', '.join(INSTANCE_LAYOUTS)}", field="task")
 
+    @property
+    def instance_layout(self) -> str | None:
+        """The instance layout this ingest reads, or None for a semantic one."""
+        if self.layout in INSTANCE_LAYOUTS:
+            return self.layout
+        return "instance-ids" if self.task == "instance" else None
+
+
+# Raw layouts of instance datasets (segray/data/instance_layouts.py).
+INSTANCE_LAYOUTS = ("coco", "instance-ids", "per-instance")
 
 # What TrainConfig.augment_set may hold (see segray/data/transforms.py).
 AUGMENTATIONS = ("flip", "rot90", "scale", "brightness", "contrast", "rotate", "elastic", "gamma", "noise", "blur")
@@ -1131,6 +1155,7 @@ class SynthConfig(Config):
         size: ``[H, W]`` of each image.
         classes: classes including background.
         seed: seeds the shapes.
+        task: ``instance``: objects with ids (``segray.data.synthesize_instances``).
     """
 
     dst: str = flag(positional=True, required=True, help="local folder or a bucket URI (s3, gs, az)")
@@ -1138,6 +1163,8 @@ class SynthConfig(Config):
     size: list[int] = flag(default_factory=lambda: [128, 128], parse=parse_hw, help="H or HxW (default 128)")
     classes: int = flag(4, help="classes including background (default 4)")
     seed: int = flag(0, help="default 0")
+    task: Literal["semantic", "instance"] = flag(
+        "semantic", help="instance: overlapping shapes, one id per object, in the instance-ids layout (default semantic)")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ SAMPLES = [
      "--shard-mb", "1.5", "--classes", "c.json", "--num-classes", "4", "--class-order", "a, b,,c", "--priority", "b,a",
      "--images-dir", "im", "--overwrite", "--max-pixels", "1000"],
     ["ingest"],
+    ["ingest", "src", "dst", "--layout", "coco", "--task", "instance", "--max-instances", "50"],
+    ["synth", "d", "--task", "instance"],
     ["plan", "d", "--time-budget", "1.5h", "--gpu", "--out", "p.json", "--max-images", "8"],
     ["plan", "--output", "p.json", "--time-budget", "90"],
     ["train", "--data", "d", "--storage", "s", "--name", "n", "--model", "fcn", "--epochs", "3", "--batch-size", "2",
@@ -78,7 +80,8 @@ REFUSED = [
     ["query", "o", "--below", "cat", "low"],
     ["serve", "r", "--replicas", "many"],
     ["predict", "--tta", "flip4"],
-    ["ingest", "--layout", "coco"],
+    ["ingest", "--layout", "yolo"],
+    ["ingest", "--task", "panoptic"],
     ["synth"],
     ["models", "--benchmark", "--epochs"],
 ]

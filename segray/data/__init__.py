@@ -3,15 +3,29 @@
 from segray.data.imageio import BadInput, TooLarge, WrongChannels, decode_image, decode_mask, encode_png
 from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color, load_classes, load_dataset_info, parse_classes
 from segray.data.ingest import IngestError, IngestResult, choose_val, chunk_items, ingest, plan_chunks
+from segray.data.instance_ingest import ingest_instances
+from segray.data.instance_pipeline import DecodeInstances, read_instances
+from segray.data.instance_transforms import fit_instances, renumber, sample_instances
+from segray.data.instance_layouts import INSTANCE_LAYOUTS, ObjectLabels, list_instances
 from segray.data.layouts import Plan, build_mask, id_problem, index_folder, list_pairs, pair_by_id
 from segray.data.pipeline import DecodeBatch, PipelineConfig, image_dtype, read_split, reset_draws, rows_per_batch, split_uri
 from segray.data.quarantine import errors_uri, write_errors
 from segray.data.shards import read_shards
 from segray.data.synthetic import synthesize
+from segray.data.synthetic_instances import synthesize_instances
 from segray.data.transforms import FitMode, augment, fit, normalize_tf
 
 __all__ = [
     "IGNORE_INDEX",
+    "INSTANCE_LAYOUTS",
+    "ObjectLabels",
+    "ingest_instances",
+    "DecodeInstances",
+    "read_instances",
+    "fit_instances",
+    "renumber",
+    "sample_instances",
+    "list_instances",
     "BadInput",
     "ClassInfo",
     "DatasetInfo",
@@ -50,5 +64,6 @@ __all__ = [
     "rows_per_batch",
     "split_uri",
     "synthesize",
+    "synthesize_instances",
     "write_errors",
 ]

@@ -11,6 +11,7 @@ from segray.config import ConfigError, from_dict, to_dict
 
 IGNORE_INDEX = 255
 DATASET_FORMAT = "segray-dataset/1"
+TASKS = ("semantic", "instance")
 
 # Distinct colours for overlays and palettes; class i takes colour i.
 PALETTE = [
@@ -95,6 +96,8 @@ class DatasetInfo:
     val_fraction: float = 0.1
     val_ids: list[str] | None = None  # the val split's ids (None in datasets ingested before they were recorded)
     format: str = DATASET_FORMAT
+    task: str = "semantic"  # "instance": shards also hold instance maps and object classes
+    objects: dict[str, Any] | None = None  # instance datasets: object statistics (segray.data.instance_ingest)
     extra: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the resolved IngestConfig
 
@@ -127,6 +130,8 @@ class DatasetInfo:
         width = max(len(n) for n in self.pixel_frequency)
         for name, freq in self.pixel_frequency.items():
             lines.append(f"    {name:<{width}}  {freq:7.2%}  {'#' * int(round(freq * 40))}")
+        if self.objects:
+            lines += describe_objects(self.objects)
         if self.priority:
             lines.append(f"  overlap priority (first wins): {', '.join(self.priority)}")
         survival = self.extra.get("layer_survival")
@@ -201,8 +206,26 @@ class DatasetInfo:
             raise ConfigError(f"{source}: mean and std need {self.channels} values each, std positive; got {self.mean} and {self.std}")
         if self.size is not None and (len(self.size) != 2 or min(self.size) <= 0):
             raise ConfigError(f"{source}: size must be [H, W] with positive sides or null, got {self.size}")
+        if self.task not in TASKS:
+            raise ConfigError(f"{source}: task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if not 0 <= self.ignore_index <= 255:
             raise ConfigError(f"{source}: ignore_index must be 0..255, got {self.ignore_index}")
+
+
+def describe_objects(objects: dict[str, Any]) -> list[str]:
+    """A few lines on an instance dataset's objects: per image, and size and aspect per class."""
+    per = objects["per_image"]
+    lines = [f"  objects: {objects['count']:,} in {objects['images']:,} images (per image: mean {per['mean']:.1f}, "
+             f"median {per['p50']:g}, max {per['max']}); overlap pixels resolved {objects['overlap_pixels']:,}, "
+             f"crowd annotations left out {objects['crowd_skipped']:,}, objects dropped {objects['dropped']:,}",
+             "  object side (sqrt of area, px) and aspect (box height / width) per class (train):"]
+    width = max((len(n) for n in objects["classes"]), default=5)
+    for name, c in objects["classes"].items():
+        if c["count"]:
+            s, a = c["side"], c["aspect"]
+            lines.append(f"    {name:<{width}}  {c['count']:6d} objects  side p10 {s['p10']:.1f}  p50 {s['p50']:.1f}  p90 {s['p90']:.1f}  "
+                         f"aspect p5 {a['p5']:.2f}  p50 {a['p50']:.2f}  p95 {a['p95']:.2f}")
+    return lines
 
 
 def load_dataset_info(uri: str) -> DatasetInfo:

@@ -454,6 +454,8 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     """
     import ray
 
+    if cfg.instance_layout:
+        raise ConfigError(f"layout {cfg.layout} (task instance) is ingested by segray.data.ingest_instances (segray.ingest picks it)", field="layout")
     src, dst, layout = cfg.source, cfg.destination, cfg.layout
     refuse_overlap(src, "source", dst, "destination")
     if not storage.is_dir(src):
@@ -548,3 +550,10 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     storage.write_text(storage.join(dst, DATASET_FILE), info.to_json())
     write_marker(dst, "dataset")
     return IngestResult(dst, info, errors)
+
+
+# Shared with instance ingest (segray.data.instance_ingest), which writes the
+# same destination, claim and statistics in its own shard schema.
+PixelStats = _Stats
+prepare_destination = _prepare_dst
+sweep_other_runs = _sweep_other_runs

@@ -247,3 +247,7 @@ def _cluster_cpus() -> int:
     if ray.is_initialized():
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
     return os.cpu_count() or 1
+
+
+# Shared with the instance pipeline (segray.data.instance_pipeline).
+prepare_worker = _prepare_worker

@@ -271,3 +271,7 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator, augment_set: 
     if image.dtype == np.uint8:
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
     return x.astype(image.dtype)
+
+
+# Shared with the instance transforms (segray.data.instance_transforms).
+elastic_field = _elastic_field

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from segray import storage
 from segray.config import ConfigError, TrainConfig
 from segray.planning.fingerprint import fingerprint, warn_missing
+from segray.planning.instance_rules import instance_plan_choices
 from segray.planning.plan import Plan, PlanChoice, plan_uri, read_plan
 from segray.planning.rules import Machine, plan_choices
 
@@ -44,8 +46,13 @@ def make_plan(data: str, time_budget: float | None = None, gpu: bool = False, ma
 
         init_ray()  # a job on a cluster: fit the plan to the cluster's nodes, not the submitting process's machine
     fp = fingerprint(data, info, max_images=max_images)
+    if info.objects:
+        fp = dataclasses.replace(fp, objects=info.objects)
     warn_missing(fp, data)
-    choices = plan_choices(fp, info.num_classes, time_budget, gpu, machine or Machine.detect())
+    if info.task == "instance" and info.objects:
+        choices = instance_plan_choices(fp, info.objects, time_budget, gpu, machine or Machine.detect())
+    else:
+        choices = plan_choices(fp, info.num_classes, time_budget, gpu, machine or Machine.detect())
     return Plan(
         data=data,
         time_budget=float(choices["time_budget"][0]),

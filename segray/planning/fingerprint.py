@@ -60,6 +60,8 @@ class Fingerprint(Config):
         mean: per channel, the mean intensity (dataset.json's).
         std: per channel, the standard deviation (dataset.json's).
         classes: one entry per class, by id.
+        objects: instance datasets: the object statistics of dataset.json
+            (objects per image, side and aspect per class) the rules used.
     """
 
     train_images: int
@@ -72,6 +74,7 @@ class Fingerprint(Config):
     mean: list[float]
     std: list[float]
     classes: list[ClassFingerprint] = field(default_factory=list)
+    objects: dict[str, Any] | None = None  # instance datasets: dataset.json's object statistics
 
     @property
     def frequencies(self) -> np.ndarray:

@@ -24,6 +24,9 @@ PLAN_FORMAT = "segray-plan/1"
 PLAN_FILE = "plan.json"
 # Entries that describe training rather than set a field; only these values are implemented.
 INFO_ENTRIES = {"normalization": ("zscore",), "validation": ("every epoch",)}
+# Entries of an instance plan that are options of its model: ``train_values``
+# puts them in ``model_options`` (each keeps its own reason in the plan).
+MODEL_OPTION_ENTRIES = ("anchor_sizes", "anchor_ratios", "roi_size", "mask_size", "max_detections")
 # TrainConfig fields a plan never sets: they say where and what a run is.
 NOT_PLANNED = frozenset({"data", "storage", "name", "resume", "seed", "max_failures", "keep_checkpoints"})
 
@@ -73,16 +76,22 @@ class Plan(Config):
     def train_values(self) -> dict[str, Any]:
         """The plan's TrainConfig fields, checked; raises ConfigError naming a bad entry."""
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        values = {}
+        values: dict[str, Any] = {}
+        options = {}
         for name, choice in self.choices.items():
+            if name in MODEL_OPTION_ENTRIES:
+                options[name] = choice.value
+                continue
             if name in INFO_ENTRIES:
                 if choice.value not in INFO_ENTRIES[name]:
                     raise ConfigError(f"choices.{name}: expected one of {list(INFO_ENTRIES[name])}, got {choice.value!r}", field="choices")
                 continue
             if name not in fields or name in NOT_PLANNED:
-                known = sorted((fields - NOT_PLANNED) | set(INFO_ENTRIES))
+                known = sorted((fields - NOT_PLANNED) | set(INFO_ENTRIES) | set(MODEL_OPTION_ENTRIES))
                 raise ConfigError(f"choices.{name}: not a plan entry; known: {', '.join(known)}", field="choices")
             values[name] = choice.value
+        if options:
+            values["model_options"] = {**values.get("model_options", {}), **options}
         try:
             # A full construction runs TrainConfig's own checks on the planned values.
             TrainConfig.from_dict({"data": "/plan-check", "storage": "/plan-check", "name": "plan-check", **values})
