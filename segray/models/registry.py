@@ -42,7 +42,7 @@ from typing import Any
 
 import keras
 
-from segray.models import deeplabv3plus, segnet, unet
+from segray.models import deeplabv3plus, maskrcnn, segnet, unet
 
 # Lower decoder levels that deep supervision trains heads on (1/2 and 1/4 of the size, nnU-Net's).
 DEEP_SUPERVISION_LEVELS = 2
@@ -72,6 +72,14 @@ class ModelSpec:
             sharing ``model``'s layers; None: the model has no decoder levels to supervise.
         decoder_levels: ``decoder_levels(**options) -> int``, the levels below
             full size that ``deep_supervision`` can put heads on.
+        task: what the model answers: ``semantic`` (per-pixel class logits,
+            trained by ``TrainingLoss``) or ``instance`` (objects: boxes,
+            classes, scores, masks; trained by its own loss, e.g.
+            ``segray.models.maskrcnn.MaskRCNNLoss``, on the instance batch).
+        instance_loss: for an ``instance`` model, ``instance_loss(model) ->
+            loss`` with ``loss(images, instances, classes, training) ->
+            (loss, parts)``: the replica's loss divided by the global batch
+            and its per-image terms summed (``MaskRCNNLoss``); None otherwise.
     """
 
     name: str
@@ -81,6 +89,8 @@ class ModelSpec:
     input_multiple: Callable[..., int] = any_size
     deep_supervision: Callable[[keras.Model, int, int], keras.Model] | None = None
     decoder_levels: Callable[..., int] | None = None
+    task: str = "semantic"
+    instance_loss: Callable[[keras.Model], Any] | None = None
 
     def default_options(self) -> dict[str, Any]:
         """The builder's keyword options with their defaults."""
@@ -104,6 +114,19 @@ BUILTIN: dict[str, ModelSpec] = {
         deeplabv3plus.build_deeplabv3plus,
         tiny_options={"width": 8, "blocks_per_stage": 1, "aspp_filters": 16, "low_level_filters": 8, "decoder_filters": 16},
     ),
+    "maskrcnn": ModelSpec(
+        "maskrcnn",
+        maskrcnn.build_maskrcnn,
+        tiny_options={
+            "blocks_per_stage": (1, 1, 1, 1), "width": 8, "fpn_filters": 16, "anchor_sizes": (8, 16, 32),
+            "head_units": 64, "mask_roi_size": 7, "mask_filters": 16, "mask_convs": 2,
+            "rpn_pre_nms": 300, "proposals": 100, "max_detections": 10,
+        },
+        no_xla="its proposal and detection NMS (combined_non_max_suppression) has no XLA kernel",
+        input_multiple=maskrcnn.input_multiple,
+        task="instance",
+        instance_loss=maskrcnn.MaskRCNNLoss,
+    ),
     "segnet": ModelSpec(
         "segnet",
         segnet.build_segnet,
@@ -123,15 +146,17 @@ BUILTIN: dict[str, ModelSpec] = {
 # The built-ins, then what ``register`` added in this process.
 _SPECS: dict[str, ModelSpec] = dict(BUILTIN)
 
+TASKS = ("semantic", "instance")
+
 
 class _Field(Mapping):
-    """A read-only ``{name: spec.<attribute>}`` view of the registry (kept for callers of the older dicts)."""
+    """A read-only ``{name: spec.<attribute>}`` view of the semantic models (kept for callers of the older dicts)."""
 
     def __init__(self, attribute: str, only_set: bool = False) -> None:
         self.attribute, self.only_set = attribute, only_set
 
     def _items(self) -> dict[str, Any]:
-        out = {name: getattr(s, self.attribute) for name, s in _SPECS.items()}
+        out = {name: getattr(s, self.attribute) for name, s in _SPECS.items() if s.task == "semantic"}
         return {k: v for k, v in out.items() if v is not None} if self.only_set else out
 
     def __getitem__(self, name: str) -> Any:
@@ -173,9 +198,19 @@ def register(spec: ModelSpec) -> str:
     return name
 
 
-def available() -> list[str]:
-    """The model names known in this process (the built-ins and those registered), sorted."""
-    return sorted(_SPECS)
+def available(task: str | None = "semantic") -> list[str]:
+    """The model names known in this process (the built-ins and those registered) for ``task``, sorted.
+
+    Args:
+        task: ``semantic`` (the default: the models every semantic path
+            walks), ``instance``, or None for every model.
+
+    Raises:
+        ValueError: an unknown task.
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return sorted(n for n, s in _SPECS.items() if task is None or s.task == task)
 
 
 def spec(name: str) -> ModelSpec:
@@ -200,7 +235,11 @@ def spec(name: str) -> ModelSpec:
             f"model {name!r}: module {module} registers no model {short!r} "
             f"({'it registers ' + ', '.join(there) if there else 'it calls segray.models.registry.register for none'})"
         )
-    raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    others = [n for n in available(None) if n not in available()]
+    raise ValueError(
+        f"unknown model {name!r}; available: {', '.join(available())}"
+        + (f"; instance models: {', '.join(others)}" if others else "")
+    )
 
 
 def builder(name: str) -> Callable[..., keras.Model]:

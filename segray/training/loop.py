@@ -145,16 +145,24 @@ class WorkerLoop:
                 self.net = entry.deep_supervision(self.model, self.num_classes, levels)
             self.optimization = Optimization(cfg, self.total_steps, self.net.trainable_variables, self.loss_scaling)
             self.optimizer = self.optimization.optimizer
-        if cfg.class_weights == "auto":
-            weights = class_weights_from_frequency([info.pixel_frequency[n] for n in info.class_names])
-        elif cfg.class_weights == "none":
-            weights = None
+        if entry.task == "instance":
+            # Objects, not pixels: the model's own loss on the instance batch
+            # (image, instances, classes), with the step shape of the semantic one.
+            self.class_weights = None
+            self.loss = entry.instance_loss(self.model)
+            self.train_step = tf.function(self._distributed_instances(self._replica_train_instances), reduce_retracing=True)
+            self.eval_step = tf.function(self._distributed_instances(self._replica_eval_instances), reduce_retracing=True)
         else:
-            weights = np.asarray(cfg.class_weights, np.float32)
-        self.class_weights = None if weights is None else tf.constant(weights, tf.float32)
-        self.loss = TrainingLoss(self.num_classes, self.class_weights, cfg.loss, cfg.dice_weight, levels, IGNORE_INDEX)
-        self.train_step = tf.function(self._distributed(self._replica_train), jit_compile=cfg.xla, reduce_retracing=True)
-        self.eval_step = tf.function(self._distributed(self._replica_eval), reduce_retracing=True)
+            if cfg.class_weights == "auto":
+                weights = class_weights_from_frequency([info.pixel_frequency[n] for n in info.class_names])
+            elif cfg.class_weights == "none":
+                weights = None
+            else:
+                weights = np.asarray(cfg.class_weights, np.float32)
+            self.class_weights = None if weights is None else tf.constant(weights, tf.float32)
+            self.loss = TrainingLoss(self.num_classes, self.class_weights, cfg.loss, cfg.dice_weight, levels, IGNORE_INDEX)
+            self.train_step = tf.function(self._distributed(self._replica_train), jit_compile=cfg.xla, reduce_retracing=True)
+            self.eval_step = tf.function(self._distributed(self._replica_eval), reduce_retracing=True)
         self._all_sum = tf.function(
             lambda v: self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(tf.identity, args=(v,)), axis=None)
         )
@@ -179,6 +187,27 @@ class WorkerLoop:
 
     def _distributed(self, replica_fn):
         return lambda images, masks: self.strategy.run(replica_fn, args=(images, masks))
+
+    def _distributed_instances(self, replica_fn):
+        return lambda images, instances, classes: self.strategy.run(replica_fn, args=(images, instances, classes))
+
+    def _replica_train_instances(self, images, instances, classes):
+        """One instance step: ``(loss summed over this replica's images, images)``, the semantic step's (sum, weight) pair."""
+        import tensorflow as tf
+
+        images = self.model_input(images)
+        with tf.GradientTape() as tape:
+            loss, parts = self.loss(images, instances, classes, training=True)
+            scaled = self.optimization.scale_loss(loss)
+        grads = tape.gradient(scaled, self.net.trainable_variables)
+        self.optimization.apply(grads, self.net.trainable_variables)
+        return tf.add_n(list(parts.values())), tf.cast(tf.shape(images)[0], tf.float32)
+
+    def _replica_eval_instances(self, images, instances, classes):
+        import tensorflow as tf
+
+        _, parts = self.loss(self.model_input(images), instances, classes, training=False)
+        return tf.add_n(list(parts.values())), tf.cast(tf.shape(images)[0], tf.float32)
 
     def model_input(self, images):
         """Pipeline images (uint8, or float32 0..255) -> the model's normalised float32, in-graph."""

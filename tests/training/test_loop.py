@@ -192,3 +192,33 @@ def test_mixed_precision_on_cpu_computes_in_bfloat16_where_the_cpu_does_and_save
         assert agree > 0.95, agree
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_instance_model_trains_by_the_same_step_shape() -> None:
+    """An ``instance`` registry entry gets its own loss on (image, instances, classes) batches; the semantic path is untouched."""
+    import tensorflow as tf
+
+    from segray import models
+    from tests.models.test_maskrcnn import scene
+
+    info = DatasetInfo(
+        classes=[ClassInfo(0, "background"), ClassInfo(1, "box"), ClassInfo(2, "ellipse")],
+        splits={"train": 1, "val": 0}, pixel_counts=[3, 1, 1], pixel_frequency={"background": 0.6, "box": 0.2, "ellipse": 0.2},
+        mean=[0.0] * 3, std=[255.0] * 3, layout="ids", source="memory", command="test",
+    )
+    cfg = TrainConfig(
+        data="memory", storage="none", name="t", model="maskrcnn", batch_size=1, lr=3e-3, schedule="constant", workers=1,
+        optimizer="adam", model_options=dict(models.spec("maskrcnn").tiny_options),
+    )
+    loop = WorkerLoop(cfg, info, world_size=1)
+    image, instances, classes = scene()
+    pixels = np.clip(image * 0.3 + 0.4, 0, 1) * 255  # the pipeline's uint8 image
+    batch = tf.constant(pixels.astype(np.uint8)), tf.constant(instances), tf.constant(classes)
+    losses = []
+    for _ in range(20):
+        loss_sum, images = loop.train_step(*batch)
+        assert float(images) == 1.0
+        losses.append(float(loss_sum))
+    assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+    eval_sum, _ = loop.eval_step(*batch)
+    assert np.isfinite(float(eval_sum))
