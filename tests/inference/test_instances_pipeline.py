@@ -1,0 +1,112 @@
+"""predict with an instance model: synth -> ingest -> a few Mask R-CNN steps -> predict with truth, then a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from segray import storage
+from segray.cli import main as cli_main
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture(scope="module")
+def instance_run(tmp_path_factory):
+    from segray import models
+    from segray.api import predict, train
+
+    root = tmp_path_factory.mktemp("inst")
+    raw, data, out = str(root / "raw"), str(root / "data"), str(root / "out")
+    assert cli_main(["synth", raw, "--task", "instance", "--n", "6", "--size", "64", "--classes", "3"]) == 0
+    assert cli_main(["ingest", raw, data, "--task", "instance", "--val-fraction", "0.5"]) == 0
+    train({
+        "data": data, "storage": str(root / "runs"), "name": "m", "model": "maskrcnn", "epochs": 2, "batch_size": 2,
+        "workers": 1, "size": [64, 64], "model_options": dict(models.spec("maskrcnn").tiny_options),
+    })
+    cfg = {"model": str(root / "runs" / "m"), "input": data, "split": "val", "output": out, "batch_size": 2}
+    result = predict(cfg)
+    return SimpleNamespace(root=root, data=data, out=out, cfg=cfg, result=result)
+
+
+def _truth(data: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from segray.data.instance_pipeline import decode_instances
+
+    rows = {}
+    for name in sorted(os.listdir(os.path.join(data, "val"))):
+        table = pq.read_table(os.path.join(data, "val", name), columns=["image_id", "instances", "classes"])
+        for r in table.to_pylist():
+            rows[r["image_id"]] = (decode_instances(r["instances"]), np.asarray(r["classes"], np.int64))
+    return rows
+
+
+def test_files_and_schemas(instance_run):
+    from segray.inference.objects import OBJECTS_SCHEMA
+
+    out = instance_run.out
+    truth = _truth(instance_run.data)
+    assert sorted(os.listdir(os.path.join(out, "instances"))) == sorted(f"{i}.png" for i in truth)
+    assert sorted(os.listdir(os.path.join(out, "masks"))) == sorted(f"{i}.png" for i in truth)
+    objects = pq.read_table(os.path.join(out, "instances.parquet"))
+    assert objects.schema.names == OBJECTS_SCHEMA.names
+    frame = objects.to_pandas()
+    for image_id, (ids, _) in truth.items():
+        pred = cv2.imread(os.path.join(out, "instances", f"{image_id}.png"), cv2.IMREAD_UNCHANGED)
+        assert pred.dtype == np.uint16 and pred.shape == ids.shape
+        # Every id in the PNG is one row of the table, and every row an id of the PNG.
+        assert sorted(set(np.unique(pred)) - {0}) == sorted(frame[frame.image_id == image_id].instance_id), image_id
+    assert set(frame.model_id) <= {instance_run.result.summary["model_id"]}
+    per_class = pd.read_parquet(os.path.join(out, "per_class.parquet"))
+    for column in ("iou", "dice", "ap", "ap50", "ap75", "pq", "sq", "rq"):
+        assert column in per_class.columns
+    summary = json.loads(storage.read_text(os.path.join(out, "summary.json")))
+    assert summary["task"] == "instance" and summary["images"] == len(truth) and summary["objects"] == len(frame)
+    for key in ("ap", "ap50", "ap75", "pq", "sq", "rq", "miou"):
+        assert key in summary
+
+
+def test_per_class_equals_metrics_of_the_written_maps(instance_run):
+    from segray.metrics import InstanceMetrics
+
+    out = instance_run.out
+    objects = pq.read_table(os.path.join(out, "instances.parquet")).to_pandas()
+    metrics = InstanceMetrics(3)
+    for image_id, (ids, classes) in _truth(instance_run.data).items():
+        pred = cv2.imread(os.path.join(out, "instances", f"{image_id}.png"), cv2.IMREAD_UNCHANGED)
+        rows = objects[objects.image_id == image_id].sort_values("instance_id")
+        n = int(pred.max())
+        pred_classes, scores = np.zeros(n, np.int64), np.zeros(n)
+        pred_classes[rows.instance_id - 1], scores[rows.instance_id - 1] = rows.class_id, rows.score.astype(np.float64)
+        metrics.add(image_id, ids, classes, pred, pred_classes, scores.astype(np.float32))
+    expected = metrics.scores()
+    per_class = pd.read_parquet(os.path.join(out, "per_class.parquet")).set_index("class_id")
+    for k, c in enumerate(expected["class_id"]):
+        for column in ("ap", "ap50", "ap75", "pq", "sq", "rq"):
+            np.testing.assert_allclose(per_class.loc[int(c), column], expected[column][k], equal_nan=True, err_msg=f"{column} class {c}")
+    summary = json.loads(storage.read_text(os.path.join(out, "summary.json")))
+    got = summary["ap"]
+    want = metrics.summary()["ap"]
+    assert (got is None and np.isnan(want)) or np.isclose(got, want)
+
+
+def test_resume_reproduces_the_tables(instance_run):
+    from segray.api import predict
+
+    out = instance_run.out
+    names = ("instances.parquet", "per_class.parquet", "per_image.parquet", "confusion.parquet")
+    before = {n: pd.read_parquet(os.path.join(out, n)) for n in names}
+    victim = sorted(os.listdir(os.path.join(out, "instances")))[0][: -len(".png")]
+    os.remove(os.path.join(out, "instances", f"{victim}.png"))
+    os.remove(os.path.join(out, "masks", f"{victim}.png"))
+    result = predict(instance_run.cfg)
+    assert result.summary["images_this_run"] >= 1
+    assert os.path.exists(os.path.join(out, "instances", f"{victim}.png"))
+    for n in names:
+        pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(out, n)), before[n], check_exact=False, rtol=1e-6)
