@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from segray import storage
 from segray.config import PredictConfig, about
 from segray.data import encode_png
-from segray.inference.output import Output, PredictResult, _plain, claim, completed, merged_records, remove_temporaries
+from segray.inference.output import Output, PredictResult, claim, completed, merged_records, remove_temporaries
 from segray.inference.sources import SHARDS, columns_of, display_uint8, empty_array
 from segray.inference.tables import ERROR, error_record, ok_record, records_table, score_tables, table_schema, write_frame
 from segray.models import class_list
@@ -48,6 +48,14 @@ OUT_COLUMNS = ("image_id", "uri", "error", "height", "width", "pred", "pred_clas
 LIGHT_TASK_CPUS = 0.5
 
 
+def _json_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {value!r}")
+
+
 def model_task(name: str) -> str:
     """The registry task of a model name (``semantic`` for names the registry does not know)."""
     from segray import models
@@ -56,6 +64,13 @@ def model_task(name: str) -> str:
         return models.spec(name).task
     except Exception:  # noqa: BLE001 - a saved model of an unregistered name is a semantic one
         return "semantic"
+
+
+def _record_schema() -> pa.Schema:
+    """The schema of ``InstanceMetrics``' per-image records."""
+    from segray.metrics import InstanceMetrics
+
+    return InstanceMetrics(2).to_arrow().schema.remove_metadata()
 
 
 def instance_path(out: Output, image_id: str) -> str:
@@ -85,7 +100,7 @@ class ReadInstances:
 
     def _row(self, batch: dict[str, Any], i: int) -> dict[str, Any]:
         from segray.data import decode_image
-        from segray.data.instance_pipeline import decode_instances
+        from segray.data import decode_instances
         from segray.inference.geometry import fit_image, pad_to, round_up
 
         image_id = str(batch["image_id"][i])
@@ -146,7 +161,7 @@ class InstancePredictor:
         self.size, self.fit, self.threshold = size, fit, threshold
 
     def _one(self, image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from segray.models.maskrcnn import paste_instances, predict_instances
+        from segray.models import paste_instances, predict_instances
 
         # One image per call: a detection's mask does not depend on the batch it came in (a resume gives the same maps).
         found = predict_instances(self.model, ((image - self.mean) / self.std)[None], self.threshold)[0]
@@ -178,7 +193,7 @@ class WriteInstances:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from segray.inference.objects import objects_table
         from segray.metrics import semantic_from_instances
-        from segray.metrics.instances import image_record, record_schema
+        from segray.metrics import image_record
 
         records, objects, metric_rows = [], [], []
         for i in range(len(batch["image_id"])):
@@ -203,7 +218,7 @@ class WriteInstances:
             ids = [r["image_id"] for r in records]
             if objects:
                 storage.write_parquet(pa.concat_tables(objects), _side_path(self.out, OBJECTS, ids))
-            schema = record_schema().append(pa.field("run", pa.int64()))
+            schema = _record_schema().append(pa.field("run", pa.int64()))
             storage.write_parquet(pa.Table.from_pylist(metric_rows, schema=schema), _side_path(self.out, INSTANCE_PARTS, ids))
             storage.write_parquet(records_table(records), self.out.part(ids))
         return {
@@ -265,7 +280,6 @@ def predict_instances(cfg: PredictConfig, spec, started: float, run: int) -> Pre
     from segray.inference.objects import OBJECTS_SCHEMA
     from segray.inference.sources import list_source
     from segray.metrics import InstanceMetrics
-    from segray.metrics.instances import record_schema
     from segray.ownership import canonical
     from segray.runtime import bounded_retries
 
@@ -329,7 +343,7 @@ def predict_instances(cfg: PredictConfig, spec, started: float, run: int) -> Pre
     frames = None
     if has_truth:
         scores, frames = score_tables(records, names, spec.model_id)
-        metric_schema = record_schema().append(pa.field("run", pa.int64()))
+        metric_schema = _record_schema().append(pa.field("run", pa.int64()))
         parts = _latest(_read_side(out, INSTANCE_PARTS, metric_schema), records)
         metrics = InstanceMetrics(len(names))
         for record in parts.to_pylist():
@@ -361,7 +375,7 @@ def predict_instances(cfg: PredictConfig, spec, started: float, run: int) -> Pre
         "warnings": list(spec.warnings),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    summary = json.loads(json.dumps(summary, default=_plain))
+    summary = json.loads(json.dumps(summary, default=_json_value))
     storage.write_text(out.summary, json.dumps(summary, indent=2))
     if frames is None:
         from segray.inference.tables import empty_tables

@@ -17,6 +17,7 @@ A model of your own: its file and a ``register`` call (``segray.models.registry`
 from typing import Any
 
 from segray.models.bottomup import boundary_target, instances_from_classes
+from segray.models.maskrcnn import paste_instances, predict_instances
 from segray.models.layers import DivisibleSizeCheck, MaxPoolingWithArgmax2D, MaxUnpooling2D, ResizeLike
 from segray.models.registry import DEEP_SUPERVISION_LEVELS, NO_XLA, ModelSpec, available, build, dtype_policy, register, spec
 from segray.models.summary import count_params, describe, flops_per_image, model_flops
@@ -61,6 +62,8 @@ __all__ = [
     "dtype_policy",
     "flops_per_image",
     "instances_from_classes",
+    "paste_instances",
+    "predict_instances",
     "load_keras",
     "load_model",
     "locate",

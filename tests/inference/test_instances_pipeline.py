@@ -18,33 +18,62 @@ from segray.cli import main as cli_main
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
+def _rows(data: str, split: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{id: (image, instance map, classes)} of an ingested instance split."""
+    from segray.data import decode_image
+    from segray.data.instance_pipeline import decode_instances
+
+    rows = {}
+    for name in sorted(os.listdir(os.path.join(data, split))):
+        table = pq.read_table(os.path.join(data, split, name), columns=["image_id", "image", "instances", "classes"])
+        for r in table.to_pylist():
+            rows[r["image_id"]] = (decode_image(r["image"]), decode_instances(r["instances"]), np.asarray(r["classes"], np.int64))
+    return rows
+
+
+def _train(data: str, run: str, steps: int = 8) -> None:
+    """A few Mask R-CNN steps of the training loop's instance step on the train split, saved as a run's model/."""
+    import tensorflow as tf
+
+    from segray import models
+    from segray.config import TrainConfig
+    from segray.data.info import load_dataset_info
+    from segray.models.saved import write_model
+    from segray.training.loop import WorkerLoop, preprocessing_of
+
+    info = load_dataset_info(data)
+    cfg = TrainConfig(
+        data=data, storage="none", name="t", model="maskrcnn", batch_size=1, lr=3e-3, schedule="constant", workers=1,
+        optimizer="adam", size=(64, 64), model_options=dict(models.spec("maskrcnn").tiny_options),
+    )
+    loop = WorkerLoop(cfg, info, world_size=1)
+    batches = []
+    for image, ids, classes in _rows(data, "train").values():
+        padded = np.zeros((1, max(8, len(classes))), np.int32)
+        padded[0, : len(classes)] = classes
+        batches.append((tf.constant(image[None]), tf.constant(ids.astype(np.int32)[None]), tf.constant(padded)))
+    for step in range(steps):
+        loop.train_step(*batches[step % len(batches)])
+    write_model(run, loop.net, preprocessing_of(cfg, info), {"steps": steps})
+
+
 @pytest.fixture(scope="module")
 def instance_run(tmp_path_factory):
-    from segray import models
-    from segray.api import predict, train
+    from segray.api import predict
 
     root = tmp_path_factory.mktemp("inst")
-    raw, data, out = str(root / "raw"), str(root / "data"), str(root / "out")
+    raw, data, out, run = str(root / "raw"), str(root / "data"), str(root / "out"), str(root / "run")
     assert cli_main(["synth", raw, "--task", "instance", "--n", "6", "--size", "64", "--classes", "3"]) == 0
     assert cli_main(["ingest", raw, data, "--task", "instance", "--val-fraction", "0.5"]) == 0
-    train({
-        "data": data, "storage": str(root / "runs"), "name": "m", "model": "maskrcnn", "epochs": 2, "batch_size": 2,
-        "workers": 1, "size": [64, 64], "model_options": dict(models.spec("maskrcnn").tiny_options),
-    })
-    cfg = {"model": str(root / "runs" / "m"), "input": data, "split": "val", "output": out, "batch_size": 2}
+    _train(data, run)
+    cfg = {"model": run, "input": data, "split": "val", "output": out, "batch_size": 2}
     result = predict(cfg)
+    assert result.errors == [], result.errors
     return SimpleNamespace(root=root, data=data, out=out, cfg=cfg, result=result)
 
 
 def _truth(data: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from segray.data.instance_pipeline import decode_instances
-
-    rows = {}
-    for name in sorted(os.listdir(os.path.join(data, "val"))):
-        table = pq.read_table(os.path.join(data, "val", name), columns=["image_id", "instances", "classes"])
-        for r in table.to_pylist():
-            rows[r["image_id"]] = (decode_instances(r["instances"]), np.asarray(r["classes"], np.int64))
-    return rows
+    return {k: (ids, classes) for k, (_, ids, classes) in _rows(data, "val").items()}
 
 
 def test_files_and_schemas(instance_run):
@@ -106,7 +135,19 @@ def test_resume_reproduces_the_tables(instance_run):
     os.remove(os.path.join(out, "instances", f"{victim}.png"))
     os.remove(os.path.join(out, "masks", f"{victim}.png"))
     result = predict(instance_run.cfg)
-    assert result.summary["images_this_run"] >= 1
+    assert result.errors == [] and result.summary["errors"] == 0, result.errors
+    assert result.summary["images_this_run"] == 1
     assert os.path.exists(os.path.join(out, "instances", f"{victim}.png"))
     for n in names:
         pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(out, n)), before[n], check_exact=False, rtol=1e-6)
+
+
+def test_query_instances_view(instance_run):
+    from segray.reporting.query import OutputTables
+
+    tables = OutputTables(instance_run.out)
+    got = tables.sql("SELECT image_id, count(*) AS n FROM instances GROUP BY image_id ORDER BY image_id")
+    objects = pq.read_table(os.path.join(instance_run.out, "instances.parquet")).to_pandas()
+    want = objects.groupby("image_id").size()
+    assert dict(zip(got.image_id, got.n)) == {k: int(v) for k, v in want.items()}
+    assert "ap" in tables.sql("SELECT * FROM per_class").columns
