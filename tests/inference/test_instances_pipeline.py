@@ -99,6 +99,8 @@ def test_files_and_schemas(instance_run):
     assert summary["task"] == "instance" and summary["images"] == len(truth) and summary["objects"] == len(frame)
     for key in ("ap", "ap50", "ap75", "pq", "sq", "rq", "miou"):
         assert key in summary
+    assert len(frame) > 0  # the AP / PQ comparisons below score real detections
+    print({k: summary[k] for k in ("images", "objects", "truth_objects", "ap", "ap50", "pq", "miou", "wall_time_s")})
 
 
 def test_per_class_equals_metrics_of_the_written_maps(instance_run):
