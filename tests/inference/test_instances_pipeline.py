@@ -116,6 +116,27 @@ def test_per_class_equals_metrics_of_the_written_maps(instance_run):
         pred_classes, scores = np.zeros(n, np.int64), np.zeros(n)
         pred_classes[rows.instance_id - 1], scores[rows.instance_id - 1] = rows.class_id, rows.score.astype(np.float64)
         metrics.add(image_id, ids, classes, pred, pred_classes, scores.astype(np.float32))
+    # The records that travelled through Ray Data rows and parts equal the ones recomputed here
+    # (scores, COCO matches, panoptic IoUs: non-trivial even where a few steps' model scores AP 0).
+    from segray.inference.objects import objects_table
+
+    parts = pd.concat([pd.read_parquet(os.path.join(out, "_instance_parts", f)) for f in os.listdir(os.path.join(out, "_instance_parts"))])
+    for record in metrics.records:
+        row = parts[parts.image_id == record["image_id"]].iloc[-1]
+        for field in ("det_id", "det_class", "det_matched", "truth_classes", "tp_class", "fp_class", "fn_class"):
+            assert list(row[field]) == list(record[field]), (record["image_id"], field)
+        np.testing.assert_allclose(list(row["det_score"]), record["det_score"], rtol=1e-6)
+        np.testing.assert_allclose(list(row["tp_iou"]), record["tp_iou"], rtol=1e-9)
+    truth = _truth(instance_run.data)
+    for image_id in truth:
+        pred = cv2.imread(os.path.join(out, "instances", f"{image_id}.png"), cv2.IMREAD_UNCHANGED)
+        rows = objects[objects.image_id == image_id].sort_values("instance_id")
+        classes, scores = np.zeros(int(pred.max()), np.int64), np.zeros(int(pred.max()), np.float32)
+        classes[rows.instance_id - 1], scores[rows.instance_id - 1] = rows.class_id, rows.score
+        again = objects_table(pred, classes, scores, *truth[image_id], image_id).to_pandas()
+        np.testing.assert_allclose(again.iou.to_numpy(), rows.iou.to_numpy())
+        assert list(again.area) == list(rows.area) and list(again.truth_id.fillna(0)) == list(rows.truth_id.fillna(0))
+    assert objects.iou.max() > 0  # some detection overlaps its class's truth
     expected = metrics.scores()
     per_class = pd.read_parquet(os.path.join(out, "per_class.parquet")).set_index("class_id")
     for k, c in enumerate(expected["class_id"]):
