@@ -130,6 +130,10 @@ class PredictResult:
         lines = [format_per_class(self.per_class)]
         if s.get("miou") is not None:
             lines.append(f"mIoU {s['miou']:.4f}  mean Dice {s['mean_dice']:.4f}  pixel accuracy {s['pixel_accuracy']:.4f}  ({s['images']} images)")
+        if s.get("task") == "instance":
+            num = lambda v: "-" if v is None or v != v else f"{v:.4f}"  # noqa: E731 - NaN / JSON null
+            lines.append(f"mask AP {num(s.get('ap'))}  AP50 {num(s.get('ap50'))}  AP75 {num(s.get('ap75'))}  PQ {num(s.get('pq'))}  ({s.get('objects', 0)} objects)")
+            lines.append(f"objects: {self.output_uri} (instances/, instances.parquet)")
         lines.append(f"results: {self.output_uri} (masks/, per_image.parquet, per_class.parquet, confusion.parquet, summary.json)")
         return "\n".join(lines)
 

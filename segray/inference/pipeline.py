@@ -323,6 +323,10 @@ def predict(cfg: PredictConfig) -> PredictResult:
     """
     started, run = time.time(), time.time_ns()
     spec = resolve_model(cfg.model)
+    from segray.inference.instance_pipeline import model_task, predict_instances
+
+    if model_task(spec.name) == "instance":
+        return predict_instances(cfg, spec, started, run)
     geometry = resolve_geometry(cfg, spec)
     from segray.inference.rasters import predict_rasters, raster_inputs
 

@@ -17,6 +17,7 @@ this package imports nothing of segray's outside itself.
 """
 
 from segray.models.bottomup import boundary_target, instances_from_classes
+from segray.models.maskrcnn import paste_instances, predict_instances
 from segray.models.layers import DivisibleSizeCheck, MaxPoolingWithArgmax2D, MaxUnpooling2D, ResizeLike
 from segray.models.registry import DEEP_SUPERVISION_LEVELS, NO_XLA, ModelSpec, available, build, dtype_policy, register, spec
 from segray.models.summary import count_params, describe, flops_per_image, model_flops
@@ -37,6 +38,8 @@ __all__ = [
     "dtype_policy",
     "flops_per_image",
     "instances_from_classes",
+    "paste_instances",
+    "predict_instances",
     "model_flops",
     "register",
     "spec",

@@ -15,7 +15,9 @@ Views:
 - ``confusion``: the summed matrix, rows truth, ``pred_<id>`` columns;
 - ``errors``: the rejected inputs (``uri``, ``reason``);
 - ``image_confusion``: one row per image and non-zero cell of its own
-  confusion matrix (``truth_id``, ``pred_id``, ``pixels``), predict outputs only.
+  confusion matrix (``truth_id``, ``pred_id``, ``pixels``), predict outputs only;
+- ``instances``: one row per predicted object (``instances.parquet``), predict
+  outputs of an instance model only.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from segray import storage
 from segray.data import IGNORE_INDEX, ClassInfo, default_color
 from segray.inference import RUN_FILE, TABLES, Output
 
-VIEWS = (*TABLES, "errors", "image_confusion")
+VIEWS = (*TABLES, "errors", "image_confusion", "instances")
 PREDICT_FORMAT, EVALUATE_FORMAT = "segray-predict/", "segray-evaluate/"
 
 
@@ -175,6 +177,11 @@ class OutputTables:
 
         if name == "image_confusion":
             return self._image_confusion()
+        if name == "instances":
+            uri = storage.join(self.layout.root, "instances.parquet")
+            if not storage.exists(uri):
+                raise FileNotFoundError(f"table instances: {uri} is missing; predict writes it for an instance model (maskrcnn) only")
+            return storage.read_parquet(uri)
         uri = self.layout.errors if name == "errors" else self.layout.table(name)
         if not storage.exists(uri):
             if name in TABLES and not self.info.has_truth:

@@ -146,16 +146,20 @@ def resolve_model(model: str) -> ModelSpec:
     output_shape = tuple(net.output_shape)
     if len(input_shape) != 4 or input_shape[-1] != 3:
         raise ValueError(f"{keras_uri}: model takes inputs {input_shape}; predict feeds RGB images (B, H, W, 3)")
-    channels = int(output_shape[-1])
+    # A detection model (Mask R-CNN) outputs several tensors: its classes are preprocessing.json's.
+    detection = bool(output_shape) and isinstance(output_shape[0], (tuple, list))
+    channels = None if detection else int(output_shape[-1])
     static = (int(input_shape[1]), int(input_shape[2])) if input_shape[1] and input_shape[2] else None
     notes: list[str] = []
     if pre_uri is not None:
         pre = read_preprocessing(pre_uri)
-        if pre.num_classes != channels:
+        if channels is not None and pre.num_classes != channels:
             raise ValueError(f"{pre_uri} declares {pre.num_classes} classes, the model {keras_uri} outputs {channels} channels")
         classes, size = list(pre.classes), pre.size
         fit_mode, mean, std, ignore = pre.fit, pre.mean, pre.std, pre.ignore_index
         name, window, priority = pre.model, pre.window, pre.priority
+    elif channels is None:
+        raise ValueError(f"{keras_uri}: a model of several outputs ({net.name}) needs its {PREPROCESSING_FILE} beside it (its classes and normalisation)")
     else:
         classes = [ClassInfo(k, f"class_{k}", tuple(default_color(k))) for k in range(channels)]
         size, fit_mode, mean, std, ignore = None, "resize", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), IGNORE_INDEX
