@@ -25,6 +25,7 @@ from segray.config import (
     ExportConfig,
     FlagSpec,
     IngestConfig,
+    MlflowConfig,
     ModelsConfig,
     PlanConfig,
     PredictConfig,
@@ -145,6 +146,14 @@ def cmd_serve(values: dict[str, Any]) -> None:
     segray.serve(ServeConfig.from_dict(values))
 
 
+def cmd_mlflow(values: dict[str, Any]) -> None:
+    from segray.tracking import send_pending
+
+    cfg = MlflowConfig.from_dict(values)
+    sent, left = send_pending(cfg.folder, cfg.mlflow)
+    print(f"sent {sent} record(s) of {cfg.folder} to MLflow" + (f"; {left} still wait" if left else "; nothing waits"))
+
+
 def cmd_models(values: dict[str, Any]) -> None:
     from segray import models
 
@@ -209,6 +218,7 @@ COMMANDS: dict[str, tuple[Handler, type, str]] = {
     "query": (cmd_query, QueryConfig, "SQL (DuckDB) over a predict output's tables, or a named question"),
     "export": (cmd_export, ExportConfig, "write a run's model as a SavedModel, ONNX or plain Keras file that loads without segray"),
     "serve": (cmd_serve, ServeConfig, "serve a run's model over HTTP on Ray Serve"),
+    "mlflow": (cmd_mlflow, MlflowConfig, "MLflow: `sync FOLDER` sends what a tracked job could not send to its server"),
     "models": (cmd_models, ModelsConfig, "list models, show one's parameters and FLOPs, or benchmark speed against accuracy"),
     "demo": (cmd_demo, DemoConfig, "run the whole pipeline on a local synthetic dataset"),
 }

@@ -493,6 +493,25 @@ def _uri(cfg: Any, *names: str) -> None:
         object.__setattr__(cfg, name, absolute(value))
 
 
+def _mlflow(cfg: Any) -> None:
+    """``mlflow`` (a tracking URI) carries no credentials: they come from MLflow's own variables, never a config."""
+    from urllib.parse import urlsplit
+
+    if cfg.mlflow is not None:
+        if not cfg.mlflow.strip():
+            raise ConfigError("mlflow: expected a tracking URI (http://host:5000, sqlite:///mlflow.db, file:///path), got ''", field="mlflow")
+        parts = urlsplit(cfg.mlflow)
+        if parts.username or parts.password:
+            # Not echoed: the value holds a secret.
+            raise ConfigError(
+                "mlflow: the tracking URI holds a user name or password; give them in MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead, so no config or log records them",
+                field="mlflow",
+            )
+    if not cfg.mlflow_experiment.strip():
+        raise ConfigError("mlflow_experiment: expected an experiment name, got ''", field="mlflow_experiment")
+
+
 def _hw(cfg: Any, name: str) -> None:
     value = getattr(cfg, name)
     if value is not None and (len(value) != 2 or min(value) <= 0):
@@ -719,10 +738,13 @@ class TrainConfig(Config):
     deep_supervision: bool = flag(
         False, negatable=True,
         help="U-Net: also train heads at 1/2 and 1/4 of the size (training only; planned for depth 3 or more)")
+    mlflow: str | None = flag(None, resumable=True, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI; unset: no tracking)")
+    mlflow_experiment: str = flag("segray", resumable=True, help="MLflow experiment the run goes to (default segray)")
     plan: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         _uri(self, "data", "storage")
+        _mlflow(self)
         if self.deep_supervision:
             _deep_supervision_model(self.model)
         _positive(self, "epochs", "batch_size", "workers", "cpus_per_worker", "lr", "keep_checkpoints", "patches_per_image", "time_budget")
@@ -805,9 +827,12 @@ class TuneConfig(Config):
     reduction_factor: float = flag(2.0, help="ASHA keeps the best 1/F of trials at each rung")
     seed: int = flag(0, help="seeds the sampling of the space")
     resume: bool = flag(False, help="continue the search NAME; finished trials are not run again")
+    mlflow: str | None = flag(None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI; unset: no tracking)")
+    mlflow_experiment: str = flag("segray", help="MLflow experiment the run goes to (default segray)")
 
     def validate(self) -> None:
         _uri(self, "data", "storage")
+        _mlflow(self)
         if self.search_space is not None:
             _uri(self, "search_space")
         _positive(self, "trials", "time_budget", "workers_per_trial", "cpus_per_worker", "max_concurrent", "epochs", "grace_epochs")
@@ -891,9 +916,12 @@ class PredictConfig(Config):
     priority: list[str] | None = flag(
         None, parse=parse_names, help="per-class: overlap priority, first wins (default: the model's; must match it)")
     images_dir: str = flag("images", help="per-class: folder of images (default images)")
+    mlflow: str | None = flag(None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI; unset: no tracking)")
+    mlflow_experiment: str = flag("segray", help="MLflow experiment the run goes to (default segray)")
 
     def validate(self) -> None:
         _positive(self, "max_pixels")
+        _mlflow(self)
         _uri(self, "model", "input", "output")
         _layout_options(self, "input")
         if self.layout is not None and self.split is not None:
@@ -949,9 +977,12 @@ class EvaluateConfig(Config):
     priority: list[str] | None = flag(
         None, parse=parse_names, help="per-class: overlap priority, first wins (default: the --pred output's model's; must match it)")
     images_dir: str = flag("images", help="per-class: folder of images (default images)")
+    mlflow: str | None = flag(None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI; unset: no tracking)")
+    mlflow_experiment: str = flag("segray", help="MLflow experiment the run goes to (default segray)")
 
     def validate(self) -> None:
         _uri(self, "pred", "truth", "output")
+        _mlflow(self)
         if self.classes:
             _uri(self, "classes")
         _layout_options(self, "truth")
@@ -1180,3 +1211,23 @@ class DemoConfig(Config):
     n: int = flag(96, help="synthetic pairs (default 96)")
     size: list[int] = flag(default_factory=lambda: [64, 64], parse=parse_hw, help="image size (default 64)")
     epochs: int = flag(8, help="training epochs (default 8)")
+
+
+@dataclass(frozen=True)
+class MlflowConfig(Config):
+    """What ``segray mlflow sync FOLDER`` does: send what a tracked job could not send to its MLflow server.
+
+    Attributes:
+        operation: ``sync``.
+        folder: a tracked training run or predict / evaluate output (with ``mlflow/run.json``).
+        mlflow: send to this tracking URI instead of the one the job used (a new MLflow run there).
+    """
+
+    operation: Literal["sync"] = flag(positional=True, help="sync: send the records waiting in FOLDER/mlflow/pending.jsonl")
+    folder: str = flag(positional=True, help="a tracked training run (STORAGE/RUN) or predict / evaluate output")
+    mlflow: str | None = flag(None, help="send to this tracking URI instead of the one in FOLDER/mlflow/run.json")
+    mlflow_experiment: str = flag("segray", help="with --mlflow: the experiment of the new run there")
+
+    def validate(self) -> None:
+        _uri(self, "folder")
+        _mlflow(self)
