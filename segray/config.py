@@ -1223,7 +1223,7 @@ class MlflowConfig(Config):
         mlflow: send to this tracking URI instead of the one the job used (a new MLflow run there).
     """
 
-    operation: Literal["sync"] = flag(positional=True, help="sync: send the records waiting in FOLDER/mlflow/pending.jsonl")
+    operation: Literal["sync"] = flag(positional=True, help="the operation: sync sends the records waiting in FOLDER/mlflow/pending.jsonl")
     folder: str = flag(positional=True, help="a tracked training run (STORAGE/RUN) or predict / evaluate output")
     mlflow: str | None = flag(None, help="send to this tracking URI instead of the one in FOLDER/mlflow/run.json")
     mlflow_experiment: str = flag("segray", help="with --mlflow: the experiment of the new run there")
