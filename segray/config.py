@@ -512,6 +512,18 @@ def _mlflow(cfg: Any) -> None:
         raise ConfigError("mlflow_experiment: expected an experiment name, got ''", field="mlflow_experiment")
 
 
+def _model_uri(cfg: Any, name: str) -> None:
+    """A run or model field: a path or storage URI (``_uri``), or a registered model ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS``."""
+    value = getattr(cfg, name)
+    if isinstance(value, str) and value.startswith("models:/"):
+        import re
+
+        if not re.match(r"^models:/[^/@]+(/\d+|@[\w-]+)$", value):
+            raise ConfigError(f"{name} {shown(value)}: expected models:/NAME/VERSION or models:/NAME@ALIAS", field=name)
+        return
+    _uri(cfg, name)
+
+
 def _hw(cfg: Any, name: str) -> None:
     value = getattr(cfg, name)
     if value is not None and (len(value) != 2 or min(value) <= 0):
@@ -922,7 +934,8 @@ class PredictConfig(Config):
     def validate(self) -> None:
         _positive(self, "max_pixels")
         _mlflow(self)
-        _uri(self, "model", "input", "output")
+        _model_uri(self, "model")
+        _uri(self, "input", "output")
         _layout_options(self, "input")
         if self.layout is not None and self.split is not None:
             raise ConfigError(f"split {self.split!r} is for an ingested dataset; with `layout` {self.layout} the input is read as a raw folder", field="split")
@@ -1084,9 +1097,16 @@ class ExportConfig(Config):
     format: Literal["savedmodel", "onnx", "keras"] = flag("onnx")
     allow_unfinished: bool = flag(
         False, help="export a run still training, killed or failed before its last epoch (the card says so)")
+    register: str | None = flag(None, metavar="NAME", help="also log the ONNX export as an MLflow pyfunc and register a new version of NAME")
+    mlflow: str | None = flag(None, help="with --register: MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    mlflow_experiment: str = flag("segray", help="with --register: the experiment of the registering run (default segray)")
 
     def validate(self) -> None:
-        _uri(self, "run", "output")
+        _model_uri(self, "run")
+        _uri(self, "output")
+        _mlflow(self)
+        if self.register is not None and self.format != "onnx":
+            raise ConfigError(f"register wraps the ONNX export in an MLflow pyfunc; `format` is {self.format}, use onnx", field="register")
 
 
 @dataclass(frozen=True)
@@ -1135,7 +1155,7 @@ class ServeConfig(Config):
         return self.max_pixels * BODY_BYTES_PER_PIXEL + MIB
 
     def validate(self) -> None:
-        _uri(self, "run")
+        _model_uri(self, "run")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1..65535, got {self.port}", field="port")
         if isinstance(self.replicas, str) and self.replicas != "auto":

@@ -137,6 +137,12 @@ def resolve_model(model: str) -> ModelSpec:
     """
     import tensorflow as tf
 
+    registered = None
+    if model.startswith("models:/"):  # MLflow's model registry (segray.tracking.registry)
+        from segray.tracking import resolve_registered
+
+        registered = resolve_registered(model)
+        model = registered.model
     keras_uri, pre_uri = locate(model)
     share_gpus()
     with tf.device("/CPU:0"):  # the driver only reads shapes and weights
@@ -177,10 +183,14 @@ def resolve_model(model: str) -> ModelSpec:
         static_fit = static
     if static and size and tuple(size) != static and not window:
         raise ValueError(f"{pre_uri}: size {list(size)} but the model {keras_uri} only takes {static[0]}x{static[1]} inputs")
+    model_id = weights_id(net)
+    if registered is not None and model_id != registered.weights_hash:
+        raise ValueError(f"model {registered.reference}: {keras_uri} has weights {model_id}, "
+                         f"the registered version {registered.version} was {registered.weights_hash}; the run changed since it was registered")
     return ModelSpec(
         uri=keras_uri,
         preprocessing_uri=pre_uri,
-        model_id=weights_id(net),
+        model_id=model_id,
         name=name,
         classes=tuple(classes),
         size=size or static_fit,

@@ -18,6 +18,9 @@ from segray.tracking.client import (
     send_pending,
     tracking_uri,
 )
+from segray.tracking.outputs import log_output
+from segray.tracking.registry import Registered, is_registered, register, resolve_registered
+from segray.tracking.search import finish_search_run, start_search_run, trial_tags
 from segray.tracking.training import EpochLogger, dataset_fingerprint, describe_pending, finish_train_run, start_train_run
 
 __all__ = [
@@ -26,14 +29,22 @@ __all__ = [
     "RUN_FILE",
     "TRACKING_ENV",
     "EpochLogger",
+    "Registered",
     "Tracker",
     "TrackingWarning",
     "dataset_fingerprint",
     "describe_pending",
+    "finish_search_run",
     "finish_train_run",
+    "is_registered",
+    "log_output",
     "read_pending",
     "read_run_record",
+    "register",
+    "resolve_registered",
     "send_pending",
+    "start_search_run",
     "start_train_run",
     "tracking_uri",
+    "trial_tags",
 ]

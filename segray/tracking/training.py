@@ -56,12 +56,14 @@ def base_tags(extra: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def start_train_run(run_uri: str, config: dict[str, Any], uri: str | None, experiment: str, resume: bool) -> dict[str, Any] | None:
+def start_train_run(run_uri: str, config: dict[str, Any], uri: str | None, experiment: str, resume: bool,
+                    extra_tags: dict[str, str] | None = None) -> dict[str, Any] | None:
     """Starts the MLflow run of the training run at ``run_uri`` (or continues it on resume).
 
     Args:
         config: the resolved config (``TrainConfig.to_dict``).
         uri: the ``mlflow`` field; None: ``$MLFLOW_TRACKING_URI``, else no tracking.
+        extra_tags: more tags for a new MLflow run (``mlflow.parentRunId`` of a search's trial).
 
     Returns:
         The record the workers log with (``{"uri", "experiment", "run_id"}``), or None without tracking.
@@ -79,7 +81,7 @@ def start_train_run(run_uri: str, config: dict[str, Any], uri: str | None, exper
         tracker.send({"op": "tags", "tags": {f"{TAG}resumed_at_ms": now_ms(), f"{TAG}epochs": config.get("epochs")}})
     else:
         tracker = Tracker(run_uri, uri, experiment)
-        tags = base_tags({"run_uri": run_uri, "dataset": config.get("data"), "model": config.get("model")})
+        tags = {**base_tags({"run_uri": run_uri, "dataset": config.get("data"), "model": config.get("model")}), **(extra_tags or {})}
         tracker.start(config.get("name") or os.path.basename(run_uri), tags)
         params = {k: v for k, v in config.items() if k != "plan"}
         plan = config.get("plan") or {}

@@ -216,7 +216,7 @@ def data_config(workers: int):
     return ray.train.DataConfig(datasets_to_split=["train"] if workers > 1 else [])
 
 
-def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> TrainResult:
+def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None, tracking_tags: dict[str, str] | None = None) -> TrainResult:
     """Trains ``cfg.model`` on ``cfg.data`` with Ray Train (on the Ray this process is connected to).
 
     Args:
@@ -224,6 +224,7 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
             already (``segray.train`` does, before it starts Ray).
         callbacks: Ray Train callbacks added to the run (``segray.tune`` passes
             Ray Tune's ``TuneReportCallback``, so each epoch reaches the search).
+        tracking_tags: tags for the run's MLflow run (a search's trial: its parent run).
     """
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
@@ -242,7 +243,7 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
         from segray.planning import PLAN_FILE
 
         storage.write_text(storage.join(run_uri, PLAN_FILE), json.dumps(cfg.plan, indent=2) + "\n")
-    tracked = start_train_run(run_uri, cfg.to_dict(), cfg.mlflow, cfg.mlflow_experiment, cfg.resume)
+    tracked = start_train_run(run_uri, cfg.to_dict(), cfg.mlflow, cfg.mlflow_experiment, cfg.resume, tracking_tags)
     size = tuple(cfg.size)
     crop = tuple(cfg.crop) if cfg.crop else None
     datasets = {"train": read_split(cfg.data, "train", size=size, crop=crop, augment=cfg.augment, seed=cfg.seed, info=info,
