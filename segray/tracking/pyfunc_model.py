@@ -29,6 +29,8 @@ class SegrayOnnxModel(PythonModel):
         self.input_name = self.session.get_inputs()[0].name
 
     def predict(self, context, model_input, params=None):
+        if isinstance(model_input, dict):  # a named input: {"images": array}
+            model_input = model_input.get("images", next(iter(model_input.values()), None))
         images = np.asarray(model_input)
         if images.ndim == 3:
             images = images[None]

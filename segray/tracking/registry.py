@@ -103,8 +103,9 @@ def register(output: str, run: str, card: dict[str, Any], name: str, uri: str | 
         if ONNX_ARTIFACT not in artifacts:
             raise FileNotFoundError(f"register: {storage.join(output, ONNX_ARTIFACT)} is missing; register an ONNX export (`format` onnx)")
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
-            outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "class_ids")]),
+            # Unnamed: predict() takes the array itself (a named spec makes MLflow pass {"images": array}).
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+            outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
         )
         code = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyfunc_model.py")
         run = client.create_run(experiment_id(client, experiment), run_name=f"register {name}", tags=tags)

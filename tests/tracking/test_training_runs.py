@@ -186,20 +186,15 @@ import importlib.util, os, sys
 # segray is installed (editable) in this Python: take it out of reach, so the model must load without it.
 sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
 sys.path = [p for p in sys.path if p and not os.path.exists(os.path.join(p, "segray"))]
-sys.modules["segray"] = None
-assert importlib.util.find_spec("mlflow") is not None
-try:
-    import segray  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise SystemExit("segray is importable")
+if importlib.util.find_spec("segray") is not None:
+    raise SystemExit(f"segray is importable: {importlib.util.find_spec('segray').origin}")
+sys.modules["segray"] = None  # and stays so, whatever the model's code tries
 import numpy as np
 import mlflow.pyfunc
 model = mlflow.pyfunc.load_model(sys.argv[1])
 images = np.load(sys.argv[2])
 np.save(sys.argv[3], model.predict(images))
-print("loaded without segray:", sorted(m for m in sys.modules if m.startswith("segray")))
+print("loaded without segray:", sorted(m for m, v in sys.modules.items() if m.startswith("segray") and v is not None))
 """
 
 
