@@ -290,7 +290,12 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None, trackin
             raise result.error
     except Exception as error:
         _record_failure(run_uri, cfg.epochs, error)
-        _finish_tracking(run_uri, tracked, cfg, info, "FAILED")
+        try:
+            _finish_tracking(run_uri, tracked, cfg, info, "FAILED")
+        except Exception as tracking_error:  # noqa: BLE001 - the training error is the one to raise
+            import warnings
+
+            warnings.warn(f"MLflow: the failed run {run_uri} could not be closed in MLflow ({tracking_error})", stacklevel=2)
         raise
     _finish_tracking(run_uri, tracked, cfg, info, "FINISHED")
     history = read_history(run_uri)
