@@ -163,7 +163,7 @@ def predict(cfg: PredictConfig | dict[str, Any]):
     cpus = cfg.workers + DATA_PIPELINE_CPUS  # one CPU per predictor actor, plus decoding and writing
     init_ray(num_cpus=local_cpus(cpus))
     check_fits(cpus, cfg.workers * cfg.gpus_per_worker, "workers", f"predicting with {cfg.workers} actor(s)")
-    return run_predict(cfg)
+    return _tracked(run_predict(cfg), "predict", cfg)
 
 
 def evaluate(cfg: EvaluateConfig | dict[str, Any]):
@@ -176,7 +176,15 @@ def evaluate(cfg: EvaluateConfig | dict[str, Any]):
 
     cfg = _config(EvaluateConfig, cfg)
     init_ray()
-    return run_evaluate(cfg)
+    return _tracked(run_evaluate(cfg), "evaluate", cfg)
+
+
+def _tracked(result, kind: str, cfg: PredictConfig | EvaluateConfig):
+    """``result`` after its MLflow run was sent (with ``mlflow`` or ``$MLFLOW_TRACKING_URI``; see segray.tracking)."""
+    from segray.tracking import log_output
+
+    log_output(result.output_uri, kind, result.summary, result.per_class, cfg.mlflow, cfg.mlflow_experiment)
+    return result
 
 
 def report(cfg: ReportConfig | dict[str, Any]):
@@ -253,9 +261,20 @@ def export_model(cfg: ExportConfig | dict[str, Any]):
         ``ExportResult``: ``output``, ``format``, ``files`` and ``card`` (the
         model card, also in ``OUTPUT/model_card.json``).
     """
+    import dataclasses
+
     from segray.export import export as run_export
 
-    return run_export(_config(ExportConfig, cfg))
+    cfg = _config(ExportConfig, cfg)
+    result = run_export(cfg)
+    if cfg.register:
+        from segray.runs import MODEL_FILE, PREPROCESSING_FILE
+        from segray.tracking import register
+
+        registered = register(result.output, cfg.run, result.card, cfg.register, cfg.mlflow, cfg.mlflow_experiment,
+                              keras_file=MODEL_FILE, preprocessing_file=PREPROCESSING_FILE)
+        result = dataclasses.replace(result, registered=registered)
+    return result
 
 
 def serve(cfg: ServeConfig | dict[str, Any]):

@@ -25,6 +25,7 @@ from segray.config import (
     DemoConfig,
     FlagSpec,
     IngestConfig,
+    MlflowConfig,
     ModelsConfig,
     PlanConfig,
     QueryConfig,
@@ -138,6 +139,14 @@ def cmd_serve(values: dict[str, Any]) -> None:
     segray.serve(ServeConfig.from_dict(values))
 
 
+def cmd_mlflow(values: dict[str, Any]) -> None:
+    from segray.tracking import send_pending
+
+    cfg = MlflowConfig.from_dict(values)
+    sent, left = send_pending(cfg.folder, cfg.mlflow)
+    print(f"sent {sent} record(s) of {cfg.folder} to MLflow" + (f"; {left} still wait" if left else "; nothing waits"))
+
+
 def cmd_models(values: dict[str, Any]) -> None:
     from segray import models
 
@@ -204,6 +213,7 @@ HANDLERS: dict[str, Handler] = {
 COMMANDS: dict[str, tuple[Handler, type, str]] = {
     "synth": (cmd_synth, SynthConfig, "write a synthetic dataset of shapes in the ids layout"),
     **{name: (HANDLERS.get(name) or describing(call, cls), cls, text) for name, (call, cls, text) in api.COMMANDS.items()},
+    "mlflow": (cmd_mlflow, MlflowConfig, "MLflow: `sync FOLDER` sends what a tracked job could not send to its server"),
     "models": (cmd_models, ModelsConfig, "list models, show one's parameters and FLOPs, or benchmark speed against accuracy"),
     "demo": (cmd_demo, DemoConfig, "run the whole pipeline on a local synthetic dataset"),
 }

@@ -504,6 +504,37 @@ def _uri(cfg: Any, *names: str) -> None:
         object.__setattr__(cfg, name, absolute(value))
 
 
+def _mlflow(cfg: Any) -> None:
+    """``mlflow`` (a tracking URI) carries no credentials: they come from MLflow's own variables, never a config."""
+    from urllib.parse import urlsplit
+
+    if cfg.mlflow is not None:
+        if not cfg.mlflow.strip():
+            raise ConfigError("mlflow: expected a tracking URI (http://host:5000, sqlite:///mlflow.db, file:///path), got ''", field="mlflow")
+        parts = urlsplit(cfg.mlflow)
+        if parts.username or parts.password:
+            # Not echoed: the value holds a secret.
+            raise ConfigError(
+                "mlflow: the tracking URI holds a user name or password; give them in MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead, so no config or log records them",
+                field="mlflow",
+            )
+    if not cfg.mlflow_experiment.strip():
+        raise ConfigError("mlflow_experiment: expected an experiment name, got ''", field="mlflow_experiment")
+
+
+def _model_uri(cfg: Any, name: str) -> None:
+    """A run or model field: a path or storage URI (``_uri``), or a registered model ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS``."""
+    value = getattr(cfg, name)
+    if isinstance(value, str) and value.startswith("models:/"):
+        import re
+
+        if not re.match(r"^models:/[^/@]+(/\d+|@[\w-]+)$", value):
+            raise ConfigError(f"{name} {shown(value)}: expected models:/NAME/VERSION or models:/NAME@ALIAS", field=name)
+        return
+    _uri(cfg, name)
+
+
 def _hw(cfg: Any, name: str) -> None:
     value = getattr(cfg, name)
     if value is not None and (len(value) != 2 or min(value) <= 0):
@@ -754,10 +785,13 @@ class TrainConfig(Config):
     deep_supervision: bool = flag(
         False, negatable=True,
         help="U-Net: also train heads at 1/2 and 1/4 of the size (training only; planned for depth 3 or more)")
+    mlflow: str | None = flag(None, resumable=True, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI; unset: no tracking)")
+    mlflow_experiment: str = flag("segray", resumable=True, help="MLflow experiment the run goes to (default segray)")
     plan: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         _uri(self, "data", "storage")
+        _mlflow(self)
         if self.deep_supervision:
             _deep_supervision_model(self.model)
         _positive(self, "epochs", "batch_size", "workers", "cpus_per_worker", "lr", "keep_checkpoints", "patches_per_image", "time_budget")
@@ -839,9 +873,12 @@ class TuneConfig(Config):
     reduction_factor: float = flag(2.0, help="ASHA keeps the best 1/F of trials at each rung")
     seed: int = flag(0, help="seeds the sampling of the space")
     resume: bool = flag(False, help="continue the search NAME; finished trials are not run again")
+    mlflow: str | None = flag(None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI; unset: no tracking)")
+    mlflow_experiment: str = flag("segray", help="MLflow experiment the run goes to (default segray)")
 
     def validate(self) -> None:
         _uri(self, "data", "storage")
+        _mlflow(self)
         if self.search_space is not None:
             _uri(self, "search_space")
         _positive(self, "trials", "time_budget", "workers_per_trial", "cpus_per_worker", "max_concurrent", "epochs", "grace_epochs")
@@ -933,13 +970,17 @@ class PredictConfig(Config):
     chunk: int = flag(2048, help="raster inputs (TIFF/Zarr): output chunk side, the unit of work and of resume (default 2048)")
     truth: str | None = flag(None, help="raster inputs: the truth raster, or a folder of them named as the inputs")
     mask_format: Literal["ome-zarr", "tiff"] = flag("ome-zarr", help="raster inputs: masks as OME-Zarr, or tiled pyramidal BigTIFF")
+    mlflow: str | None = flag(None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI; unset: no tracking)")
+    mlflow_experiment: str = flag("segray", help="MLflow experiment the run goes to (default segray)")
 
     def validate(self) -> None:
         _positive(self, "max_pixels")
         _positive(self, "chunk")
         if self.truth is not None:
             _uri(self, "truth")
-        _uri(self, "model", "input", "output")
+        _mlflow(self)
+        _model_uri(self, "model")
+        _uri(self, "input", "output")
         _layout_options(self, "input")
         if self.layout is not None and self.split is not None:
             raise ConfigError(f"split {self.split!r} is for an ingested dataset; with `layout` {self.layout} the input is read as a raw folder", field="split")
@@ -994,9 +1035,12 @@ class EvaluateConfig(Config):
     priority: list[str] | None = flag(
         None, parse=parse_names, help="per-class: overlap priority, first wins (default: the --pred output's model's; must match it)")
     images_dir: str = flag("images", help="per-class: folder of images (default images)")
+    mlflow: str | None = flag(None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI; unset: no tracking)")
+    mlflow_experiment: str = flag("segray", help="MLflow experiment the run goes to (default segray)")
 
     def validate(self) -> None:
         _uri(self, "pred", "truth", "output")
+        _mlflow(self)
         if self.classes:
             _uri(self, "classes")
         _layout_options(self, "truth")
@@ -1098,9 +1142,16 @@ class ExportConfig(Config):
     format: Literal["savedmodel", "onnx", "keras"] = flag("onnx")
     allow_unfinished: bool = flag(
         False, help="export a run still training, killed or failed before its last epoch (the card says so)")
+    register: str | None = flag(None, metavar="NAME", help="also log the ONNX export as an MLflow pyfunc and register a new version of NAME")
+    mlflow: str | None = flag(None, help="with --register: MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    mlflow_experiment: str = flag("segray", help="with --register: the experiment of the registering run (default segray)")
 
     def validate(self) -> None:
-        _uri(self, "run", "output")
+        _model_uri(self, "run")
+        _uri(self, "output")
+        _mlflow(self)
+        if self.register is not None and self.format != "onnx":
+            raise ConfigError(f"register wraps the ONNX export in an MLflow pyfunc; `format` is {self.format}, use onnx", field="register")
 
 
 @dataclass(frozen=True)
@@ -1149,7 +1200,7 @@ class ServeConfig(Config):
         return self.max_pixels * BODY_BYTES_PER_PIXEL + MIB
 
     def validate(self) -> None:
-        _uri(self, "run")
+        _model_uri(self, "run")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1..65535, got {self.port}", field="port")
         if isinstance(self.replicas, str) and self.replicas != "auto":
@@ -1233,3 +1284,23 @@ class DemoConfig(Config):
     n: int = flag(96, help="synthetic pairs (default 96)")
     size: list[int] = flag(default_factory=lambda: [64, 64], parse=parse_hw, help="image size (default 64)")
     epochs: int = flag(8, help="training epochs (default 8)")
+
+
+@dataclass(frozen=True)
+class MlflowConfig(Config):
+    """What ``segray mlflow sync FOLDER`` does: send what a tracked job could not send to its MLflow server.
+
+    Attributes:
+        operation: ``sync``.
+        folder: a tracked training run or predict / evaluate output (with ``mlflow/run.json``).
+        mlflow: send to this tracking URI instead of the one the job used (a new MLflow run there).
+    """
+
+    operation: Literal["sync"] = flag(positional=True, help="the operation: sync sends the records waiting in FOLDER/mlflow/pending.jsonl")
+    folder: str = flag(positional=True, help="a tracked training run (STORAGE/RUN) or predict / evaluate output")
+    mlflow: str | None = flag(None, help="send to this tracking URI instead of the one in FOLDER/mlflow/run.json")
+    mlflow_experiment: str = flag("segray", help="with --mlflow: the experiment of the new run there")
+
+    def validate(self) -> None:
+        _uri(self, "folder")
+        _mlflow(self)

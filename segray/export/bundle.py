@@ -18,7 +18,7 @@ import numpy as np
 
 from segray import storage
 from segray.config import ExportConfig, about
-from segray.export.card import CARD_FILE, model_card, run_records, training_state
+from segray.export.card import CARD_FILE, model_card, run_folder, run_records, training_state
 from segray.export.formats import write_keras, write_onnx, write_savedmodel
 from segray.runs import RunState, run_state
 
@@ -35,12 +35,14 @@ class ExportResult:
         format: ``savedmodel``, ``onnx`` or ``keras``.
         files: every file written, relative to ``output``.
         card: the model card (as written to ``model_card.json``).
+        registered: with ``register``: ``{"name", "version", "run_id", "model_uri"}`` of the MLflow registry.
     """
 
     output: str
     format: str
     files: list[str] = field(default_factory=list)
     card: dict[str, Any] = field(default_factory=dict)
+    registered: dict[str, Any] | None = None
 
     def describe(self) -> str:
         parity = self.card.get("parity", {})
@@ -48,7 +50,7 @@ class ExportResult:
             f"exported {self.card.get('model')} ({self.card.get('model_id')}) as {self.format} to {self.output}: "
             f"{', '.join(self.files)}\ninput: uint8 RGB (N, H, W, 3), {self.card['input_size']['rule']}\n"
             f"max |logit difference| vs the original on a probe batch {parity.get('max_abs_logit_diff', float('nan')):.2e}"
-        )
+        ) + (f"\nregistered in MLflow as {self.registered['model_uri']} (run {self.registered['run_id']})" if self.registered else "")
 
 
 def _reference_logits(net, images: np.ndarray, mean, std) -> np.ndarray:
@@ -112,9 +114,10 @@ def export(cfg: ExportConfig) -> ExportResult:
 
     _check_output(cfg.output)
     # RUN itself first: a run that failed or was killed before its first epoch has no model yet.
-    _refuse_unfinished(cfg, None if cfg.run.endswith(".keras") else run_state(cfg.run))
+    _refuse_unfinished(cfg, None if cfg.run.endswith(".keras") or cfg.run.startswith("models:/") else run_state(cfg.run))
     spec = resolve_model(cfg.run)
-    state = training_state(cfg.run, spec.uri)
+    # models:/NAME/VERSION resolved to the run it was registered from: that run's state.
+    state = training_state(run_folder(spec.uri) or cfg.run if cfg.run.startswith("models:/") else cfg.run, spec.uri)
     _refuse_unfinished(cfg, state)
     with tf.device("/CPU:0"):
         net = load_keras(spec.uri)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from segray.data import IGNORE_INDEX, ClassInfo, default_color
-from segray.runs.layout import PREPROCESSING_FILE
+from segray.runs.layout import MODEL_DIR, MODEL_FILE, PREPROCESSING_FILE
 from segray.runs.model import class_list, load_keras, locate, read_preprocessing
 
 
@@ -138,6 +138,12 @@ def resolve_model(model: str) -> ModelSpec:
     """
     import tensorflow as tf
 
+    registered = None
+    if model.startswith("models:/"):  # MLflow's model registry (segray.tracking.registry)
+        from segray.tracking import resolve_registered
+
+        registered = resolve_registered(model, model_dir=MODEL_DIR, model_file=MODEL_FILE)
+        model = registered.model
     keras_uri, pre_uri = locate(model)
     share_gpus()
     with tf.device("/CPU:0"):  # the driver only reads shapes and weights
@@ -182,10 +188,14 @@ def resolve_model(model: str) -> ModelSpec:
         static_fit = static
     if static and size and tuple(size) != static and not window:
         raise ValueError(f"{pre_uri}: size {list(size)} but the model {keras_uri} only takes {static[0]}x{static[1]} inputs")
+    model_id = weights_id(net)
+    if registered is not None and model_id != registered.weights_hash:
+        raise ValueError(f"model {registered.reference}: {keras_uri} has weights {model_id}, "
+                         f"the registered version {registered.version} was {registered.weights_hash}; the run changed since it was registered")
     return ModelSpec(
         uri=keras_uri,
         preprocessing_uri=pre_uri,
-        model_id=weights_id(net),
+        model_id=model_id,
         name=name,
         classes=tuple(classes),
         size=size or static_fit,

@@ -26,6 +26,7 @@ from segray.config import TrainConfig
 from segray.data import IGNORE_INDEX, DatasetInfo
 from segray.runtime import BF16_CPU_FLAGS, cpu_has_bf16, normal_priority
 from segray.runs import Preprocessing, load_state, save_state, write_end
+from segray.tracking import EpochLogger
 from segray.training.artifacts import RunArtifacts
 from segray.training.budget import Budget
 from segray.training.report import PREVIEW_IMAGES, epoch_line, preview_strips
@@ -336,6 +337,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         worker.optimization.restore(state)
 
     artifacts = RunArtifacts(loop_config["run_uri"]) if rank == 0 else None
+    tracker = EpochLogger(loop_config["run_uri"], loop_config["mlflow"]) if rank == 0 and loop_config.get("mlflow") else None
     export_model = None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard(val_dataset_name(rank))
@@ -370,6 +372,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state = {"epoch": epoch, "history": history, "best": best, "stale": stale, "lr": metrics["lr"]}
         if rank == 0:
             artifacts.write_epoch(history, worker.preview())
+            if tracker is not None:
+                tracker.log(metrics)
             if improved:
                 if export_model is None:
                     export_model = float32_model(cfg, info.num_classes)

@@ -11,7 +11,8 @@ from segray.config import ConfigError, TrainConfig, about, field_defaults, from_
 from segray.data import DatasetInfo, load_dataset_info
 from segray.ownership import canonical
 from segray.runtime import is_verbose
-from segray.runs import clear_end, has_history, read_config, read_history, run_exists, write_config, write_end, write_plan
+from segray.runs import PLAN_FILE, clear_end, has_history, read_config, read_history, run_exists, write_config, write_end, write_plan
+from segray.tracking import dataset_fingerprint, describe_pending, finish_train_run, start_train_run
 
 # What a resumed run may change (the fields marked resumable): how long it goes on and how failures are handled.
 # Anything else (data, model, loss, sizes, learning rate ...) would make its
@@ -164,6 +165,31 @@ def _record_failure(run_uri: str, epochs: int, error: BaseException) -> None:
     write_end(run_uri, done, epochs, "failed", f"{type(error).__name__}: {lines[-1][:300]}" if lines else type(error).__name__)
 
 
+def _finish_tracking(run_uri: str, tracked: dict[str, Any] | None, cfg: TrainConfig, info: DatasetInfo, status: str) -> None:
+    """Sends the run's files, its dataset's fingerprint and its weights' hash to its MLflow run, and ends it."""
+    if tracked is None:
+        return
+    from segray.runs import BEST_FILE, CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_DIR, MODEL_FILE
+
+    model_id = None
+    if storage.exists(storage.join(run_uri, MODEL_DIR, MODEL_FILE)):
+        from segray.runs import resolve_model
+
+        model_id = resolve_model(run_uri).model_id
+    files = [CONFIG_FILE, HISTORY_FILE, CURVES_FILE, f"{MODEL_DIR}/{BEST_FILE}"]  # the plan went at the start
+    left = finish_train_run(run_uri, tracked, files, dataset_fingerprint(cfg.data, info.to_dict()),
+                            {"weights_hash": model_id, "best_val_miou": _best_miou(run_uri)}, status)
+    if left:
+        print(describe_pending(run_uri, left))
+
+
+def _best_miou(run_uri: str) -> float | None:
+    if not storage.exists(storage.join(run_uri, HISTORY_FILE)):
+        return None
+    scores = read_history(run_uri)["val_miou"].dropna()
+    return float(scores.max()) if len(scores) else None
+
+
 def class_draw_for(cfg: TrainConfig, info: DatasetInfo) -> tuple[float, ...]:
     """The weights by class id an oversampled patch's class is drawn with: () for ``uniform``.
 
@@ -189,7 +215,7 @@ def data_config(workers: int):
     return ray.train.DataConfig(datasets_to_split=["train"] if workers > 1 else [])
 
 
-def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> TrainResult:
+def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None, tracking_tags: dict[str, str] | None = None) -> TrainResult:
     """Trains ``cfg.model`` on ``cfg.data`` with Ray Train (on the Ray this process is connected to).
 
     Args:
@@ -197,6 +223,7 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
             already (``segray.train`` does, before it starts Ray).
         callbacks: Ray Train callbacks added to the run (``segray.tune`` passes
             Ray Tune's ``TuneReportCallback``, so each epoch reaches the search).
+        tracking_tags: tags for the run's MLflow run (a search's trial: its parent run).
     """
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
@@ -213,6 +240,8 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
 
     if cfg.plan:
         write_plan(run_uri, cfg.plan)
+    tracked = start_train_run(run_uri, cfg.to_dict(), cfg.mlflow, cfg.mlflow_experiment, cfg.resume, tracking_tags,
+                              plan_name=PLAN_FILE)
     size = tuple(cfg.size)
     crop = tuple(cfg.crop) if cfg.crop else None
     datasets = {"train": read_split(cfg.data, "train", size=size, crop=crop, augment=cfg.augment, seed=cfg.seed, info=info,
@@ -231,7 +260,7 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
     fs, path = storage.filesystem(cfg.storage)
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "dataset_info": info.to_json(), "run_uri": run_uri},
+        train_loop_config={"config": cfg.to_dict(), "dataset_info": info.to_json(), "run_uri": run_uri, "mlflow": tracked},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.gpu,
@@ -259,7 +288,14 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
             raise result.error
     except Exception as error:
         _record_failure(run_uri, cfg.epochs, error)
+        try:
+            _finish_tracking(run_uri, tracked, cfg, info, "FAILED")
+        except Exception as tracking_error:  # noqa: BLE001 - the training error is the one to raise
+            import warnings
+
+            warnings.warn(f"MLflow: the failed run {run_uri} could not be closed in MLflow ({tracking_error})", stacklevel=2)
         raise
+    _finish_tracking(run_uri, tracked, cfg, info, "FINISHED")
     history = read_history(run_uri)
     best_row = int(history["val_miou"].fillna(-1).idxmax())
     best = history.loc[best_row].to_dict()

@@ -26,6 +26,7 @@ from segray import storage
 from segray.config import ConfigError, TuneConfig, about
 from segray.runs import SEARCH_RUNS_DIR
 from segray.runtime import DATA_PIPELINE_CPUS
+from segray.tracking import finish_search_run, start_search_run, trial_tags
 from segray.tuning.space import SearchSpace, check_space, load_space, probes, trial_config
 
 # A trial's own process only waits on its Train run (whose controller asks for no CPU and
@@ -53,6 +54,9 @@ def trial_base(cfg: TuneConfig, uri: str) -> dict[str, Any]:
         "cpus_per_worker": cfg.cpus_per_worker,
         "gpu": cfg.gpu,
         "epochs": cfg.epochs,
+        # Only when set: a trial's config (and so its config.json) is as before without tracking.
+        **({"mlflow": cfg.mlflow} if cfg.mlflow else {}),
+        **({"mlflow_experiment": cfg.mlflow_experiment} if cfg.mlflow_experiment != "segray" else {}),
     }
 
 
@@ -160,7 +164,9 @@ def run(search: Search, concurrent: int):
 
     cfg = search.config
     fs, path = storage.filesystem(cfg.storage)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=search.base, plan=search.plan), {"cpu": TRIAL_DRIVER_CPUS})
+    parent = start_search_run(search.uri, cfg.to_dict(), cfg.mlflow, cfg.mlflow_experiment)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=search.base, plan=search.plan, tracking_tags=trial_tags(parent)),
+                                    {"cpu": TRIAL_DRIVER_CPUS})
     if cfg.resume:
         tuner = tune.Tuner.restore(
             storage.filesystem(search.uri)[1], trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
@@ -183,8 +189,13 @@ def run(search: Search, concurrent: int):
             ),
         )
     started = time.time()
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except Exception:
+        finish_search_run(search.uri, parent, None, "FAILED")
+        raise
     seconds = time.time() - started
     table, curve = trial_rows(grid, storage.join(search.uri, SEARCH_RUNS_DIR), stopped_early(search.uri))
     best = write_outputs(search.uri, table, curve)
+    finish_search_run(search.uri, parent, best, "FINISHED")
     return TuneResult(search.uri, table, best, seconds)

@@ -22,7 +22,7 @@ class EpochReport(TuneReportCallback):
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], plan=None) -> None:
+def run_trial(params: dict[str, Any], base: dict[str, Any], plan=None, tracking_tags: dict[str, str] | None = None) -> None:
     """Tune's function trainable: the segray training run of ``params`` over ``base``, named by the trial id.
 
     A trial that ran before the search's driver stopped finds its run in
@@ -39,4 +39,4 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], plan=None) -> None:
     name = ray.tune.get_context().get_trial_id()
     again = {"resume": True} if run_exists(storage.join(base["storage"], name)) else {}
     cfg = trial_config({**base, "name": name, **again}, params, plan)
-    train(cfg, callbacks=[EpochReport()])
+    train(cfg, callbacks=[EpochReport()], tracking_tags=tracking_tags)
