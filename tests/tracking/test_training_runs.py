@@ -17,9 +17,9 @@ from mlflow import MlflowClient
 from segray import storage
 from segray.config import IngestConfig, TrainConfig
 from segray.data import ingest, synthesize
-from segray.runs import resolve_model
+from segray.runs import read_history, resolve_model
 from segray.tracking import read_pending, read_run_record
-from segray.training import read_history, train
+from segray.training import train
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
