@@ -11,7 +11,7 @@ from segray.config import ConfigError, TrainConfig, about, field_defaults, from_
 from segray.data import DatasetInfo, load_dataset_info
 from segray.ownership import canonical
 from segray.runtime import is_verbose
-from segray.runs import PLAN_FILE, clear_end, has_history, read_config, read_history, run_exists, write_config, write_end, write_plan
+from segray.runs import HISTORY_FILE, PLAN_FILE, clear_end, has_history, read_config, read_history, run_exists, write_config, write_end, write_plan
 from segray.tracking import dataset_fingerprint, describe_pending, finish_train_run, start_train_run
 
 # What a resumed run may change (the fields marked resumable): how long it goes on and how failures are handled.
@@ -169,7 +169,7 @@ def _finish_tracking(run_uri: str, tracked: dict[str, Any] | None, cfg: TrainCon
     """Sends the run's files, its dataset's fingerprint and its weights' hash to its MLflow run, and ends it."""
     if tracked is None:
         return
-    from segray.runs import BEST_FILE, CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_DIR, MODEL_FILE
+    from segray.runs import BEST_FILE, CONFIG_FILE, CURVES_FILE, MODEL_DIR, MODEL_FILE
 
     model_id = None
     if storage.exists(storage.join(run_uri, MODEL_DIR, MODEL_FILE)):
