@@ -288,9 +288,9 @@ def send_pending(folder: str, uri: str | None = None, warn: bool = False) -> tup
     experiment = record.get("experiment", "segray")
     if run_id is None and records[0]["op"] != "start":
         raise ValueError(f"{pending_uri(folder)}: the MLflow run was never started and the first record is {records[0]['op']!r}")
-    client = client_for(target)
     sent = 0
     try:
+        client = client_for(target)  # MLflow may refuse the URI itself (a file store, since MLflow 3)
         for item in records:
             if item["op"] == "start" and run_id is not None:
                 sent += 1  # started since (a resumed session sent it)
