@@ -151,7 +151,7 @@ def resolve(cfg: TrainConfig) -> ResolvedRun:
 
 def _check_instance_options(cfg: TrainConfig) -> None:
     """Refuses options of pixel-wise training that an instance run (the model's own loss, object ids) cannot honour."""
-    from segray.data.instance_pipeline import INSTANCE_AUGMENT
+    from segray.data import INSTANCE_AUGMENT
 
     if cfg.foreground_oversample:
         raise ConfigError(f"foreground_oversample with the instance dataset {cfg.data}: patches are cut at random; drop it", field="foreground_oversample")
@@ -231,7 +231,7 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None) -> Trai
     from ray.train.tensorflow import TensorflowTrainer
 
     from segray.data import read_split
-    from segray.data.instance_pipeline import read_instances
+    from segray.data import read_instances
     from segray.training.loop import instance_score, train_loop_per_worker, val_dataset_name
 
     run = cfg if isinstance(cfg, ResolvedRun) else resolve(cfg)

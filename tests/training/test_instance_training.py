@@ -1,4 +1,7 @@
-"""segray train on an instance dataset: synth -> ingest -> Mask R-CNN through Ray Train -> predict the run; resume; task mismatch."""
+"""segray train on an instance dataset: synth -> ingest -> Mask R-CNN through Ray Train -> predict the run; resume; task mismatch.
+
+The resume test adds a Ray Train start (~40 s on 2 busy cores): deselect it with ``-k 'not resume'`` for the short run.
+"""
 
 from __future__ import annotations
 
@@ -34,13 +37,23 @@ def instance_data(tmp_path_factory):
     return root, data
 
 
-def test_train_maskrcnn_then_predict_and_resume(instance_data):
-    from segray.api import predict, train
+@pytest.fixture(scope="module")
+def trained(instance_data):
+    from segray.api import train
 
     root, data = instance_data
     t0 = time.time()
     result = train(_config(data, str(root / "runs"), "mrcnn"))
-    trained = time.time() - t0
+    print(f"train 2 epochs {time.time() - t0:.1f} s")
+    return result
+
+
+@pytest.mark.slow
+def test_train_maskrcnn_then_predict(instance_data, trained):
+    from segray.api import predict
+
+    root, data = instance_data
+    result = trained
     history = result.history
     assert list(history["epoch"]) == [0, 1]
     for column in ("train_loss", "val_loss", "val_ap50", "val_ap", "val_pq", "lr", "train_images_per_s"):
@@ -65,16 +78,23 @@ def test_train_maskrcnn_then_predict_and_resume(instance_data):
     objects = pq.read_table(os.path.join(out, "instances.parquet"))
     assert "instance_id" in objects.schema.names
     assert len(os.listdir(os.path.join(out, "instances"))) == predicted.summary["images"] > 0
+    print(f"predict {predicted_s:.1f} s; history {history[['train_loss', 'val_loss', 'val_ap50']].to_dict('records')}")
 
-    # Resume for one more epoch: the history goes on from the checkpoint.
+
+@pytest.mark.slow
+def test_resume_one_more_epoch(instance_data, trained):
+    """Resume for one more epoch: the history goes on from the checkpoint (its best is [AP50, -val loss])."""
+    from segray.api import train
+
+    root, data = instance_data
+    result, history = trained, trained.history
     t2 = time.time()
     resumed = train(_config(data, str(root / "runs"), "mrcnn", epochs=3, resume=True))
     resumed_s = time.time() - t2
     assert list(resumed.history["epoch"]) == [0, 1, 2]
     assert resumed.history["train_loss"].iloc[:2].tolist() == history["train_loss"].tolist()
     assert json.loads(storage.read_text(os.path.join(result.run_uri, "ended.json")))["epochs_done"] == 3
-    print(f"train 2 epochs {trained:.1f} s, predict {predicted_s:.1f} s, resume 1 epoch {resumed_s:.1f} s; "
-          f"history {history[['train_loss', 'val_loss', 'val_ap50']].to_dict('records')}")
+    print(f"resume 1 epoch {resumed_s:.1f} s")
 
 
 def test_task_mismatch_is_refused(instance_data, tmp_path):
@@ -88,3 +108,5 @@ def test_task_mismatch_is_refused(instance_data, tmp_path):
     assert cli_main(["ingest", raw, sem, "--val-fraction", "0.25"]) == 0
     with pytest.raises(ConfigError, match=r"model maskrcnn is an instance segmentation model and .*sem is a semantic dataset"):
         resolve(config_from(_config(sem, str(tmp_path), "m", size=[32, 32])))
+    with pytest.raises(ConfigError, match=r"foreground_oversample with the instance dataset"):
+        resolve(config_from(_config(data, str(tmp_path), "f", crop=[32, 32], foreground_oversample=0.3)))
