@@ -219,8 +219,10 @@ class WorkerLoop:
     def _replica_eval_instances(self, images, instances, classes):
         import tensorflow as tf
 
-        _, parts = self.loss(self.model_input(images), instances, classes, training=False)
-        return tf.add_n(list(parts.values())), tf.cast(tf.shape(images)[0], tf.float32)
+        # The terms alone: the loss's all-reduce of the global batch is a collective, and the
+        # workers' val parts differ in batches (every image once), so no collective may run per batch.
+        terms = self.loss.image_terms(self.model_input(images), instances, classes, training=False)
+        return tf.add_n([tf.reduce_sum(v) for v in terms.values()]), tf.cast(tf.shape(images)[0], tf.float32)
 
     def model_input(self, images):
         """Pipeline images (uint8, or float32 0..255) -> the model's normalised float32, in-graph."""
