@@ -107,8 +107,12 @@ def cmd_train(values: dict[str, Any]) -> None:
               + (f"; given over it: {', '.join(sorted(p['overridden']))}" if p["overridden"] else ""))
     result = segray.train(cfg)
     h, best = result.history, result.best
-    print(f"trained {cfg.model} for {len(h)} epoch(s); best val mIoU {best['val_miou']:.4f} at epoch {result.best_epoch + 1}")
-    print(h[["epoch", "train_loss", "val_loss", "val_pixel_accuracy", "val_miou", "val_mean_dice", "seconds"]].to_string(index=False))
+    if "val_ap50" in h.columns:  # an instance run
+        print(f"trained {cfg.model} for {len(h)} epoch(s); best val mask AP50 {best['val_ap50']:.4f} at epoch {result.best_epoch + 1}")
+        print(h[["epoch", "train_loss", "val_loss", "val_ap50", "val_ap", "val_pq", "seconds"]].to_string(index=False))
+    else:
+        print(f"trained {cfg.model} for {len(h)} epoch(s); best val mIoU {best['val_miou']:.4f} at epoch {result.best_epoch + 1}")
+        print(h[["epoch", "train_loss", "val_loss", "val_pixel_accuracy", "val_miou", "val_mean_dice", "seconds"]].to_string(index=False))
     print(f"run: {result.run_uri} (model/model.keras, history.parquet, curves.png, config.json, tensorboard/)")
 
 

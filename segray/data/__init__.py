@@ -4,7 +4,7 @@ from segray.data.imageio import BadInput, TooLarge, WrongChannels, decode_image,
 from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo, default_color, load_classes, load_dataset_info, parse_classes
 from segray.data.ingest import IngestError, IngestResult, choose_val, chunk_items, ingest, plan_chunks
 from segray.data.instance_ingest import ingest_instances
-from segray.data.instance_pipeline import DecodeInstances, decode_instances, read_instances
+from segray.data.instance_pipeline import INSTANCE_AUGMENT, DecodeInstances, decode_instances, read_instances
 from segray.data.instance_transforms import fit_instances, renumber, sample_instances
 from segray.data.instance_layouts import INSTANCE_LAYOUTS, ObjectLabels, list_instances
 from segray.data.layouts import Plan, build_mask, id_problem, index_folder, list_pairs, pair_by_id
@@ -24,6 +24,7 @@ __all__ = [
     "DecodeInstances",
     "decode_instances",
     "read_instances",
+    "INSTANCE_AUGMENT",
     "fit_instances",
     "renumber",
     "sample_instances",

@@ -131,8 +131,9 @@ def run_state(run_uri: str) -> RunState | None:
     if done and done >= epochs:
         return RunState(done, epochs, "epochs", "worked out from history.parquet", ended)
     patience = int(config.get("patience") or 0)
-    if patience and history is not None and done > patience:
-        scores = history["val_miou"].fillna(0.0).tolist()
+    column = "val_miou" if history is not None and "val_miou" in history else "val_ap50"  # an instance run: val mask AP50
+    if patience and history is not None and done > patience and column in history:
+        scores = history[column].fillna(0.0).tolist()
         if max(scores[-patience:]) <= max(scores[:-patience]):
             return RunState(done, epochs, "patience", "worked out from history.parquet", ended)
     return RunState(done, epochs, None, None, ended)

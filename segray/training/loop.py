@@ -18,10 +18,11 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from segray import storage
 from segray.config import TrainConfig
 from segray.data import IGNORE_INDEX, DatasetInfo
 from segray.runtime import BF16_CPU_FLAGS, cpu_has_bf16, normal_priority
@@ -31,11 +32,16 @@ from segray.training.artifacts import RunArtifacts
 from segray.training.budget import Budget
 from segray.training.report import PREVIEW_IMAGES, epoch_line, preview_strips
 
+if TYPE_CHECKING:
+    from segray.metrics import InstanceMetrics
+
 
 # A worker keeps its part of the val split in memory after the first pass when
 # it fits this many bytes: the split is the same every epoch (no augmentation),
 # and a new streaming pass costs Ray Data's start-up each epoch (seconds on a small split).
 VAL_CACHE_BYTES = 512 * 2**20
+# The folder of a run where the workers of an instance run exchange their val metric records.
+VAL_RECORDS_DIR = "val_records"
 
 
 def preprocessing_of(cfg: TrainConfig, info: DatasetInfo) -> Preprocessing:
@@ -62,6 +68,12 @@ def float32_model(cfg: TrainConfig, num_classes: int):
 
     with dtype_policy("float32"):
         return build(cfg.model, num_classes, input_shape=(None, None, 3), **cfg.model_options)
+
+
+def instance_score(metrics: dict[str, Any]) -> tuple[float, float]:
+    """What picks an instance run's best epoch: val mask AP50, then (ties, or no AP50) the lower val loss."""
+    ap50, loss = metrics.get("val_ap50", float("nan")), metrics.get("val_loss", float("nan"))
+    return (float(ap50) if np.isfinite(ap50) else -np.inf, -float(loss) if np.isfinite(loss) else -np.inf)
 
 
 def val_dataset_name(rank: int) -> str:
@@ -136,6 +148,7 @@ class WorkerLoop:
         # same step without MWMS's collective ops on every gradient.
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy() if world_size > 1 else tf.distribute.get_strategy()
         entry = models.spec(cfg.model)
+        self.task = entry.task  # "semantic" or "instance": which batches, steps and metrics
         with self.strategy.scope():
             self.model = models.build(cfg.model, self.num_classes, input_shape=(None, None, 3), **cfg.model_options)
             # What the optimizer trains: the model, or the model plus its deep
@@ -207,8 +220,10 @@ class WorkerLoop:
     def _replica_eval_instances(self, images, instances, classes):
         import tensorflow as tf
 
-        _, parts = self.loss(self.model_input(images), instances, classes, training=False)
-        return tf.add_n(list(parts.values())), tf.cast(tf.shape(images)[0], tf.float32)
+        # The terms alone: the loss's all-reduce of the global batch is a collective, and the
+        # workers' val parts differ in batches (every image once), so no collective may run per batch.
+        terms = self.loss.image_terms(self.model_input(images), instances, classes, training=False)
+        return tf.add_n([tf.reduce_sum(v) for v in terms.values()]), tf.cast(tf.shape(images)[0], tf.float32)
 
     def model_input(self, images):
         """Pipeline images (uint8, or float32 0..255) -> the model's normalised float32, in-graph."""
@@ -259,11 +274,12 @@ class WorkerLoop:
             return
         kept: list[dict[str, np.ndarray]] | None = [] if self.val_batches is None else None
         size = 0
+        columns = ("image", "mask") if self.task != "instance" else ("image_id", "image", "instances", "classes")
         for batch in self._batches(shard, drop_last=False):
             if kept is not None:
-                size += batch["image"].nbytes + batch["mask"].nbytes
+                size += sum(batch[c].nbytes for c in columns)
                 if size <= VAL_CACHE_BYTES:
-                    kept.append({"image": np.array(batch["image"]), "mask": np.array(batch["mask"])})
+                    kept.append({c: np.array(batch[c]) for c in columns})
                 else:
                     kept = None  # too big to keep: streamed every epoch
             yield batch
@@ -302,6 +318,83 @@ class WorkerLoop:
             self.budget.reserve = seconds  # room the time budget keeps for the next validation pass
         return float(total[0]), float(total[1]), np.rint(total[4:]).astype(np.int64).reshape(C, C), int(total[2]), seconds
 
+    def run_instance_epoch(self, shard, train: bool, records_uri: str | None = None) -> tuple[float, float, int, float, InstanceMetrics | None]:
+        """One pass of an instance run over this worker's shard; returns global (loss_sum, images, images, seconds, metrics).
+
+        The loss sum is the Mask R-CNN terms summed, per image, over every
+        worker's images. Validation with ``records_uri`` (a folder of the run)
+        also predicts every val image (``predict_instances``) and scores it
+        against its truth; each worker writes its metric records there and
+        reads every worker's back after the collective, so every worker has
+        the same AP50 (the same best-model and early-stopping decisions).
+        """
+        import tensorflow as tf
+
+        from segray.metrics import InstanceMetrics
+        from segray.models import predict_instances
+
+        step = self.train_step if train else self.eval_step
+        metrics = InstanceMetrics(self.num_classes) if records_uri and not train else None
+        loss_sum, weight_sum, images = 0.0, 0.0, 0
+        t0 = time.time()
+        for batch in self._batches(shard) if train else self._val_batches(shard):
+            if train and not self.before_step():
+                break
+            ls, ws = step(tf.constant(batch["image"]), tf.constant(batch["instances"]), tf.constant(batch["classes"]))
+            loss_sum += float(ls)
+            weight_sum += float(ws)
+            images += len(batch["image"])
+            if train:
+                self.steps_done += 1
+            elif metrics is not None:
+                found = predict_instances(self.model, self.model_input(tf.constant(batch["image"])))
+                for i, image_id in enumerate(batch["image_id"]):
+                    truth = batch["instances"][i]
+                    metrics.add(str(image_id), truth, batch["classes"][i][: int(truth.max())], found[i]["instances"],
+                                found[i]["classes"], found[i]["scores"])
+        seconds = time.time() - t0
+        total = self.global_sum(np.array([loss_sum, weight_sum, images, seconds]))
+        seconds = float(total[3]) / self.world_size
+        if not train:
+            self.budget.reserve = seconds
+        if metrics is not None and self.world_size > 1:
+            metrics = self._merged_records(metrics, records_uri)
+        return float(total[0]), float(total[1]), int(total[2]), seconds, metrics
+
+    def _merged_records(self, metrics, records_uri: str):
+        """Every worker's val metric records: written to ``records_uri`` by each, read back by each after a collective."""
+        import io
+
+        import pyarrow.parquet as pq
+
+        from segray import storage
+        from segray.metrics import InstanceMetrics
+
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        buf = io.BytesIO()
+        pq.write_table(metrics.to_arrow(), buf)
+        storage.write_bytes(storage.join(records_uri, f"{rank}.parquet"), buf.getvalue())
+        self.global_sum(np.zeros(1))  # a barrier: every worker's file is written
+        parts = [InstanceMetrics.from_arrow(pq.read_table(io.BytesIO(storage.read_bytes(storage.join(records_uri, f"{r}.parquet")))), self.num_classes)
+                 for r in range(self.world_size)]
+        # The next write of these files comes after the next train pass's collective: every worker has read them by then.
+        return InstanceMetrics.merged(parts)
+
+    def instance_metrics(self, train_shard, val_shard, records_uri: str) -> tuple[dict[str, float], int, float]:
+        """An instance epoch: train, then validate; returns (history columns, train images, train seconds)."""
+        loss_sum, weight_sum, images, train_seconds, _ = self.run_instance_epoch(train_shard, train=True)
+        val_sum, val_weight, _, _, metrics = self.run_instance_epoch(val_shard, train=False, records_uri=records_uri)
+        summary = metrics.summary() if metrics is not None else {}
+        out = {
+            "train_loss": loss_sum / weight_sum if weight_sum else float("nan"),
+            "val_loss": val_sum / val_weight if val_weight else float("nan"),
+        }
+        for key in ("ap50", "ap", "ap75", "pq"):
+            out[f"val_{key}"] = float(summary.get(key, float("nan")))
+        return out, images, train_seconds
+
     def preview(self) -> np.ndarray | None:
         """image | truth | prediction of the kept validation images with the current weights (rank 0 only)."""
         import tensorflow as tf
@@ -327,6 +420,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     worker = WorkerLoop(cfg, info, ctx.get_world_size())
+    instance = worker.task == "instance"
+    # Where an instance run's workers leave their val metric records for each other (more than one worker).
+    records_uri = storage.join(loop_config["run_uri"], VAL_RECORDS_DIR)
 
     start_epoch, history, best, stale = 0, [], -1.0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -350,20 +446,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             stopped = "time_budget"
             break
         t0 = time.time()
-        loss_sum, weight_sum, cm, images, train_seconds = worker.run_epoch(train_shard, train=True)
-        metrics = epoch_metrics("train", loss_sum, weight_sum, cm, info.class_names)
-        metrics.update(epoch_metrics("val", *worker.run_epoch(val_shard, train=False, keep_preview=rank == 0)[:3], info.class_names))
+        if instance:
+            metrics, images, train_seconds = worker.instance_metrics(train_shard, val_shard, records_uri)
+        else:
+            loss_sum, weight_sum, cm, images, train_seconds = worker.run_epoch(train_shard, train=True)
+            metrics = epoch_metrics("train", loss_sum, weight_sum, cm, info.class_names)
+            metrics.update(epoch_metrics("val", *worker.run_epoch(val_shard, train=False, keep_preview=rank == 0)[:3], info.class_names))
         ended_at = time.time()
         metrics.update(epoch=epoch, lr=worker.learning_rate(), seconds=ended_at - t0, ended_at=ended_at,
                        train_images_per_s=images / max(train_seconds, 1e-9))
         history.append(metrics)
-        val_miou = metrics["val_miou"] if np.isfinite(metrics["val_miou"]) else 0.0
-        improved = val_miou > best
-        if improved:
-            best, stale = val_miou, 0
+        if instance:
+            # best: [AP50, -val loss] of the best epoch so far (a JSON list in the checkpoint's state).
+            score = instance_score(metrics)
+            improved = best == -1.0 or score > tuple(best)
+            if improved:
+                best, stale = list(score), 0
+            else:
+                stale += 1
+                worker.optimization.after_epoch(stale)
         else:
-            stale += 1
-            worker.optimization.after_epoch(stale)
+            val_miou = metrics["val_miou"] if np.isfinite(metrics["val_miou"]) else 0.0
+            improved = val_miou > best
+            if improved:
+                best, stale = val_miou, 0
+            else:
+                stale += 1
+                worker.optimization.after_epoch(stale)
 
         if rank == 0:
             # To the process's own stdout: Ray Train V2 patches print() to log
@@ -391,6 +500,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 print(f"time budget {cfg.time_budget:g} s reached after {epoch + 1} epoch(s); the best model is kept", file=sys.__stdout__, flush=True)
             stopped = "time_budget"
             break
+    if instance and worker.world_size > 1:
+        worker.global_sum(np.zeros(1))  # every worker has read the last records
+        if rank == 0 and storage.exists(records_uri):
+            for entry in storage.list_files(records_uri):
+                storage.delete_file(entry.uri)
     if rank == 0:
         # Last: a run without it is still training or was killed (`segray export` refuses it).
         write_end(loop_config["run_uri"], len(history), cfg.epochs, stopped)

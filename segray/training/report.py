@@ -16,6 +16,12 @@ IGNORED_COLOUR = (200, 200, 200)
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
     """One line per epoch for the job's log: where the run is and how it is doing."""
     m = metrics
+    if "val_ap50" in m:  # an instance run: losses and val mask AP50
+        return (
+            f"epoch {m['epoch'] + 1}/{epochs}: train loss {m['train_loss']:.4f} | "
+            f"val loss {m['val_loss']:.4f} mask AP50 {m['val_ap50']:.3f} AP {m['val_ap']:.3f} | "
+            f"{m['seconds']:.1f} s, {m['train_images_per_s']:.1f} images/s"
+        )
     return (
         f"epoch {m['epoch'] + 1}/{epochs}: train loss {m['train_loss']:.4f} mIoU {m['train_miou']:.3f} | "
         f"val loss {m['val_loss']:.4f} mIoU {m['val_miou']:.3f} Dice {m['val_mean_dice']:.3f} | "
@@ -24,7 +30,10 @@ def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
 
 
 def plot_curves(history: pd.DataFrame) -> bytes:
-    """Loss and mIoU per epoch, train and val, side by side; returns PNG bytes."""
+    """Loss and mIoU per epoch, train and val, side by side; returns PNG bytes.
+
+    An instance run's history (``val_ap50``, no mIoU) shows val mask AP50 and AP instead.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,11 +41,19 @@ def plot_curves(history: pd.DataFrame) -> bytes:
 
     fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = history["epoch"] + 1
+    instance = "val_ap50" in history.columns
     for split, style in (("train", "-o"), ("val", "--s")):
         ax_loss.plot(epochs, history[f"{split}_loss"], style, label=split, markersize=4)
-        ax_miou.plot(epochs, history[f"{split}_miou"], style, label=split, markersize=4)
-    ax_loss.set(title="loss (weighted cross-entropy)", xlabel="epoch", ylabel="loss")
-    ax_miou.set(title="mIoU", xlabel="epoch", ylabel="mean IoU", ylim=(0, 1))
+        if instance:
+            ax_miou.plot(epochs, history[f"val_{'ap50' if split == 'train' else 'ap'}"], style, label=f"val {'AP50' if split == 'train' else 'AP'}", markersize=4)
+        else:
+            ax_miou.plot(epochs, history[f"{split}_miou"], style, label=split, markersize=4)
+    if instance:
+        ax_loss.set(title="loss (Mask R-CNN terms summed)", xlabel="epoch", ylabel="loss")
+        ax_miou.set(title="val mask AP", xlabel="epoch", ylabel="AP", ylim=(0, 1))
+    else:
+        ax_loss.set(title="loss (weighted cross-entropy)", xlabel="epoch", ylabel="loss")
+        ax_miou.set(title="mIoU", xlabel="epoch", ylabel="mean IoU", ylim=(0, 1))
     for ax in (ax_loss, ax_miou):
         ax.grid(alpha=0.3)
         ax.legend()

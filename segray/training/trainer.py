@@ -27,7 +27,8 @@ class TrainResult:
     Attributes:
         run_uri: ``STORAGE/NAME``, where the model, history and curves are.
         history: the ``history.parquet`` DataFrame, one row per epoch.
-        best_epoch: the epoch (from 0) with the best val mIoU: the saved model's.
+        best_epoch: the epoch (from 0) with the best val mIoU (an instance run:
+            val mask AP50, then val loss): the saved model's.
         best: that epoch's metrics (the row of ``history``).
     """
 
@@ -98,6 +99,16 @@ def resolve(cfg: TrainConfig) -> ResolvedRun:
     if cfg.xla and entry.no_xla:
         raise ConfigError(f"xla with `model` {cfg.model}: {entry.no_xla}; drop `xla`", field="xla")
     info = load_dataset_info(cfg.data)
+    if entry.task != info.task:
+        raise ConfigError(
+            f"model {cfg.model} is a{'n' if entry.task == 'instance' else ''} {entry.task} segmentation model and {cfg.data} "
+            f"is a{'n' if info.task == 'instance' else ''} {info.task} dataset (dataset.json); train a{'n' if info.task == 'instance' else ''} "
+            f"{info.task} model on it ({', '.join(n for n in models.available() if models.spec(n).task == info.task)})"
+            + (", or ingest the data with `--task semantic`" if info.task == "instance" else ", or ingest instance data with `--task instance`"),
+            field="model",
+        )
+    if info.task == "instance":
+        _check_instance_options(cfg)
     n_train, n_val = info.splits.get("train", 0), info.splits.get("val", 0)
     if cfg.batch_size * cfg.workers > n_train:
         raise ConfigError(
@@ -137,6 +148,24 @@ def resolve(cfg: TrainConfig) -> ResolvedRun:
     if cfg.resume:
         _check_resumable(run_uri, resolved)
     return ResolvedRun(resolved, info, run_uri)
+
+
+def _check_instance_options(cfg: TrainConfig) -> None:
+    """Refuses options of pixel-wise training that an instance run (the model's own loss, object ids) cannot honour."""
+    from segray.data import INSTANCE_AUGMENT
+
+    if cfg.foreground_oversample:
+        raise ConfigError(f"foreground_oversample with the instance dataset {cfg.data}: patches are cut at random; drop it", field="foreground_oversample")
+    if cfg.deep_supervision:
+        raise ConfigError(f"deep_supervision with `model` {cfg.model} on the instance dataset {cfg.data}: an instance model trains with its own loss; drop it",
+                          field="deep_supervision")
+    if cfg.class_weights != "none":
+        raise ConfigError(f"class_weights with `model` {cfg.model} on the instance dataset {cfg.data}: an instance model trains with its own loss; drop it",
+                          field="class_weights")
+    unknown = [a for a in cfg.augment_set if a not in INSTANCE_AUGMENT]
+    if cfg.augment and unknown:
+        raise ConfigError(f"augment_set: {', '.join(unknown)} not available for the instance dataset {cfg.data}; choose from {', '.join(INSTANCE_AUGMENT)}",
+                          field="augment_set")
 
 
 def _check_resumable(run_uri: str, cfg: TrainConfig) -> None:
@@ -229,7 +258,8 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None, trackin
     from ray.train.tensorflow import TensorflowTrainer
 
     from segray.data import read_split
-    from segray.training.loop import train_loop_per_worker, val_dataset_name
+    from segray.data import read_instances
+    from segray.training.loop import instance_score, train_loop_per_worker, val_dataset_name
 
     run = cfg if isinstance(cfg, ResolvedRun) else resolve(cfg)
     cfg, info, run_uri = run.config, run.info, run.run_uri
@@ -244,15 +274,23 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None, trackin
                               plan_name=PLAN_FILE)
     size = tuple(cfg.size)
     crop = tuple(cfg.crop) if cfg.crop else None
-    datasets = {"train": read_split(cfg.data, "train", size=size, crop=crop, augment=cfg.augment, seed=cfg.seed, info=info,
-                                    augment_strength=cfg.augment_strength, augment_set=cfg.augment_set,
-                                    patches_per_image=cfg.patches_per_image, foreground_oversample=cfg.foreground_oversample,
-                                    class_draw=class_draw_for(cfg, info))}
+    instance = info.task == "instance"  # resolve checked that the model's task is the dataset's
+    if instance:
+        # The instance batch contract: image, instances (ids 1..K), classes padded to the dataset's max_instances.
+        datasets = {"train": read_instances(cfg.data, "train", size=size, crop=crop, augment=cfg.augment, seed=cfg.seed, info=info,
+                                            augment_strength=cfg.augment_strength, augment_set=cfg.augment_set,
+                                            patches_per_image=cfg.patches_per_image)}
+    else:
+        datasets = {"train": read_split(cfg.data, "train", size=size, crop=crop, augment=cfg.augment, seed=cfg.seed, info=info,
+                                        augment_strength=cfg.augment_strength, augment_set=cfg.augment_set,
+                                        patches_per_image=cfg.patches_per_image, foreground_oversample=cfg.foreground_oversample,
+                                        class_draw=class_draw_for(cfg, info))}
     # Ray Train splits datasets equally, dropping the remainder: right for training
     # steps that must stay in lockstep, wrong for validation, which must see every
     # image once. Each worker gets its own hash part of the val split instead.
     for rank in range(cfg.workers):
-        datasets[val_dataset_name(rank)] = read_split(cfg.data, "val", size=size, info=info, part=(rank, cfg.workers))
+        read = read_instances if instance else read_split
+        datasets[val_dataset_name(rank)] = read(cfg.data, "val", size=size, info=info, part=(rank, cfg.workers))
     for ds in datasets.values():
         # Ray Data's bars, redrawn by every worker for every epoch's pass, would
         # bury the epoch lines that rank 0 prints (see train_loop_per_worker).
@@ -275,7 +313,8 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None, trackin
             # Ray Train's INFO lines (worker group, ranks, checkpoints) bury the epoch lines.
             logging_config=None if is_verbose() else ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_ap50" if instance else "val_miou",
+                checkpoint_score_order="max",
             ),
         ),
         datasets=datasets,
@@ -297,6 +336,9 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None, trackin
         raise
     _finish_tracking(run_uri, tracked, cfg, info, "FINISHED")
     history = read_history(run_uri)
-    best_row = int(history["val_miou"].fillna(-1).idxmax())
+    if instance:
+        best_row = max(range(len(history)), key=lambda i: instance_score(history.iloc[i].to_dict()))
+    else:
+        best_row = int(history["val_miou"].fillna(-1).idxmax())
     best = history.loc[best_row].to_dict()
     return TrainResult(run_uri, history, int(best["epoch"]), best)
