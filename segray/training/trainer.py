@@ -215,7 +215,10 @@ def _finish_tracking(run_uri: str, tracked: dict[str, Any] | None, cfg: TrainCon
 def _best_miou(run_uri: str) -> float | None:
     if not storage.exists(storage.join(run_uri, HISTORY_FILE)):
         return None
-    scores = read_history(run_uri)["val_miou"].dropna()
+    history = read_history(run_uri)
+    if "val_miou" not in history:  # an instance run ranks by val_ap50
+        return None
+    scores = history["val_miou"].dropna()
     return float(scores.max()) if len(scores) else None
 
 
