@@ -521,6 +521,14 @@ def _mlflow(cfg: Any) -> None:
             )
     if not cfg.mlflow_experiment.strip():
         raise ConfigError("mlflow_experiment: expected an experiment name, got ''", field="mlflow_experiment")
+    import importlib.util
+    import os
+
+    if (cfg.mlflow or os.environ.get("MLFLOW_TRACKING_URI")) and importlib.util.find_spec("mlflow") is None:
+        # Refused before the job claims anything (a run name, an OUT), not after.
+        source = "mlflow" if cfg.mlflow else "MLFLOW_TRACKING_URI"
+        raise ConfigError(f"mlflow: tracking is on ({source} is set) but the mlflow package is not installed: "
+                          "pip install 'segray[mlflow]', or unset it", field="mlflow")
 
 
 def _model_uri(cfg: Any, name: str) -> None:

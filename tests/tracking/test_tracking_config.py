@@ -40,3 +40,29 @@ def test_params_are_flat_text():
     assert flat_params({"model_options": {"depth": 2, "width": [8, 16]}, "lr": 0.01, "name": "n", "size": None}) == {
         "model_options.depth": "2", "model_options.width": "[8, 16]", "lr": "0.01", "name": "n", "size": "null"}
     assert len(flat_params({"long": "x" * 10_000})["long"]) == 6000
+
+
+
+def test_tracking_without_the_mlflow_package_is_refused_before_the_job_claims_anything():
+    """In a process where mlflow cannot be imported, a tracked config is refused, naming what to install or unset."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "sys.modules['mlflow'] = None  # as if not installed: `import mlflow` raises ImportError\n"
+        "from segray.config import ConfigError, TrainConfig\n"
+        "try:\n"
+        "    TrainConfig(data='/d', storage='/s', name='n')\n"
+        "    print('ACCEPTED')\n"
+        "except ConfigError as e:\n"
+        "    print('REFUSED', e.field, e)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert "REFUSED mlflow" in out.stdout and "pip install 'segray[mlflow]'" in out.stdout, out.stdout + out.stderr[-2000:]
+    env.pop("MLFLOW_TRACKING_URI")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert "ACCEPTED" in out.stdout, out.stdout + out.stderr[-2000:]
