@@ -440,6 +440,13 @@ def write_bytes(uri: str, data: bytes) -> None:
         retrying(f"writing {uri}", put)
 
 
+def upload_file(local: str, uri: str) -> None:
+    """Streams the local file ``local`` to ``uri`` on its store (one upload: whole or not at all), without reading it into memory."""
+    fs, path = filesystem(uri)
+    retrying(f"upload {redact(uri)}", lambda: pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(),
+                                                              destination_filesystem=fs))
+
+
 def create_exclusive(uri: str, data: bytes) -> bool:
     """Writes ``data`` to ``uri`` only if nothing is there; True if this call created it.
 

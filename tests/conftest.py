@@ -262,6 +262,18 @@ def azure() -> Azure:
         shutil.rmtree(workspace, ignore_errors=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray_per_module():
+    """Ends at each module's end any Ray a test started without ``ray_cluster`` (Ray Data starts one on
+    first use), so the next module's ``ray.init`` starts its own instead of failing."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(s3):
     """One local Ray per test module (4 logical CPUs: actor pools deadlock at 2)."""

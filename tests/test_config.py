@@ -107,7 +107,7 @@ def test_every_config_file_error_names_the_file(tmp_path, capsys):
         "broken.yaml": (b"layout: [ids\n", "line 2, column 1: while parsing a flow sequence"),
         "list.yaml": (b"- layout\n", "expected a mapping of config fields, got list"),
         "unknown.yaml": (b"source: /tmp\nlayuot: ids\n", "unknown config key(s) layuot"),
-        "value.yaml": (b"source: /tmp\nlayout: coco\n", "layout (in config file"),
+        "value.yaml": (b"source: /tmp\nlayout: yolo\n", "layout (in config file"),
     }
     for name, (data, expected) in cases.items():
         path = tmp_path / name

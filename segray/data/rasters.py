@@ -326,10 +326,7 @@ def write_synthetic_raster(
             )
             os.replace(part, local)
             if not storage.is_local(uri):
-                import pyarrow.fs as pafs
-
-                fs, path = storage.filesystem(uri)
-                pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+                storage.upload_file(local, uri)
     for _ in bar:
         pass
     classes = [{"id": k, "name": n} for k, n in enumerate(class_names(num_classes))]

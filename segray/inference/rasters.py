@@ -352,10 +352,7 @@ def write_tiff_mask(zarr_uri: str, tiff_uri: str, tile: int = 512) -> None:
                 tif.write(tiles(level), shape=level.shape, subfiletype=1, **options)
         os.replace(part, local)
         if not storage.is_local(tiff_uri):
-            import pyarrow.fs as pafs
-
-            fs, path = storage.filesystem(tiff_uri)
-            pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            storage.upload_file(local, tiff_uri)
 
 
 # --- the actor -------------------------------------------------------------------------
@@ -543,7 +540,6 @@ def predict_rasters(cfg, uris: list[str], spec, geometry: Geometry, run_format: 
     from segray.inference.tables import records_table, score_tables, write_frame
     from segray.runs import class_list
     from segray.ownership import canonical
-    from segray.runtime import bounded_retries
 
     started, run = time.time(), time.time_ns()
     if geometry.tile is None or geometry.mode != "tile":
