@@ -363,7 +363,7 @@ def test_resume_refuses_fields_that_alter_the_run(shapes, tmp_path, capsys):
             "--schedule", "constant"]
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
-    assert "--resume: the run" in err and "--model 'unet' there, 'segnet' now" in err and "--epochs, --max-failures, --patience, --time-budget may change" in err, err
+    assert "--resume: the run" in err and "--model 'unet' there, 'segnet' now" in err and "--epochs, --max-failures, --mlflow, --mlflow-experiment, --patience, --time-budget may change" in err, err
 
 
 @pytest.mark.slow

@@ -145,10 +145,7 @@ def search(shapes, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the command's own quiet default, as a user gets it
-    env["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 keeps its file store behind this switch
-    # Tracked in an MLflow file store (issue 29): the search is a parent run, each trial a nested one.
-    mlruns = f"file://{tmp}/mlruns"
-    command = tune_command(shapes.dst, searches, space_file, "--mlflow", mlruns)
+    command = tune_command(shapes.dst, searches, space_file)
     t0 = time.time()
     with open(tmp / "first.log", "w") as log:
         driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp), start_new_session=True)
@@ -175,7 +172,7 @@ def search(shapes, tmp_path_factory):
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     return SimpleNamespace(
         uri=uri, data=shapes.dst, done=done, before=before, killed_at=killed_at, seconds=time.time() - t0,
-        first_log=(tmp / "first.log").read_text(), resumed_log=resumed.stdout + resumed.stderr, tmp=tmp, mlruns=mlruns,
+        first_log=(tmp / "first.log").read_text(), resumed_log=resumed.stdout + resumed.stderr, tmp=tmp,
     )
 
 
@@ -264,25 +261,3 @@ def test_predict_with_the_search_uses_the_best_trial(search, tmp_path):
     # The best model, not a worse trial's: predict scores it as training's validation did.
     assert result.summary["miou"] == pytest.approx(best["val_miou"], abs=0.02)
 
-
-@pytest.mark.slow
-def test_the_search_is_one_mlflow_run_with_a_nested_run_per_trial(search):
-    import mlflow
-
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    client = mlflow.MlflowClient(tracking_uri=search.mlruns)
-    runs = client.search_runs([client.get_experiment_by_name("segray").experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    # One parent, though its driver was killed and the search resumed: the resumed search continues it.
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED", [(r.info.run_name, r.info.status) for r in parents]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    table = trials_table(search.uri)
-    assert {r.data.tags["segray.run_uri"] for r in children} == set(table["run_uri"])
-    best = json.loads(storage.read_text(storage.join(search.uri, "best.json")))
-    tagged = {r.data.tags["segray.run_uri"] for r in children if r.data.tags.get("segray.best_trial") == "true"}
-    assert tagged == {best["run_uri"]}
-    assert parents[0].data.tags["segray.best_run_uri"] == best["run_uri"]
-    for r in children:  # each trial's epochs, as its history holds them
-        history = storage.read_parquet(storage.join(r.data.tags["segray.run_uri"], "history.parquet")).to_pandas()
-        logged = client.get_metric_history(r.info.run_id, "val_miou")
-        assert sorted(m.step for m in logged) == sorted(history["epoch"]), r.data.tags["segray.run_uri"]
