@@ -70,6 +70,21 @@ def make_pair(rng: np.random.Generator, height: int, width: int, num_classes: in
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
+def start_dataset(dst: str, n: int, size: tuple[int, int], num_classes: int, min_side: int) -> tuple[int, int]:
+    """Checks a synthetic dataset's arguments and writes its ``dst/classes.json``; returns ``(height, width)``."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not 2 <= num_classes <= 255:
+        raise ValueError(f"num_classes must be 2..255, got {num_classes}")
+    height, width = size
+    if min(height, width) < min_side:
+        raise ValueError(f"size {height}x{width} is too small; use at least {min_side}x{min_side}")
+    names = class_names(num_classes)
+    classes = [{"id": k, "name": names[k], "color": default_color(k)} for k in range(num_classes)]
+    storage.write_text(storage.join(dst, "classes.json"), json.dumps(classes, indent=2))
+    return height, width
+
+
 def synthesize(
     dst: str,
     n: int,
@@ -83,16 +98,7 @@ def synthesize(
     Returns:
         ``dst``.
     """
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    if not 2 <= num_classes <= 255:
-        raise ValueError(f"num_classes must be 2..255, got {num_classes}")
-    height, width = size
-    if min(height, width) < 8:
-        raise ValueError(f"size {height}x{width} is too small; use at least 8x8")
-    names = class_names(num_classes)
-    classes = [{"id": k, "name": names[k], "color": default_color(k)} for k in range(num_classes)]
-    storage.write_text(storage.join(dst, "classes.json"), json.dumps(classes, indent=2))
+    height, width = start_dataset(dst, n, size, num_classes, min_side=8)
 
     def write(i: int) -> None:
         # One generator per image: the bytes of image i never depend on n or on thread order.

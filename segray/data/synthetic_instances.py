@@ -19,7 +19,7 @@ import numpy as np
 from segray import storage
 from segray.data.imageio import encode_png
 from segray.data.info import default_color
-from segray.data.synthetic import SHAPES, class_names
+from segray.data.synthetic import SHAPES, start_dataset
 from segray.progress import progress
 
 
@@ -80,16 +80,7 @@ def synthesize_instances(
     Returns:
         ``dst``.
     """
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    if not 2 <= num_classes <= 255:
-        raise ValueError(f"num_classes must be 2..255, got {num_classes}")
-    height, width = size
-    if min(height, width) < 16:
-        raise ValueError(f"size {height}x{width} is too small; use at least 16x16")
-    names = class_names(num_classes)
-    classes = [{"id": k, "name": names[k], "color": default_color(k)} for k in range(num_classes)]
-    storage.write_text(storage.join(dst, "classes.json"), json.dumps(classes, indent=2))
+    height, width = start_dataset(dst, n, size, num_classes, min_side=16)
 
     def write(i: int) -> None:
         rng = np.random.default_rng([seed, i, 27])
