@@ -496,23 +496,72 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     if not good:
         raise IngestError(f"{src}: no valid pair among {total_pairs} ({len(errors)} rejected; see {errors_uri(dst)})")
 
-    # Pixel statistics come from the train split (all splits when it is empty);
-    # the classes from every split.
-    stats_splits = ["train"] if stats.images["train"] else list(SPLITS)
-    counts = sum(stats.class_pixels[s] for s in stats_splits)
-    seen = sum(stats.class_pixels[s] for s in SPLITS)
+    # Classes come from every split, pixel statistics from the train split
+    # (info_from_stats).
     if classes is None:
         # Over all splits: a class seen only in val must still be a class the model
         # predicts, or scoring it would fail after the first epoch.
+        seen = sum(stats.class_pixels[s] for s in SPLITS)
         present = np.nonzero(seen[:IGNORE_INDEX])[0]
         top = int(present.max()) if present.size else 0
         classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(colors[k] if colors and k < len(colors) else default_color(k))) for k in range(top + 1)]
+    info = info_from_stats(
+        stats, classes, cfg, layout=layout, command=command, errors=len(errors), split_record=split_record,
+        run_id=run_id, shards=len(bounds), seconds=round(time.time() - start, 2),
+        priority=priority,
+        extra={
+            "ignored_pixels": int(sum(stats.class_pixels[s][IGNORE_INDEX] for s in stats_splits(stats))),
+            **({"layer_survival": layer_survival(stats, classes)} if layout == "per-class" else {}),
+            **({"images_without_mask": without_mask} if without_mask else {}),
+        },
+    )
+    for message in survival_warnings(info):
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return finish_dataset(dst, run_id, info, errors)
+
+
+def stats_splits(stats: _Stats) -> list[str]:
+    """The splits pixel statistics come from: train, or every split when train is empty."""
+    return ["train"] if stats.images["train"] else list(SPLITS)
+
+
+def info_from_stats(
+    stats: _Stats,
+    classes: list[ClassInfo],
+    cfg: IngestConfig,
+    *,
+    layout: str,
+    command: str,
+    errors: int,
+    split_record: dict[str, Any],
+    run_id: str,
+    shards: int,
+    seconds: float,
+    extra: dict[str, Any],
+    **fields: Any,
+) -> DatasetInfo:
+    """The ``dataset.json`` of an ingest from its summed statistics (semantic and instance ingest).
+
+    Args:
+        stats: the sums of every good pair.
+        classes: the dataset's classes (an ignore class with id 255 may be among them).
+        cfg: the ingest's config (source, val fraction, recorded as ``config``).
+        layout: the layout's name as recorded.
+        command: the command line that asked for the ingest.
+        errors: how many inputs were rejected.
+        split_record: how the split was made (``split_plan``).
+        run_id, shards, seconds: this ingest run's id, shard count and duration.
+        extra: entries added to ``extra`` after the common ones.
+        **fields: other ``DatasetInfo`` fields (``priority``, ``task``, ``objects``).
+    """
+    splits = stats_splits(stats)
+    counts = sum(stats.class_pixels[s] for s in splits)
     real = [c for c in classes if c.id != IGNORE_INDEX]
-    n_pix = float(sum(stats.pixels[s] for s in stats_splits))
-    mean = sum(stats.channel_sum[s] for s in stats_splits) / n_pix
-    std = np.sqrt(np.maximum(sum(stats.channel_sumsq[s] for s in stats_splits) / n_pix - mean**2, 1e-12))
+    n_pix = float(sum(stats.pixels[s] for s in splits))
+    mean = sum(stats.channel_sum[s] for s in splits) / n_pix
+    std = np.sqrt(np.maximum(sum(stats.channel_sumsq[s] for s in splits) / n_pix - mean**2, 1e-12))
     labelled = counts[: len(real)].sum()
-    info = DatasetInfo(
+    return DatasetInfo(
         classes=classes,
         splits={s: int(stats.images[s]) for s in SPLITS},
         pixel_counts=[int(x) for x in counts[: len(real)]],
@@ -520,32 +569,32 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         mean=[float(x) for x in mean],
         std=[float(x) for x in std],
         layout=layout,
-        source=src,
+        source=cfg.source,
         command=command,
         size=[int(x) for x in next(iter(stats.sizes))] if len(stats.sizes) == 1 else None,
-        errors=len(errors),
-        priority=priority,
+        errors=errors,
         val_fraction=cfg.val_fraction,
         val_ids=sorted(stats.val_ids),
         extra={
             # How the split was made; ``val_ids`` above is what it gave.
             "split": {**split_record, "val": int(stats.images["val"]), "train": int(stats.images["train"])},
-            "ignored_pixels": int(counts[IGNORE_INDEX]),
-            "seconds": round(time.time() - start, 2),
-            "shards": len(bounds),
+            "seconds": seconds,
+            "shards": shards,
             "run_id": run_id,
             # Files of every dtype are put on one scale before the statistics
             # and the model; the dtypes seen and the rule are recorded.
             "value_range": VALUE_RANGE,
             "value_rule": VALUE_RULE,
             "dtypes": dict(sorted(stats.dtypes.items())),
-            **({"layer_survival": layer_survival(stats, classes)} if layout == "per-class" else {}),
-            **({"images_without_mask": without_mask} if without_mask else {}),
+            **extra,
         },
         config=cfg.to_dict(),
+        **fields,
     )
-    for message in survival_warnings(info):
-        warnings.warn(message, UserWarning, stacklevel=2)
+
+
+def finish_dataset(dst: str, run_id: str, info: DatasetInfo, errors: list[tuple[str, str]]) -> IngestResult:
+    """Removes other runs' shards, then writes ``dataset.json`` and the marker: DST is a dataset from here on."""
     _sweep_other_runs(dst, run_id)
     storage.write_text(storage.join(dst, DATASET_FILE), info.to_json())
     write_marker(dst, "dataset")
@@ -556,4 +605,3 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
 # same destination, claim and statistics in its own shard schema.
 PixelStats = _Stats
 prepare_destination = _prepare_dst
-sweep_other_runs = _sweep_other_runs

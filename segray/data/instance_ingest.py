@@ -30,12 +30,12 @@ import pyarrow as pa
 
 from segray import storage
 from segray.config import IngestConfig, about
-from segray.data.imageio import VALUE_RANGE, VALUE_RULE, BadInput, check_pixels, decode_image, encode_png, to_common_range
-from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo
-from segray.data.ingest import DATASET_FILE, SPLITS, IngestError, IngestResult, PixelStats, plan_chunks, prepare_destination, split_plan, sweep_other_runs
+from segray.data.imageio import BadInput, check_pixels, decode_image, encode_png, to_common_range
+from segray.data.info import IGNORE_INDEX, ClassInfo
+from segray.data.ingest import SPLITS, IngestError, IngestResult, PixelStats, finish_dataset, info_from_stats, plan_chunks, prepare_destination, split_plan, stats_splits
 from segray.data.instance_layouts import ObjectLabels, list_instances, labels_from_coco, labels_from_ids, labels_from_masks
 from segray.data.quarantine import errors_uri, write_errors
-from segray.ownership import refuse_overlap, write_marker
+from segray.ownership import refuse_overlap
 from segray.runtime import bounded_retries
 
 INSTANCE_SCHEMA = pa.schema(
@@ -382,42 +382,12 @@ def ingest_instances(cfg: IngestConfig, command: str = "") -> IngestResult:
     if not sum(pixels.images.values()):
         raise IngestError(f"{src}: no valid image among {total_pairs} ({len(errors)} rejected; see {errors_uri(dst)})")
 
-    stats_splits = ["train"] if pixels.images["train"] else list(SPLITS)
-    counts = sum(pixels.class_pixels[s] for s in stats_splits)
-    n_pix = float(sum(pixels.pixels[s] for s in stats_splits))
-    mean = sum(pixels.channel_sum[s] for s in stats_splits) / n_pix
-    std = np.sqrt(np.maximum(sum(pixels.channel_sumsq[s] for s in stats_splits) / n_pix - mean**2, 1e-12))
-    real = [c for c in classes if c.id != IGNORE_INDEX]
-    labelled = counts[: len(real)].sum()
-    info = DatasetInfo(
-        classes=classes,
-        splits={s: int(pixels.images[s]) for s in SPLITS},
-        pixel_counts=[int(x) for x in counts[: len(real)]],
-        pixel_frequency={c.name: float(counts[c.id] / labelled) if labelled else 0.0 for c in real},
-        mean=[float(x) for x in mean],
-        std=[float(x) for x in std],
-        layout=layout,
-        source=src,
-        command=command,
-        size=[int(x) for x in next(iter(pixels.sizes))] if len(pixels.sizes) == 1 else None,
-        errors=len(errors),
-        val_fraction=cfg.val_fraction,
-        val_ids=sorted(pixels.val_ids),
+    real_names = [c.name for c in classes if c.id != IGNORE_INDEX]
+    info = info_from_stats(
+        pixels, classes, cfg, layout=layout, command=command, errors=len(errors), split_record=split_record,
+        run_id=run_id, shards=len(bounds), seconds=round(time.time() - start, 2),
         task="instance",
-        objects=objects.summary([c.name for c in real], stats_splits, cfg.max_instances),
-        extra={
-            "split": {**split_record, "val": int(pixels.images["val"]), "train": int(pixels.images["train"])},
-            "seconds": round(time.time() - start, 2),
-            "shards": len(bounds),
-            "run_id": run_id,
-            "value_range": VALUE_RANGE,
-            "value_rule": VALUE_RULE,
-            "dtypes": dict(sorted(pixels.dtypes.items())),
-            **({"coco_category_ids": category_ids} if category_ids else {}),
-        },
-        config=cfg.to_dict(),
+        objects=objects.summary(real_names, stats_splits(pixels), cfg.max_instances),
+        extra={"coco_category_ids": category_ids} if category_ids else {},
     )
-    sweep_other_runs(dst, run_id)
-    storage.write_text(storage.join(dst, DATASET_FILE), info.to_json())
-    write_marker(dst, "dataset")
-    return IngestResult(dst, info, errors)
+    return finish_dataset(dst, run_id, info, errors)
