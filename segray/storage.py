@@ -19,6 +19,7 @@ Callers pass URIs and never branch on a scheme: a new store is one entry in
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import posixpath
@@ -28,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -563,6 +565,20 @@ def read_text(uri: str) -> str:
 
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
+
+
+def read_json_or_none(uri: str) -> Any:
+    """The JSON value in ``uri``, or None when there is no such file.
+
+    Raises:
+        ValueError: the file is not valid JSON, naming it.
+    """
+    if not exists(uri):
+        return None
+    try:
+        return json.loads(read_text(uri))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{uri}: not valid JSON ({e})") from None
 
 
 def delete_file(uri: str) -> None:

@@ -18,8 +18,9 @@ import re
 import time
 import uuid
 import warnings
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -157,12 +158,14 @@ def plan_chunks(plan: Plan, shard_mb: float, min_chunks: int) -> list[tuple[int,
     return bounds
 
 
-def chunk_items(plan: Plan, src: str, bounds: list[tuple[int, int]], val: Collection[str] = frozenset()) -> list[dict[str, Any]]:
+def chunk_items(plan: Plan, src: str, bounds: list[tuple[int, int]], val: Collection[str] = frozenset(),
+                extra: Callable[[Any], list[Any]] | None = None) -> list[dict[str, Any]]:
     """One Ray item per chunk: its pairs as compact JSON, file names relative to ``src``.
 
-    ``[[image_id, image, [mask, ...], in_val], ...]`` (``in_val`` 1 for the
-    ids in ``val``, else 0): a million pairs take about 70 MB of text on the
-    driver, not a dict per pair.
+    ``[[image_id, image, [mask, ...], in_val, *extra(pair)], ...]`` (``in_val``
+    1 for the ids in ``val``, else 0; ``extra`` adds a layout's own fields, as
+    a COCO image's annotations): a million pairs take about 70 MB of text on
+    the driver, not a dict per pair.
     """
     root = src.rstrip("/") + "/"
 
@@ -175,7 +178,8 @@ def chunk_items(plan: Plan, src: str, bounds: list[tuple[int, int]], val: Collec
         text.write("[")
         for k in range(start, stop):
             p = plan.pairs[k]
-            text.write(("," if k > start else "") + json.dumps([p.image_id, rel(p.image_uri), [rel(m) for m in p.mask_uris], int(p.image_id in val)], separators=(",", ":")))
+            row = [p.image_id, rel(p.image_uri), [rel(m) for m in p.mask_uris], int(p.image_id in val), *(extra(p) if extra else ())]
+            text.write(("," if k > start else "") + json.dumps(row, separators=(",", ":")))
         text.write("]")
         items.append({"chunk": number, "root": root, "pairs": text.getvalue()})
     return items
@@ -452,34 +456,17 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         IngestError: no valid pair, or the destination holds files and ``overwrite`` is off.
         ConfigError: a layout, classes.json or folder that does not fit.
     """
-    import ray
-
     if cfg.instance_layout:
         raise ConfigError(f"layout {cfg.layout} (task instance) is ingested by segray.data.ingest_instances (segray.ingest picks it)", field="layout")
     src, dst, layout = cfg.source, cfg.destination, cfg.layout
-    refuse_overlap(src, "source", dst, "destination")
-    if not storage.is_dir(src):
-        raise about("source", IngestError(f"source {src} does not exist or is empty"))
+    check_source(cfg)
     plan = list_pairs(src, layout, cfg.classes, cfg.num_classes, cfg.class_order, cfg.priority, cfg.images_dir)
     if not plan.pairs:
         raise IngestError(f"{src}: no image/mask pairs found ({len(plan.errors)} rejected inputs); expected the {layout} layout")
-    val, split_record = split_plan(cfg, [p.image_id for p in plan.pairs])
-    run_id = uuid.uuid4().hex[:8]
-    _prepare_dst(dst, src, cfg.overwrite, run_id, command)
-
-    start = time.time()
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
-    bounds = plan_chunks(plan, cfg.shard_mb, min_chunks=2 * max(cpus, 1))
-    items = chunk_items(plan, src, bounds, val)
-    del val
     total_pairs = len(plan.pairs)
-    writer = _ChunkWriter(dst, layout, plan.classes, run_id, cfg.max_pixels)
-    # A bad file is an error row, never a task failure; what still fails a task
-    # (a lost node, storage down) is retried a bounded number of times.
-    with bounded_retries() as retries:
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer, num_cpus=1, **retries)
     plan_errors, classes, priority, colors, without_mask = list(plan.errors), plan.classes, plan.priority, plan.colors, plan.images_without_mask
-    del items, plan  # the listing is not needed while the pipeline runs
+    ds, run = start_pipeline(cfg, plan, command, partial(_ChunkWriter, dst, layout, classes, max_pixels=cfg.max_pixels))
+    del plan  # the listing is not needed while the pipeline runs
     stats = _Stats()
     found = []
     # Rows stream in: a chunk's statistics are added and dropped, so the
@@ -496,23 +483,119 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
     if not good:
         raise IngestError(f"{src}: no valid pair among {total_pairs} ({len(errors)} rejected; see {errors_uri(dst)})")
 
-    # Pixel statistics come from the train split (all splits when it is empty);
-    # the classes from every split.
-    stats_splits = ["train"] if stats.images["train"] else list(SPLITS)
-    counts = sum(stats.class_pixels[s] for s in stats_splits)
-    seen = sum(stats.class_pixels[s] for s in SPLITS)
+    # Classes come from every split, pixel statistics from the train split
+    # (info_from_stats).
     if classes is None:
         # Over all splits: a class seen only in val must still be a class the model
         # predicts, or scoring it would fail after the first epoch.
+        seen = sum(stats.class_pixels[s] for s in SPLITS)
         present = np.nonzero(seen[:IGNORE_INDEX])[0]
         top = int(present.max()) if present.size else 0
         classes = [ClassInfo(k, "background" if k == 0 else f"class_{k}", tuple(colors[k] if colors and k < len(colors) else default_color(k))) for k in range(top + 1)]
+    info = info_from_stats(
+        stats, classes, cfg, run, layout=layout, command=command, errors=len(errors),
+        priority=priority,
+        extra={
+            "ignored_pixels": int(sum(stats.class_pixels[s][IGNORE_INDEX] for s in stats_splits(stats))),
+            **({"layer_survival": layer_survival(stats, classes)} if layout == "per-class" else {}),
+            **({"images_without_mask": without_mask} if without_mask else {}),
+        },
+    )
+    for message in survival_warnings(info):
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return finish_dataset(dst, run.run_id, info, errors)
+
+
+def check_source(cfg: IngestConfig) -> None:
+    """The source exists and does not overlap the destination.
+
+    Raises:
+        IngestError: the source does not exist or is empty.
+        ValueError: source and destination overlap.
+    """
+    refuse_overlap(cfg.source, "source", cfg.destination, "destination")
+    if not storage.is_dir(cfg.source):
+        raise about("source", IngestError(f"source {cfg.source} does not exist or is empty"))
+
+
+@dataclass(frozen=True)
+class IngestRun:
+    """One ingest run, started: its id, its chunks' count, how the split was made, when it started."""
+
+    run_id: str
+    shards: int
+    split_record: dict[str, Any]
+    start: float
+
+
+def start_pipeline(cfg: IngestConfig, plan: Any, command: str, writer: Callable[[str], Any],
+                   extra: Callable[[Any], list[Any]] | None = None) -> tuple[Any, IngestRun]:
+    """Splits the listed pairs, claims the destination and starts the Ray Data pipeline that writes the chunks.
+
+    Args:
+        cfg: the ingest's config.
+        plan: the listing (``layouts.Plan`` or ``instance_layouts.InstancePlan``): ``pairs``, ``image_id`` and sizes.
+        command: the command line, recorded in the destination's claim.
+        writer: makes the chunk writer (a ``flat_map`` callable class) for the run's id.
+        extra: a pair's fields beyond the common ones (``chunk_items``).
+
+    Returns:
+        The pipeline's dataset (one row per rejected pair, one of statistics per chunk), and the run.
+    """
+    import ray
+
+    val, split_record = split_plan(cfg, [p.image_id for p in plan.pairs])
+    run_id = uuid.uuid4().hex[:8]
+    _prepare_dst(cfg.destination, cfg.source, cfg.overwrite, run_id, command)
+    start = time.time()
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
+    bounds = plan_chunks(plan, cfg.shard_mb, min_chunks=2 * max(cpus, 1))
+    items = chunk_items(plan, cfg.source, bounds, val, extra)
+    # A bad file is an error row, never a task failure; what still fails a task
+    # (a lost node, storage down) is retried a bounded number of times.
+    with bounded_retries() as retries:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer(run_id), num_cpus=1, **retries)
+    return ds, IngestRun(run_id, len(bounds), split_record, start)
+
+
+def stats_splits(stats: _Stats) -> list[str]:
+    """The splits pixel statistics come from: train, or every split when train is empty."""
+    return ["train"] if stats.images["train"] else list(SPLITS)
+
+
+def info_from_stats(
+    stats: _Stats,
+    classes: list[ClassInfo],
+    cfg: IngestConfig,
+    run: IngestRun,
+    *,
+    layout: str,
+    command: str,
+    errors: int,
+    extra: dict[str, Any],
+    **fields: Any,
+) -> DatasetInfo:
+    """The ``dataset.json`` of an ingest from its summed statistics (semantic and instance ingest).
+
+    Args:
+        stats: the sums of every good pair.
+        classes: the dataset's classes (an ignore class with id 255 may be among them).
+        cfg: the ingest's config (source, val fraction, recorded as ``config``).
+        run: the ingest run (``start_pipeline``): its id, chunks, split, start time.
+        layout: the layout's name as recorded.
+        command: the command line that asked for the ingest.
+        errors: how many inputs were rejected.
+        extra: entries added to ``extra`` after the common ones.
+        **fields: other ``DatasetInfo`` fields (``priority``, ``task``, ``objects``).
+    """
+    splits = stats_splits(stats)
+    counts = sum(stats.class_pixels[s] for s in splits)
     real = [c for c in classes if c.id != IGNORE_INDEX]
-    n_pix = float(sum(stats.pixels[s] for s in stats_splits))
-    mean = sum(stats.channel_sum[s] for s in stats_splits) / n_pix
-    std = np.sqrt(np.maximum(sum(stats.channel_sumsq[s] for s in stats_splits) / n_pix - mean**2, 1e-12))
+    n_pix = float(sum(stats.pixels[s] for s in splits))
+    mean = sum(stats.channel_sum[s] for s in splits) / n_pix
+    std = np.sqrt(np.maximum(sum(stats.channel_sumsq[s] for s in splits) / n_pix - mean**2, 1e-12))
     labelled = counts[: len(real)].sum()
-    info = DatasetInfo(
+    return DatasetInfo(
         classes=classes,
         splits={s: int(stats.images[s]) for s in SPLITS},
         pixel_counts=[int(x) for x in counts[: len(real)]],
@@ -520,32 +603,32 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
         mean=[float(x) for x in mean],
         std=[float(x) for x in std],
         layout=layout,
-        source=src,
+        source=cfg.source,
         command=command,
         size=[int(x) for x in next(iter(stats.sizes))] if len(stats.sizes) == 1 else None,
-        errors=len(errors),
-        priority=priority,
+        errors=errors,
         val_fraction=cfg.val_fraction,
         val_ids=sorted(stats.val_ids),
         extra={
             # How the split was made; ``val_ids`` above is what it gave.
-            "split": {**split_record, "val": int(stats.images["val"]), "train": int(stats.images["train"])},
-            "ignored_pixels": int(counts[IGNORE_INDEX]),
-            "seconds": round(time.time() - start, 2),
-            "shards": len(bounds),
-            "run_id": run_id,
+            "split": {**run.split_record, "val": int(stats.images["val"]), "train": int(stats.images["train"])},
+            "seconds": round(time.time() - run.start, 2),
+            "shards": run.shards,
+            "run_id": run.run_id,
             # Files of every dtype are put on one scale before the statistics
             # and the model; the dtypes seen and the rule are recorded.
             "value_range": VALUE_RANGE,
             "value_rule": VALUE_RULE,
             "dtypes": dict(sorted(stats.dtypes.items())),
-            **({"layer_survival": layer_survival(stats, classes)} if layout == "per-class" else {}),
-            **({"images_without_mask": without_mask} if without_mask else {}),
+            **extra,
         },
         config=cfg.to_dict(),
+        **fields,
     )
-    for message in survival_warnings(info):
-        warnings.warn(message, UserWarning, stacklevel=2)
+
+
+def finish_dataset(dst: str, run_id: str, info: DatasetInfo, errors: list[tuple[str, str]]) -> IngestResult:
+    """Removes other runs' shards, then writes ``dataset.json`` and the marker: DST is a dataset from here on."""
     _sweep_other_runs(dst, run_id)
     storage.write_text(storage.join(dst, DATASET_FILE), info.to_json())
     write_marker(dst, "dataset")
@@ -556,4 +639,3 @@ def ingest(cfg: IngestConfig, command: str = "") -> IngestResult:
 # same destination, claim and statistics in its own shard schema.
 PixelStats = _Stats
 prepare_destination = _prepare_dst
-sweep_other_runs = _sweep_other_runs

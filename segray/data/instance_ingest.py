@@ -18,11 +18,9 @@ chooses anchors, RoI and mask sizes and the detection limit from them).
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import time
-import uuid
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,13 +28,11 @@ import pyarrow as pa
 
 from segray import storage
 from segray.config import IngestConfig, about
-from segray.data.imageio import VALUE_RANGE, VALUE_RULE, BadInput, check_pixels, decode_image, encode_png, to_common_range
-from segray.data.info import IGNORE_INDEX, ClassInfo, DatasetInfo
-from segray.data.ingest import DATASET_FILE, SPLITS, IngestError, IngestResult, PixelStats, plan_chunks, prepare_destination, split_plan, sweep_other_runs
+from segray.data.imageio import BadInput, check_pixels, decode_image, encode_png, to_common_range
+from segray.data.info import IGNORE_INDEX, ClassInfo
+from segray.data.ingest import SPLITS, IngestError, IngestResult, PixelStats, check_source, finish_dataset, info_from_stats, start_pipeline, stats_splits
 from segray.data.instance_layouts import ObjectLabels, list_instances, labels_from_coco, labels_from_ids, labels_from_masks
 from segray.data.quarantine import errors_uri, write_errors
-from segray.ownership import refuse_overlap, write_marker
-from segray.runtime import bounded_retries
 
 INSTANCE_SCHEMA = pa.schema(
     [
@@ -217,27 +213,6 @@ class ObjectStats:
         }
 
 
-def chunk_items(plan, src: str, bounds: list[tuple[int, int]], val: set[str]) -> list[dict[str, Any]]:
-    """One Ray item per chunk: ``[[image_id, image, [masks], in_val, coco image or null], ...]`` as JSON, names relative to ``src``."""
-    root = src.rstrip("/") + "/"
-
-    def rel(uri: str) -> str:
-        return uri[len(root):] if uri.startswith(root) else uri
-
-    items = []
-    for number, (start, stop) in enumerate(bounds):
-        text = io.StringIO()
-        text.write("[")
-        for k in range(start, stop):
-            p = plan.pairs[k]
-            coco = plan.annotations.get(p.image_id) if plan.annotations is not None else None
-            text.write(("," if k > start else "") + json.dumps([p.image_id, rel(p.image_uri), [rel(m) for m in p.mask_uris], int(p.image_id in val), coco],
-                                                                separators=(",", ":")))
-        text.write("]")
-        items.append({"chunk": number, "root": root, "pairs": text.getvalue()})
-    return items
-
-
 class InstanceChunkWriter:
     """Ray task body: checks the images of one chunk, builds their instance maps, writes their shards."""
 
@@ -341,33 +316,21 @@ def ingest_instances(cfg: IngestConfig, command: str = "") -> IngestResult:
         IngestError: no valid image, or the destination holds files and ``overwrite`` is off.
         ConfigError: a layout, classes file or annotation file that does not fit.
     """
-    import ray
-
     layout = cfg.instance_layout
     if layout is None:
         raise about("layout", IngestError(f"layout {cfg.layout} is a semantic layout; instance layouts: coco, instance-ids, per-instance"))
     src, dst = cfg.source, cfg.destination
-    refuse_overlap(src, "source", dst, "destination")
-    if not storage.is_dir(src):
-        raise about("source", IngestError(f"source {src} does not exist or is empty"))
+    check_source(cfg)
     plan = list_instances(src, layout, cfg.classes)
     if not plan.pairs:
         raise IngestError(f"{src}: no images with objects found ({len(plan.errors)} rejected inputs); expected the {layout} layout")
-    val, split_record = split_plan(cfg, [p.image_id for p in plan.pairs])
-    run_id = uuid.uuid4().hex[:8]
-    prepare_destination(dst, src, cfg.overwrite, run_id, command)
-
-    start = time.time()
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 2
-    bounds = plan_chunks(plan, cfg.shard_mb, min_chunks=2 * max(cpus, 1))
-    items = chunk_items(plan, src, bounds, val)
     classes = plan.classes
     num_classes = sum(1 for c in classes if c.id != IGNORE_INDEX)
-    writer = InstanceChunkWriter(dst, layout, classes, run_id, cfg.max_pixels, cfg.max_instances)
-    with bounded_retries() as retries:
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(writer, num_cpus=1, **retries)
+    writer = partial(InstanceChunkWriter, dst, layout, classes, max_pixels=cfg.max_pixels, max_instances=cfg.max_instances)
+    annotations = plan.annotations or {}  # a COCO image's own annotations go with it to its chunk
+    ds, run = start_pipeline(cfg, plan, command, writer, extra=lambda p: [annotations.get(p.image_id)])
     total_pairs, plan_errors, category_ids = len(plan.pairs), list(plan.errors), plan.category_ids
-    del items, plan
+    del plan, annotations  # the listing is not needed while the pipeline runs
     pixels, objects, found = PixelStats(), ObjectStats(num_classes), []
     for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow"):
         for uri, reason, chunk_stats in zip(*(batch.column(c).to_pylist() for c in ("uri", "reason", "stats"))):
@@ -382,42 +345,11 @@ def ingest_instances(cfg: IngestConfig, command: str = "") -> IngestResult:
     if not sum(pixels.images.values()):
         raise IngestError(f"{src}: no valid image among {total_pairs} ({len(errors)} rejected; see {errors_uri(dst)})")
 
-    stats_splits = ["train"] if pixels.images["train"] else list(SPLITS)
-    counts = sum(pixels.class_pixels[s] for s in stats_splits)
-    n_pix = float(sum(pixels.pixels[s] for s in stats_splits))
-    mean = sum(pixels.channel_sum[s] for s in stats_splits) / n_pix
-    std = np.sqrt(np.maximum(sum(pixels.channel_sumsq[s] for s in stats_splits) / n_pix - mean**2, 1e-12))
-    real = [c for c in classes if c.id != IGNORE_INDEX]
-    labelled = counts[: len(real)].sum()
-    info = DatasetInfo(
-        classes=classes,
-        splits={s: int(pixels.images[s]) for s in SPLITS},
-        pixel_counts=[int(x) for x in counts[: len(real)]],
-        pixel_frequency={c.name: float(counts[c.id] / labelled) if labelled else 0.0 for c in real},
-        mean=[float(x) for x in mean],
-        std=[float(x) for x in std],
-        layout=layout,
-        source=src,
-        command=command,
-        size=[int(x) for x in next(iter(pixels.sizes))] if len(pixels.sizes) == 1 else None,
-        errors=len(errors),
-        val_fraction=cfg.val_fraction,
-        val_ids=sorted(pixels.val_ids),
+    real_names = [c.name for c in classes if c.id != IGNORE_INDEX]
+    info = info_from_stats(
+        pixels, classes, cfg, run, layout=layout, command=command, errors=len(errors),
         task="instance",
-        objects=objects.summary([c.name for c in real], stats_splits, cfg.max_instances),
-        extra={
-            "split": {**split_record, "val": int(pixels.images["val"]), "train": int(pixels.images["train"])},
-            "seconds": round(time.time() - start, 2),
-            "shards": len(bounds),
-            "run_id": run_id,
-            "value_range": VALUE_RANGE,
-            "value_rule": VALUE_RULE,
-            "dtypes": dict(sorted(pixels.dtypes.items())),
-            **({"coco_category_ids": category_ids} if category_ids else {}),
-        },
-        config=cfg.to_dict(),
+        objects=objects.summary(real_names, stats_splits(pixels), cfg.max_instances),
+        extra={"coco_category_ids": category_ids} if category_ids else {},
     )
-    sweep_other_runs(dst, run_id)
-    storage.write_text(storage.join(dst, DATASET_FILE), info.to_json())
-    write_marker(dst, "dataset")
-    return IngestResult(dst, info, errors)
+    return finish_dataset(dst, run.run_id, info, errors)

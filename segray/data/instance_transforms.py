@@ -14,7 +14,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from segray.data.transforms import ELASTIC_ALPHA, ELASTIC_P, ROTATE_SMALL, SCALE_RANGE, FitMode, augment_intensity, elastic_field, fit
+from segray.data.transforms import FitMode, augment_intensity, draw_geometry, fit, flip_rot90, warp
 
 # Pixels an object must keep after a crop or a resize to stay an object.
 MIN_AREA = 4
@@ -79,38 +79,12 @@ def sample_instances(
         # A window inside the image when it fits (without scale and rotation the crop is exact).
         cy = int(rng.integers(min(ph // 2, h // 2), max(h - ph + ph // 2, h // 2) + 1))
         cx = int(rng.integers(min(pw // 2, w // 2), max(w - pw + pw // 2, w // 2) + 1))
-    scale, angle = 1.0, 0.0
-    if "scale" in s and strength > 0:
-        lo, hi = (1.0 + (v - 1.0) * strength for v in SCALE_RANGE)
-        scale = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-    if "rotate" in s and strength > 0:
-        limit = 180.0 if "rot90" in s else ROTATE_SMALL
-        angle = float(rng.uniform(-limit, limit) * min(1.0, strength)) * np.pi / 180
-    elastic = "elastic" in s and strength > 0 and rng.random() < ELASTIC_P
+    scale, angle, elastic = draw_geometry(rng, s, strength)
     if (ph, pw) == (h, w) and scale == 1.0 and angle == 0.0 and not elastic:
         patch, labels = image, ids
     else:
-        ys, xs = np.mgrid[0:ph, 0:pw].astype(np.float32)
-        ys -= ph // 2
-        xs -= pw // 2
-        if elastic:
-            dy, dx = elastic_field((ph, pw), rng, ELASTIC_ALPHA * strength)
-            ys, xs = ys + dy, xs + dx
-        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
-        map_y = (cy + sin * xs + cos * ys).astype(np.float32)
-        map_x = (cx + cos * xs - sin * ys).astype(np.float32)
-        patch = cv2.remap(np.ascontiguousarray(image), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        if patch.ndim == 2:
-            patch = patch[..., None]
-        labels = cv2.remap(np.ascontiguousarray(ids), map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    if "flip" in s and rng.random() < 0.5:
-        patch, labels = patch[:, ::-1], labels[:, ::-1]
-    if "rot90" in s:
-        if rng.random() < 0.5:
-            patch, labels = patch[::-1], labels[::-1]
-        k = int(rng.integers(0, 4)) if ph == pw else 2 * int(rng.integers(0, 2))
-        if k:
-            patch, labels = np.rot90(patch, k), np.rot90(labels, k)
+        patch, labels = warp(image, ids, size, (cy, cx), scale, angle, rng if elastic else None, strength, cv2.BORDER_CONSTANT)
     if rng is not None:
+        patch, labels = flip_rot90(patch, labels, rng, s)
         patch = augment_intensity(np.ascontiguousarray(patch), rng, s, strength)
     return np.ascontiguousarray(patch), np.ascontiguousarray(labels)

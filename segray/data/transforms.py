@@ -201,32 +201,74 @@ def sample_patch(
     Returns:
         ``image`` (H, W, C) in the input's dtype, ``mask`` (H, W) uint8.
     """
-    ph, pw = size
     cy, cx = patch_centre(mask, rng, oversample, foreground, class_draw)
     s = set(augment_set)
-    scale = 1.0
+    scale, angle, elastic = draw_geometry(rng, s, strength)
+    patch, labels = warp(image, mask, size, (cy, cx), scale, angle, rng if elastic else None, strength, cv2.BORDER_REFLECT_101)
+    patch, labels = flip_rot90(patch, labels, rng, s)
+    patch = augment_intensity(np.ascontiguousarray(patch), rng, s, strength)
+    return patch, np.ascontiguousarray(labels)
+
+
+def draw_geometry(rng: np.random.Generator | None, s: set[str], strength: float) -> tuple[float, float, bool]:
+    """Draws a patch's scale, rotation (radians) and whether it is deformed, each if in ``s`` (``sample_patch``).
+
+    Returns:
+        ``(scale, angle, elastic)``; ``(1.0, 0.0, False)`` when ``s`` holds none of them.
+    """
+    scale, angle = 1.0, 0.0
     if "scale" in s and strength > 0:
         lo, hi = (1.0 + (v - 1.0) * strength for v in SCALE_RANGE)
         scale = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-    angle = 0.0
     if "rotate" in s and strength > 0:
         limit = 180.0 if "rot90" in s else ROTATE_SMALL
         angle = float(rng.uniform(-limit, limit) * min(1.0, strength)) * np.pi / 180
+    elastic = "elastic" in s and strength > 0 and rng.random() < ELASTIC_P
+    return scale, angle, elastic
+
+
+def warp(
+    image: np.ndarray,
+    labels: np.ndarray,
+    size: tuple[int, int],
+    centre: tuple[int, int],
+    scale: float,
+    angle: float,
+    elastic_rng: np.random.Generator | None,
+    strength: float,
+    border: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """An (H, W) window around ``centre`` of an image and its labels, scaled, rotated and deformed in one remap.
+
+    Linear for the image, nearest for the labels; ``border`` is the
+    ``cv2.BORDER_*`` mode beyond the image (a constant border is 0).
+    ``elastic_rng`` draws the elastic field; None: no deformation.
+
+    Returns:
+        ``image`` (H, W, C) and ``labels`` (H, W), each in its input's dtype.
+    """
+    ph, pw = size
+    cy, cx = centre
     ys, xs = np.mgrid[0:ph, 0:pw].astype(np.float32)
     # Integer offsets: without scale, rotation and elastic the remap is an exact crop.
     ys -= ph // 2
     xs -= pw // 2
-    if "elastic" in s and strength > 0 and rng.random() < ELASTIC_P:
-        dy, dx = _elastic_field((ph, pw), rng, ELASTIC_ALPHA * strength)
+    if elastic_rng is not None:
+        dy, dx = _elastic_field((ph, pw), elastic_rng, ELASTIC_ALPHA * strength)
         ys, xs = ys + dy, xs + dx
     # scale > 1 zooms in (objects larger): a patch pixel covers 1/scale image pixels.
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
     map_y = (cy + sin * xs + cos * ys).astype(np.float32)
     map_x = (cx + cos * xs - sin * ys).astype(np.float32)
-    patch = cv2.remap(np.ascontiguousarray(image), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    patch = cv2.remap(np.ascontiguousarray(image), map_x, map_y, cv2.INTER_LINEAR, borderMode=border, borderValue=0)
     if patch.ndim == 2:
         patch = patch[..., None]
-    labels = cv2.remap(np.ascontiguousarray(mask), map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+    return patch, cv2.remap(np.ascontiguousarray(labels), map_x, map_y, cv2.INTER_NEAREST, borderMode=border, borderValue=0)
+
+
+def flip_rot90(patch: np.ndarray, labels: np.ndarray, rng: np.random.Generator, s: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Random horizontal flip (``flip`` in ``s``), vertical flip and 90-degree turns (``rot90``; 180 only for a non-square patch)."""
+    ph, pw = labels.shape[:2]
     if "flip" in s and rng.random() < 0.5:
         patch, labels = patch[:, ::-1], labels[:, ::-1]
     if "rot90" in s:
@@ -235,8 +277,7 @@ def sample_patch(
         k = int(rng.integers(0, 4)) if ph == pw else 2 * int(rng.integers(0, 2))
         if k:
             patch, labels = np.rot90(patch, k), np.rot90(labels, k)
-    patch = augment_intensity(np.ascontiguousarray(patch), rng, s, strength)
-    return patch, np.ascontiguousarray(labels)
+    return patch, labels
 
 
 def augment_intensity(image: np.ndarray, rng: np.random.Generator, augment_set: set[str] | tuple[str, ...], strength: float = 1.0) -> np.ndarray:
@@ -272,6 +313,3 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator, augment_set: 
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
     return x.astype(image.dtype)
 
-
-# Shared with the instance transforms (segray.data.instance_transforms).
-elastic_field = _elastic_field

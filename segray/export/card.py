@@ -21,15 +21,6 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def _json_or_none(uri: str) -> dict[str, Any] | None:
-    if not storage.exists(uri):
-        return None
-    try:
-        return json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{uri}: not valid JSON ({e})") from None
-
-
 def run_folder(keras_uri: str) -> str | None:
     """``RUN`` for ``RUN/model/model.keras`` when RUN holds a run's config.json; None for a bare .keras file."""
     folder = keras_uri.rstrip("/").rsplit("/", 1)[0]
@@ -40,9 +31,9 @@ def run_folder(keras_uri: str) -> str | None:
 def run_records(keras_uri: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(the run's config.json, the model's best.json) for ``RUN/model/model.keras``; None where absent (a bare .keras file)."""
     folder = keras_uri.rstrip("/").rsplit("/", 1)[0]
-    best = _json_or_none(storage.join(folder, BEST_FILE))
+    best = storage.read_json_or_none(storage.join(folder, BEST_FILE))
     run = run_folder(keras_uri)
-    config = _json_or_none(storage.join(run, CONFIG_FILE)) if run else None
+    config = storage.read_json_or_none(storage.join(run, CONFIG_FILE)) if run else None
     return config, best
 
 

@@ -139,14 +139,11 @@ def _output_of(pred: str) -> Output | None:
     return Output(parent) if parent else None
 
 
-def _model_of(pred: str) -> str:
-    """The weights' hash of the predict run whose ``masks/`` folder ``pred`` is, else ''."""
-    model_id = _summary_of(pred).get("model_id")
-    return model_id if isinstance(model_id, str) else ""
+def _predicted_classes(pred: str, summary: dict[str, Any]) -> tuple[list[str] | None, list[str] | None]:
+    """(class names, per-class priority) of the model of the predict output ``pred`` belongs to; None where unknown.
 
-
-def _predicted_classes(pred: str) -> tuple[list[str] | None, list[str] | None]:
-    """(class names, per-class priority) of the model of the predict output ``pred`` belongs to; None where unknown."""
+    ``summary`` is that output's ``summary.json`` (``_summary_of``).
+    """
     parent = _output_of(pred)
     names = None
     if parent is not None and storage.exists(parent.classes):
@@ -154,19 +151,21 @@ def _predicted_classes(pred: str) -> tuple[list[str] | None, list[str] | None]:
             names = [c.name for c in load_classes(parent.classes) if c.id != IGNORE_INDEX]
         except ConfigError:
             names = None
-    model = _summary_of(pred).get("config", {}).get("resolved", {}).get("model", {})
+    model = summary.get("config", {}).get("resolved", {}).get("model", {})
     priority = model.get("priority") if isinstance(model, dict) else None
     return names, priority if isinstance(priority, list) else None
 
 
-def _truth_plan(cfg: EvaluateConfig) -> tuple[Plan, list[ClassInfo]]:
+def _truth_plan(cfg: EvaluateConfig, summary: dict[str, Any]) -> tuple[Plan, list[ClassInfo]]:
     """TRUTH listed in its layout, with the classes and priority the predictions were made with.
+
+    ``summary`` is the ``summary.json`` of the predict output PRED belongs to ({} when none).
 
     Raises:
         ValueError: the layout's classes or priority differ from those of the
             predict output PRED belongs to, naming both.
     """
-    names, model_priority = _predicted_classes(cfg.pred)
+    names, model_priority = _predicted_classes(cfg.pred, summary)
     order, priority = cfg.class_order, cfg.priority
     if cfg.layout == "per-class":
         order = order or (names[1:] if names else None)
@@ -210,9 +209,11 @@ def evaluate(cfg: EvaluateConfig) -> PredictResult:
         if not storage.exists(classes):
             raise about("classes", FileNotFoundError(f"classes {classes}: no such file"))
         declared = [c for c in load_classes(classes) if c.id != IGNORE_INDEX]
+    # The predict run's summary.json, read once: its model's id, classes and priority.
+    pred_summary = _summary_of(pred)
     plan, truth_classes, identity = None, None, {}
     if cfg.layout is not None:
-        plan, layout_classes = _truth_plan(cfg)
+        plan, layout_classes = _truth_plan(cfg, pred_summary)
         declared = layout_classes or declared
         truth_classes = plan.classes if cfg.layout != "ids" else None
         # Named only with a layout, so OUTs written before layouts existed still resume.
@@ -237,7 +238,8 @@ def evaluate(cfg: EvaluateConfig) -> PredictResult:
     else:
         ok = records.filter(pc.equal(records["status"], OK))
         names = [f"class_{k}" for k in range(_inferred_classes(ok))]
-    model_id = _model_of(pred)
+    model_id = pred_summary.get("model_id")
+    model_id = model_id if isinstance(model_id, str) else ""
     scores, frames = score_tables(records, names, model_id) if names else ({}, None)
     wall = time.time() - started
     scored = int(scores.get("images_scored", 0))

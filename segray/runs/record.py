@@ -121,12 +121,8 @@ def run_state(run_uri: str) -> RunState | None:
     ended = None
     if history is not None and done and "ended_at" in history:
         ended = float(history["ended_at"].iloc[-1])
-    end_uri = storage.join(run_uri, END_FILE)
-    if storage.exists(end_uri):
-        try:
-            record = json.loads(storage.read_text(end_uri))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{end_uri}: not valid JSON ({e})") from None
+    record = storage.read_json_or_none(storage.join(run_uri, END_FILE))
+    if record is not None:
         return RunState(done, int(record.get("epochs", epochs)), record.get("stopped"), record.get("detail"), ended)
     if done and done >= epochs:
         return RunState(done, epochs, "epochs", "worked out from history.parquet", ended)

@@ -76,13 +76,7 @@ def pending_uri(folder: str) -> str:
 
 def read_run_record(folder: str) -> dict[str, Any] | None:
     """``FOLDER/mlflow/run.json``, or None when the folder was never tracked."""
-    uri = run_record_uri(folder)
-    if not storage.exists(uri):
-        return None
-    try:
-        return json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{uri}: not valid JSON ({e})") from None
+    return storage.read_json_or_none(run_record_uri(folder))
 
 
 def read_pending(folder: str) -> list[dict[str, Any]]:

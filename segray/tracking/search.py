@@ -34,7 +34,10 @@ def trial_tags(parent: dict[str, Any] | None) -> dict[str, str]:
 
 
 def finish_search_run(search_uri: str, parent: dict[str, Any] | None, best: dict[str, Any] | None, status: str) -> None:
-    """Tags the best trial's run (``segray.best_trial``) and names it on the parent run, which then ends."""
+    """Tags the best trial's run (``segray.best_trial``) and names it on the parent run, which then ends.
+
+    Trial runs still RUNNING end first: FINISHED with the search, KILLED when it failed.
+    """
     if parent is None:
         return
     tracker = Tracker(search_uri, parent["uri"], parent["experiment"], (read_run_record(search_uri) or {}).get("run_id"))
@@ -50,4 +53,37 @@ def finish_search_run(search_uri: str, parent: dict[str, Any] | None, best: dict
             from segray.tracking.client import now_ms
 
             tracker.send({"op": "metrics", "step": 0, "timestamp": now_ms(), "metrics": {f"best_{k}": v for k, v in scores.items()}})
+    _end_trial_runs(tracker, parent, "FINISHED" if status == "FINISHED" else "KILLED")
     tracker.send({"op": "end", "status": status})
+
+
+def _end_trial_runs(tracker: Tracker, parent: dict[str, Any], status: str) -> None:
+    """Ends the search's trial runs that are still RUNNING, tagged ``segray.ended_by: search``.
+
+    Tune ends a trial from outside (ASHA's stop, its last epoch, the time
+    budget), so the trial's own training run never gets to end its MLflow
+    run. Without a server to ask (records waiting for `segray mlflow sync`)
+    the trials are left as they are.
+    """
+    if tracker.down or not tracker.run_id:
+        return
+    try:
+        client = tracker.client
+        experiment = client.get_run(tracker.run_id).info.experiment_id
+        running, token = [], None
+        while True:
+            page = client.search_runs([experiment], filter_string=f"tags.`{PARENT_TAG}` = '{tracker.run_id}' and attributes.status = 'RUNNING'",
+                                      page_token=token)
+            running += page
+            token = page.token
+            if not token:
+                break
+    except Exception:  # noqa: BLE001 - the search's own records go on as Tracker.send decides
+        return
+    for run in running:
+        folder = run.data.tags.get(f"{TAG}run_uri")
+        if not folder:
+            continue  # not a segray trial's run
+        trial = Tracker(folder, parent["uri"], parent["experiment"], run.info.run_id)
+        trial.send({"op": "tags", "tags": {f"{TAG}ended_by": "search"}})
+        trial.send({"op": "end", "status": status})

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from benchmarks.serve_body_memory import server_processes
 from segray import storage
 from segray.config import MIB, ConfigError, PredictConfig, ServeConfig
 from segray.data.imageio import decode_mask, encode_png
@@ -140,24 +141,6 @@ def test_an_unknown_format_is_refused_naming_the_allowed_values(served):
     for value, media in (("png", "image/png"), ("json", "application/json")):
         status, _, headers = post(f"{app.url}/segment?format={value}", good)
         assert status == 200 and headers["content-type"] == media
-
-
-def server_processes() -> dict[str, int]:
-    """PIDs of the Serve proxy and replica among this process's children (the module's local Ray)."""
-    import psutil
-
-    found: dict[str, list[int]] = {"proxy": [], "replica": []}
-    for p in psutil.Process().children(recursive=True):
-        try:
-            title = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if "ray::ProxyActor" in title:
-            found["proxy"].append(p.pid)
-        elif "ray::ServeReplica" in title:
-            found["replica"].append(p.pid)
-    assert all(len(v) == 1 for v in found.values()), found
-    return {k: v[0] for k, v in found.items()}
 
 
 def post_streamed(port: int, total: int, chunked: bool, body: bytes | None = None) -> tuple[int, dict]:
