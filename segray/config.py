@@ -1044,7 +1044,7 @@ class EvaluateConfig(Config):
             default the split the predict output ``pred`` belongs to was made from.
     """
 
-    pred: str = flag(help="folder of predicted <id>.png class-id masks (with --task instance: 16-bit instance-id maps); required")
+    pred: str = flag(help="folder of predicted <id>.png class-id masks; required")
     truth: str = flag(help="folder of true <id>.png class-id masks; required")
     output: str = flag(help="where the tables go; required")
     classes: str | None = flag(None, help="classes.json (default: class_0.., or the layout's classes)")
