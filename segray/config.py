@@ -1029,6 +1029,19 @@ class EvaluateConfig(Config):
         priority: ``per-class``: overlap priority, first wins; default that
             output's model's, else ``class_order``.
         images_dir: ``per-class``: the folder of images.
+        task: ``instance``: ``pred`` holds 16-bit ``<id>.png`` instance-id maps
+            (predict's ``OUT/instances``; its ``instances.parquet`` gives each
+            object's class and score, else every object is class 1 with score 1)
+            scored against truth objects with mask AP / PQ
+            (``segray.inference.instance_evaluation``). None: ``instance`` when
+            ``instance_layout`` is given, ``truth`` is an ingested instance
+            dataset, or ``pred`` is a predict's ``instances/`` folder.
+        instance_layout: ``instance``: read ``truth`` as a raw folder of this
+            layout (``coco``, ``instance-ids``, ``per-instance``, as ingest reads
+            it); None: an ingested instance dataset, else inferred from what
+            ``truth`` holds (``annotations.json``: coco; ``instances/``: instance-ids).
+        split: ``instance`` with an ingested dataset as ``truth``: its split;
+            default the split the predict output ``pred`` belongs to was made from.
     """
 
     pred: str = flag(help="folder of predicted <id>.png class-id masks; required")
@@ -1043,6 +1056,14 @@ class EvaluateConfig(Config):
     priority: list[str] | None = flag(
         None, parse=parse_names, help="per-class: overlap priority, first wins (default: the --pred output's model's; must match it)")
     images_dir: str = flag("images", help="per-class: folder of images (default images)")
+    task: Literal["semantic", "instance"] | None = flag(
+        None, help="instance: --pred holds 16-bit instance-id maps (predict's OUT/instances, classes and scores from its "
+                   "instances.parquet), scored by mask AP/PQ against truth objects; default: instance when --instance-layout "
+                   "is given, --truth is an ingested instance dataset or --pred is a predict's instances/ folder")
+    instance_layout: Literal["coco", "instance-ids", "per-instance"] | None = flag(
+        None, help="instance: read --truth as a raw folder of this layout (default: an ingested dataset, or inferred from --truth: "
+                   "annotations.json is coco, instances/ is instance-ids)")
+    split: str | None = flag(None, help="instance, --truth an ingested dataset: its split (default: the one --pred's predict read)")
     mlflow: str | None = flag(None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI; unset: no tracking)")
     mlflow_experiment: str = flag("segray", help="MLflow experiment the run goes to (default segray)")
 
@@ -1052,6 +1073,15 @@ class EvaluateConfig(Config):
         if self.classes:
             _uri(self, "classes")
         _layout_options(self, "truth")
+        if self.task == "semantic" and (self.instance_layout or self.split):
+            name = "instance_layout" if self.instance_layout else "split"
+            raise ConfigError(f"{name} is for instance outputs; leave it out or set `task` instance", field=name)
+        if self.layout is not None and (self.task == "instance" or self.instance_layout or self.split):
+            raise ConfigError(
+                f"layout {self.layout} reads semantic truth masks; for instance truth give `instance_layout` (coco, instance-ids, per-instance)",
+                field="layout")
+        if self.split is not None and (not self.split or "/" in self.split):
+            raise ConfigError(f"split: expected a split name such as val, got {shown(self.split)}", field="split")
 
 
 @dataclass(frozen=True)

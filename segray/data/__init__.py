@@ -6,7 +6,17 @@ from segray.data.ingest import IngestError, IngestResult, choose_val, chunk_item
 from segray.data.instance_ingest import ingest_instances
 from segray.data.instance_pipeline import INSTANCE_AUGMENT, DecodeInstances, decode_instances, read_instances
 from segray.data.instance_transforms import fit_instances, renumber, sample_instances
-from segray.data.instance_layouts import INSTANCE_LAYOUTS, ObjectLabels, list_instances
+from segray.data.instance_layouts import (
+    COCO_FILE,
+    INSTANCE_LAYOUTS,
+    INSTANCES_DIR,
+    MAX_OBJECTS,
+    ObjectLabels,
+    labels_from_coco,
+    labels_from_ids,
+    labels_from_masks,
+    list_instances,
+)
 from segray.data.layouts import Plan, build_mask, id_problem, index_folder, list_pairs, pair_by_id
 from segray.data.pipeline import DecodeBatch, PipelineConfig, image_dtype, read_split, reset_draws, rows_per_batch, split_uri
 from segray.data.quarantine import errors_uri, write_errors
@@ -29,6 +39,12 @@ __all__ = [
     "renumber",
     "sample_instances",
     "list_instances",
+    "COCO_FILE",
+    "INSTANCES_DIR",
+    "MAX_OBJECTS",
+    "labels_from_coco",
+    "labels_from_ids",
+    "labels_from_masks",
     "BadInput",
     "ClassInfo",
     "DatasetInfo",

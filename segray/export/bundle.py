@@ -46,6 +46,13 @@ class ExportResult:
 
     def describe(self) -> str:
         parity = self.card.get("parity", {})
+        if self.card.get("task") == "instance":
+            return (
+                f"exported {self.card.get('model')} ({self.card.get('model_id')}) as {self.format} to {self.output}: {', '.join(self.files)}\n"
+                f"input: uint8 RGB (N, H, W, 3), {self.card['input_size']['rule']}; outputs {', '.join(self.card['outputs'])} after NMS\n"
+                f"max |box difference| vs the original on a probe batch {parity.get('max_abs_box_diff', float('nan')):.2e} px "
+                f"({sum(parity.get('detections', []))} objects)"
+            )
         return (
             f"exported {self.card.get('model')} ({self.card.get('model_id')}) as {self.format} to {self.output}: "
             f"{', '.join(self.files)}\ninput: uint8 RGB (N, H, W, 3), {self.card['input_size']['rule']}\n"
@@ -119,6 +126,8 @@ def export(cfg: ExportConfig) -> ExportResult:
     # models:/NAME/VERSION resolved to the run it was registered from: that run's state.
     state = training_state(run_folder(spec.uri) or cfg.run if cfg.run.startswith("models:/") else cfg.run, spec.uri)
     _refuse_unfinished(cfg, state)
+    if _task(spec.name) == "instance":
+        return _export_instances(cfg, spec, state)
     with tf.device("/CPU:0"):
         net = load_keras(spec.uri)
         multiple = export_multiple(net)
@@ -146,14 +155,69 @@ def export(cfg: ExportConfig) -> ExportResult:
             "mask_agreement": float((got.argmax(-1) == expected.argmax(-1)).mean()),
         }
         card = model_card(spec, cfg.format, multiple, config, best, parity, state)
-        with open(os.path.join(tmp, CARD_FILE), "w") as f:
-            json.dump(card, f, indent=2)
-        files = []
-        for folder, _, names in os.walk(tmp):
-            for name in sorted(names):
-                local = os.path.join(folder, name)
-                relative = os.path.relpath(local, tmp).replace(os.sep, "/")
-                with open(local, "rb") as f:
-                    storage.write_bytes(storage.join(cfg.output, relative), f.read())
-                files.append(relative)
-    return ExportResult(cfg.output, cfg.format, sorted(files), card)
+        files = _copy_out(tmp, card, cfg.output)
+    return ExportResult(cfg.output, cfg.format, files, card)
+
+
+def _copy_out(tmp: str, card: dict[str, Any], output: str) -> list[str]:
+    """Writes the card into ``tmp`` and copies every file of ``tmp`` to ``output``; returns their relative names."""
+    with open(os.path.join(tmp, CARD_FILE), "w") as f:
+        json.dump(card, f, indent=2)
+    files = []
+    for folder, _, names in os.walk(tmp):
+        for name in sorted(names):
+            local = os.path.join(folder, name)
+            relative = os.path.relpath(local, tmp).replace(os.sep, "/")
+            with open(local, "rb") as f:
+                storage.write_bytes(storage.join(output, relative), f.read())
+            files.append(relative)
+    return sorted(files)
+
+
+def _task(name: str) -> str:
+    """The registry task of a model name (``semantic`` for a name the registry does not know)."""
+    from segray import models
+
+    try:
+        return models.spec(name).task
+    except ValueError:
+        return "semantic"
+
+
+def _export_instances(cfg: ExportConfig, spec, state: RunState | None) -> ExportResult:
+    """``export`` of an instance model: a SavedModel of its detections after NMS (``segray.export.instances``)."""
+    import tensorflow as tf
+
+    from segray.export.instances import (
+        KERAS_REFUSAL,
+        ONNX_REFUSAL,
+        PARITY_TOLERANCE as BOX_TOLERANCE,
+        describe_instance_outputs,
+        detection_parity,
+        write_instance_savedmodel,
+    )
+    from segray.runs import load_keras
+
+    if cfg.format != "savedmodel":
+        raise about("format", ValueError(f"format {cfg.format}: {spec.uri} is an instance model ({spec.name}); "
+                                         + (ONNX_REFUSAL if cfg.format == "onnx" else KERAS_REFUSAL)))
+    multiple = spec.multiple
+    config, best = run_records(spec.uri)
+    with tf.device("/CPU:0"), tempfile.TemporaryDirectory(prefix="segray-export-") as tmp:
+        net = load_keras(spec.uri)
+        images = _probe(multiple, spec.static_size or spec.size)
+        path = write_instance_savedmodel(net, spec.mean, spec.std, multiple, tmp)
+        parity = detection_parity(net, path, images, spec.mean, spec.std)
+        worst = max(parity["max_abs_box_diff"], parity["max_abs_score_diff"], parity["max_abs_mask_diff"])
+        if not worst <= BOX_TOLERANCE or not parity["classes_equal"]:
+            raise ValueError(f"run {cfg.run}: the savedmodel export's detections differ from the model's ({parity}); nothing written to {cfg.output}")
+        shapes = net.output_shape if isinstance(net.output_shape, dict) else {}
+        masks = shapes.get("masks") or (None, None, None)
+        card = model_card(spec, cfg.format, multiple, config, best, parity, state)
+        card.update(describe_instance_outputs(spec.num_classes, masks[1], masks[2]))
+        card["task"] = "instance"
+        card["ignore_index"] = None
+        card["input_size"]["rule"] = (f"any H and W; padded at the bottom and right to a multiple of {multiple} "
+                                      "(zeros after normalisation); boxes are in pixels of the image")
+        files = _copy_out(tmp, card, cfg.output)
+    return ExportResult(cfg.output, cfg.format, files, card)

@@ -10,6 +10,7 @@ the same tables from masks that already exist. Most users call them as
 
 from segray.inference.evaluation import evaluate
 from segray.inference.geometry import fit_image, tiled_argmax
+from segray.inference.instance_tables import INSTANCE_IMAGES_FILE, INSTANCE_IMAGES_SCHEMA, INSTANCES_FILE
 from segray.inference.objects import INSTANCE_PER_CLASS_SCHEMA, OBJECTS_SCHEMA, instance_per_class_frame, objects_table
 from segray.inference.output import RUN_FILE, TABLES, Output, PredictResult, claim, read_parts, write_results
 from segray.inference.pipeline import converted, geometry_of, predict
@@ -27,6 +28,9 @@ from segray.inference.tables import (
 )
 
 __all__ = [
+    "INSTANCES_FILE",
+    "INSTANCE_IMAGES_FILE",
+    "INSTANCE_IMAGES_SCHEMA",
     "INSTANCE_PER_CLASS_SCHEMA",
     "OBJECTS_SCHEMA",
     "OK",

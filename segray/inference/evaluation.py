@@ -189,6 +189,8 @@ def _truth_plan(cfg: EvaluateConfig, summary: dict[str, Any]) -> tuple[Plan, lis
 def evaluate(cfg: EvaluateConfig) -> PredictResult:
     """Scores existing prediction masks against truth masks (see ``EvaluateConfig``).
 
+    Instance maps (``task`` instance, or inferred) go to ``evaluate_instances``.
+
     Returns:
         The result, as ``predict`` returns it.
 
@@ -198,6 +200,10 @@ def evaluate(cfg: EvaluateConfig) -> PredictResult:
     """
     import ray
 
+    from segray.inference.instance_evaluation import evaluate_instances, is_instance_evaluation
+
+    if is_instance_evaluation(cfg):
+        return evaluate_instances(cfg)
     started, run = time.time(), time.time_ns()
     pred, truth, out, classes = cfg.pred, cfg.truth, Output(cfg.output), cfg.classes
     if not storage.is_dir(pred):

@@ -277,6 +277,7 @@ def predict_instances(cfg: PredictConfig, spec, started: float, run: int) -> Pre
     import ray
 
     from segray.data import read_shards, write_errors
+    from segray.inference.instance_tables import write_image_quality
     from segray.inference.objects import OBJECTS_SCHEMA
     from segray.inference.sources import list_source
     from segray.metrics import InstanceMetrics
@@ -349,6 +350,7 @@ def predict_instances(cfg: PredictConfig, spec, started: float, run: int) -> Pre
         for record in parts.to_pylist():
             metrics.add_record(record)
         instance_summary = metrics.summary()
+        write_image_quality(out.root, metrics.records)  # per-image PQ (segray report's worst images)
         per_class, per_class_schema = _per_class(frames, metrics, names, spec.model_id)
         frames["per_class"] = per_class
         scores.update({k: v for k, v in instance_summary.items() if k != "images"})

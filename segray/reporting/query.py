@@ -17,7 +17,9 @@ Views:
 - ``image_confusion``: one row per image and non-zero cell of its own
   confusion matrix (``truth_id``, ``pred_id``, ``pixels``), predict outputs only;
 - ``instances``: one row per predicted object (``instances.parquet``), predict
-  outputs of an instance model only.
+  outputs of an instance model and instance evaluate outputs only;
+- ``instance_images``: one row per scored image of those outputs, with its
+  object counts and panoptic quality (``instance_images.parquet``).
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import pyarrow as pa
 
 from segray import storage
 from segray.data import IGNORE_INDEX, ClassInfo, default_color
-from segray.inference import RUN_FILE, TABLES, Output
+from segray.inference import INSTANCE_IMAGES_FILE, INSTANCE_IMAGES_SCHEMA, INSTANCES_FILE, RUN_FILE, TABLES, Output
 
-VIEWS = (*TABLES, "errors", "image_confusion", "instances")
+VIEWS = (*TABLES, "errors", "image_confusion", "instances", "instance_images")
 PREDICT_FORMAT, EVALUATE_FORMAT = "segray-predict/", "segray-evaluate/"
 
 
@@ -178,9 +180,16 @@ class OutputTables:
         if name == "image_confusion":
             return self._image_confusion()
         if name == "instances":
-            uri = storage.join(self.layout.root, "instances.parquet")
+            uri = storage.join(self.layout.root, INSTANCES_FILE)
             if not storage.exists(uri):
                 raise FileNotFoundError(f"table instances: {uri} is missing; predict writes it for an instance model (maskrcnn) only")
+            return storage.read_parquet(uri)
+        if name == "instance_images":
+            uri = storage.join(self.layout.root, INSTANCE_IMAGES_FILE)
+            if not storage.exists(uri):
+                if self.info.summary.get("task") == "instance" and not self.info.has_truth:
+                    return INSTANCE_IMAGES_SCHEMA.empty_table()
+                raise FileNotFoundError(f"table instance_images: {uri} is missing; an instance predict or evaluate with truth writes it")
             return storage.read_parquet(uri)
         uri = self.layout.errors if name == "errors" else self.layout.table(name)
         if not storage.exists(uri):

@@ -286,8 +286,17 @@ def render(tables: OutputTables, run: str | None = None, k: int = 12) -> tuple[s
     sections = [
         ("summary", "Summary", _summary(tables)),
         ("classes", "Classes", _legend(tables) + _per_class(tables, per_class)),
-        ("confusion-matrix", "Confusion matrix", _confusion(tables)),
     ]
+    if tables.info.summary.get("task") == "instance":
+        from segray.reporting.outlines import instance_table, worst_objects
+
+        objects_html, object_strips = worst_objects(tables, k, DISPLAY_HEIGHT) if not per_class.empty else ('<p class="note">No scored images.</p>', 0)
+        strips += object_strips
+        sections += [
+            ("instances", "Objects: mask AP and panoptic quality per class", instance_table(tables, per_class)),
+            ("worst-objects-section", f"Worst images by PQ (up to {k}): object outlines", objects_html),
+        ]
+    sections.append(("confusion-matrix", "Confusion matrix", _confusion(tables)))
     if run:
         sections.append(("training", "Training curves", _curves(run)))
     sections += [

@@ -6,6 +6,7 @@ import sys
 
 from ray.tune import Callback
 
+from segray.tuning.objective import SEMANTIC, Objective
 from segray.tuning.trial import EPOCHS_DONE
 
 
@@ -19,10 +20,11 @@ class TrialLines(Callback):
     Args:
         epochs: the epochs of a trial that is never stopped.
         trials: the trials the search makes.
+        objective: what the search maximises (its metric is printed first).
     """
 
-    def __init__(self, epochs: int, trials: int):
-        self.epochs, self.trials, self.ended = epochs, trials, 0
+    def __init__(self, epochs: int, trials: int, objective: Objective = SEMANTIC):
+        self.epochs, self.trials, self.ended, self.objective = epochs, trials, 0, objective
 
     def _print(self, line: str) -> None:
         print(line, file=sys.stdout, flush=True)
@@ -32,9 +34,10 @@ class TrialLines(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if EPOCHS_DONE in result:
+            o = self.objective
             self._print(
-                f"trial {trial.trial_id} epoch {result[EPOCHS_DONE]}/{self.epochs}: val mIoU {result['val_miou']:.4f} "
-                f"Dice {result['val_mean_dice']:.4f} | {result.get('time_total_s', 0):.0f} s"
+                f"trial {trial.trial_id} epoch {result[EPOCHS_DONE]}/{self.epochs}: val {o.label} {result.get(o.metric, float('nan')):.4f} "
+                f"{o.second_label} {result.get(o.second, float('nan')):.4f} | {result.get('time_total_s', 0):.0f} s"
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info):

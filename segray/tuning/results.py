@@ -2,7 +2,9 @@
 
 - ``trials.parquet``: one row per trial that started: its sampled values
   (one ``param_KEY`` column each), ``best_val_miou``, ``best_val_dice`` and
-  ``best_epoch`` (of the trial's saved model: its epoch of best val mIoU),
+  ``best_epoch`` (of the trial's saved model: its epoch of best val mIoU;
+  on instance data ``best_val_ap50`` and ``best_val_pq``: the objective is
+  val mask AP50, ``segray.tuning.objective``),
   ``epochs`` (trained), ``train_seconds`` (its epochs' time), ``seconds``
   (its wall-clock time in Tune, start-up included), ``started`` and ``ended``
   (Unix times: its start, its last epoch; for a trial resumed after the
@@ -15,7 +17,8 @@
   ``error`` and ``run_uri`` (a
   segray run: ``segray predict --model RUN_URI``).
 - ``best.json``: the best trial by val mIoU: ``trial_id``, ``run_uri``,
-  ``val_miou``, ``val_mean_dice``, ``epoch``, ``params`` (its sampled values)
+  ``objective`` (the key maximised), ``val_miou``, ``val_mean_dice`` (instance
+  data: ``val_ap50``, ``val_pq``), ``epoch``, ``params`` (its sampled values)
   and ``config`` (the run's resolved TrainConfig).
 - ``search.png``: val mIoU of each trial against its training time, one
   line per trial.
@@ -34,6 +37,7 @@ import pandas as pd
 from segray import storage
 from segray.runs import SEARCH_BEST_FILE as BEST_FILE
 from segray.runs import TRIALS_FILE
+from segray.tuning.objective import SEMANTIC, Objective
 
 PLOT_FILE = "search.png"
 
@@ -53,6 +57,7 @@ class TuneResult:
     trials: pd.DataFrame
     best: dict[str, Any] | None
     seconds: float
+    objective: Objective = SEMANTIC
 
     @property
     def trials_per_hour(self) -> float:
@@ -70,10 +75,12 @@ class TuneResult:
         ]
         if len(t):
             varied = [c for c in param_columns(t) if t[c].astype(str).nunique() > 1]  # the sampled ones
-            shown = [c for c in ("trial_id", *varied, "best_val_miou", "best_val_dice", "epochs", "seconds", "stopped_early", "complete", "status") if c in t]
-            lines.append(t.sort_values("best_val_miou", ascending=False, na_position="last")[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            o = self.objective
+            shown = [c for c in ("trial_id", *varied, o.column, o.second_column, "epochs", "seconds", "stopped_early", "complete", "status") if c in t]
+            lines.append(t.sort_values(o.column, ascending=False, na_position="last")[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         if self.best:
-            lines.append(f"best: trial {self.best['trial_id']}, val mIoU {self.best['val_miou']:.4f} at epoch {self.best['epoch'] + 1}; run {self.best['run_uri']}")
+            o = self.objective
+            lines.append(f"best: trial {self.best['trial_id']}, val {o.label} {self.best[o.metric]:.4f} at epoch {self.best['epoch'] + 1}; run {self.best['run_uri']}")
         lines.append(f"search: {self.uri} ({TRIALS_FILE}, {BEST_FILE}, {PLOT_FILE}); `segray predict --model {self.uri}` uses the best trial")
         return "\n".join(lines)
 
@@ -91,7 +98,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def trial_rows(grid, runs_uri: str, stopped: dict[str, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def trial_rows(grid, runs_uri: str, stopped: dict[str, int], objective: Objective = SEMANTIC) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one row per trial, one row per epoch of each trial) from Tune's ResultGrid and the trials' runs.
 
     Scores and epochs come from each trial's run (its saved model and
@@ -122,14 +129,15 @@ def trial_rows(grid, runs_uri: str, stopped: dict[str, int]) -> tuple[pd.DataFra
             # The saved model's own scores: what `segray predict` with this run uses. A trial
             # stopped by ASHA may have trained an epoch more, in its history, before its
             # workers stopped, and been stopped before that epoch's model was saved.
-            row.update(best_val_miou=float(saved["val_miou"]), best_val_dice=float(saved["val_mean_dice"]), best_epoch=int(saved["epoch"]))
+            row.update({objective.column: _score(saved.get(objective.metric)), objective.second_column: _score(saved.get(objective.second)),
+                        "best_epoch": int(saved["epoch"])})
         else:
-            row.update(best_val_miou=math.nan, best_val_dice=math.nan, best_epoch=-1)
+            row.update({objective.column: math.nan, objective.second_column: math.nan, "best_epoch": -1})
         row["epochs"] = 0 if history is None else len(history)
         planned = _planned_epochs(run_uri)
         row["complete"] = error is None and (trial_id in stopped or (planned is not None and row["epochs"] >= planned))
         row["train_seconds"] = 0.0 if history is None else float(history["seconds"].sum())
-        frame = _reports(result)
+        frame = _reports(result, objective.metric)
         seconds = float(result.metrics.get("time_total_s", math.nan)) if result.metrics else math.nan
         started = ended = math.nan
         if frame is not None and len(frame):
@@ -152,12 +160,12 @@ def trial_rows(grid, runs_uri: str, stopped: dict[str, int]) -> tuple[pd.DataFra
         )
         rows.append(row)
         if history is not None and len(history):
-            curves.append(pd.DataFrame({"trial_id": trial_id, "epoch": history["epoch"], "val_miou": history["val_miou"],
+            curves.append(pd.DataFrame({"trial_id": trial_id, "epoch": history["epoch"], objective.metric: history[objective.metric],
                                         "minutes": history["seconds"].cumsum() / 60.0}))
     table = pd.DataFrame(rows)
     if len(table):
         table = table.sort_values("trial_id").reset_index(drop=True)
-    curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["trial_id", "epoch", "val_miou", "minutes"])
+    curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["trial_id", "epoch", objective.metric, "minutes"])
     return table, curve
 
 
@@ -173,38 +181,44 @@ def _param_value(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
 
 
-def _reports(result) -> pd.DataFrame | None:
-    """Tune's reports of a trial's last stretch (``timestamp``, ``time_total_s``, ``epochs_done``, ``val_miou``)."""
+def _score(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _reports(result, metric: str = SEMANTIC.metric) -> pd.DataFrame | None:
+    """Tune's reports of a trial's last stretch (``timestamp``, ``time_total_s``, ``epochs_done``, the objective ``metric``)."""
     from segray.tuning.trial import EPOCHS_DONE
 
     frame = result.metrics_dataframe
-    if frame is None or not len(frame) or "val_miou" not in frame or EPOCHS_DONE not in frame:
+    if frame is None or not len(frame) or metric not in frame or EPOCHS_DONE not in frame:
         return None
-    frame = frame[["timestamp", "time_total_s", EPOCHS_DONE, "val_miou"]].dropna(subset=[EPOCHS_DONE])
+    frame = frame[["timestamp", "time_total_s", EPOCHS_DONE, metric]].dropna(subset=[EPOCHS_DONE])
     return frame.drop_duplicates(subset=[EPOCHS_DONE], keep="last").sort_values(EPOCHS_DONE)
 
 
-def best_trial(table: pd.DataFrame) -> dict[str, Any] | None:
-    """``best.json``'s contents: the trial of highest best val mIoU, with its run's resolved config."""
+def best_trial(table: pd.DataFrame, objective: Objective = SEMANTIC) -> dict[str, Any] | None:
+    """``best.json``'s contents: the trial of highest objective (best val mIoU, or mask AP50), with its run's resolved config."""
     from segray.runs import read_config
 
-    if not len(table) or table["best_val_miou"].isna().all():
+    column = objective.column
+    if not len(table) or column not in table or table[column].isna().all():
         return None
-    row = table.loc[int(table["best_val_miou"].fillna(-1).idxmax())]
+    row = table.loc[int(table[column].fillna(-1).idxmax())]
     params = {c.removeprefix(PARAM_PREFIX): _plain(row[c]) for c in param_columns(table)}
     return {
         "trial_id": row["trial_id"],
         "run_uri": row["run_uri"],
-        "val_miou": float(row["best_val_miou"]),
-        "val_mean_dice": float(row["best_val_dice"]),
+        "objective": objective.metric,
+        objective.metric: float(row[column]),
+        objective.second: float(row[objective.second_column]),
         "epoch": int(row["best_epoch"]),
         "params": params,
         "config": read_config(row["run_uri"]),
     }
 
 
-def plot_search(curve: pd.DataFrame, table: pd.DataFrame) -> bytes:
-    """val mIoU against the trial's own training minutes (its epochs, summed), one line per trial; PNG bytes.
+def plot_search(curve: pd.DataFrame, table: pd.DataFrame, objective: Objective = SEMANTIC) -> bytes:
+    """The objective (val mIoU, or mask AP50) against the trial's own training minutes (its epochs, summed), one line per trial; PNG bytes.
 
     A trial stopped early ends in a cross; the best trial's line is thicker.
     """
@@ -214,14 +228,16 @@ def plot_search(curve: pd.DataFrame, table: pd.DataFrame) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    best = table.loc[int(table["best_val_miou"].fillna(-1).idxmax()), "trial_id"] if len(table) and table["best_val_miou"].notna().any() else None
+    column, metric = objective.column, objective.metric
+    best = table.loc[int(table[column].fillna(-1).idxmax()), "trial_id"] if len(table) and column in table and table[column].notna().any() else None
     stopped = set(table.loc[table["stopped_early"], "trial_id"]) if len(table) else set()
     for trial_id, rows in curve.groupby("trial_id", sort=True):
         minutes = rows["minutes"]
-        (line,) = ax.plot(minutes, rows["val_miou"], "-o", markersize=3, linewidth=2.5 if trial_id == best else 1.0, label=trial_id)
+        (line,) = ax.plot(minutes, rows[metric], "-o", markersize=3, linewidth=2.5 if trial_id == best else 1.0, label=trial_id)
         if trial_id in stopped:
-            ax.plot(minutes.iloc[-1:], rows["val_miou"].iloc[-1:], "x", color=line.get_color(), markersize=9, markeredgewidth=2)
-    ax.set(title="validation mIoU of each trial (x: stopped early by ASHA)", xlabel="minutes of training (the trial's epochs)", ylabel="val mIoU", ylim=(0, 1))
+            ax.plot(minutes.iloc[-1:], rows[metric].iloc[-1:], "x", color=line.get_color(), markersize=9, markeredgewidth=2)
+    ax.set(title=f"validation {objective.label} of each trial (x: stopped early by ASHA)", xlabel="minutes of training (the trial's epochs)",
+           ylabel=f"val {objective.label}", ylim=(0, 1))
     ax.grid(alpha=0.3)
     if curve["trial_id"].nunique() <= 20:
         ax.legend(fontsize=7, ncol=2, loc="lower right")
@@ -232,15 +248,15 @@ def plot_search(curve: pd.DataFrame, table: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def write_outputs(uri: str, table: pd.DataFrame, curve: pd.DataFrame) -> dict[str, Any] | None:
+def write_outputs(uri: str, table: pd.DataFrame, curve: pd.DataFrame, objective: Objective = SEMANTIC) -> dict[str, Any] | None:
     """Writes ``trials.parquet``, ``best.json`` (when a trial finished an epoch) and ``search.png``; returns the best."""
     import pyarrow as pa
 
     storage.write_parquet(pa.Table.from_pandas(table, preserve_index=False), storage.join(uri, TRIALS_FILE))
-    best = best_trial(table)
+    best = best_trial(table, objective)
     if best is not None:
         storage.write_text(storage.join(uri, BEST_FILE), json.dumps(best, indent=2))
-    storage.write_bytes(storage.join(uri, PLOT_FILE), plot_search(curve, table))
+    storage.write_bytes(storage.join(uri, PLOT_FILE), plot_search(curve, table, objective))
     return best
 
 

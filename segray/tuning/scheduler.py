@@ -1,4 +1,4 @@
-"""ASHA on validation mIoU per epoch, keeping its state in storage so a resumed search judges as before."""
+"""ASHA on the search's objective per epoch (val mIoU, or val mask AP50 for instance data), keeping its state in storage so a resumed search judges as before."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from segray.tuning.trial import EPOCHS_DONE
 # to its staging folder on resume and uploads them back later, which would put an old
 # state over a newer one.
 SCHEDULER_FILE = "asha/state.pkl"
-METRIC = "val_miou"
+METRIC = "val_miou"  # a semantic search's; segray.tuning.objective picks by the dataset's task
 
 
 class PersistentASHA(ASHAScheduler):
@@ -37,11 +37,11 @@ class PersistentASHA(ASHAScheduler):
         self._loaded = False
 
     @classmethod
-    def for_search(cls, cfg: TuneConfig, uri: str) -> "PersistentASHA":
+    def for_search(cls, cfg: TuneConfig, uri: str, metric: str = METRIC) -> "PersistentASHA":
         return cls(
             storage.join(uri, SCHEDULER_FILE),
             time_attr=EPOCHS_DONE,
-            metric=METRIC,
+            metric=metric,
             mode="max",
             max_t=cfg.epochs,
             grace_period=cfg.grace_epochs,

@@ -3,7 +3,8 @@
 Ray 2.60's pattern for Train V2 under Tune: a function trainable per trial
 (``run_trial``) builds the trial's ``TrainConfig`` and launches the Ray Train
 run with Tune's ``TuneReportCallback``, so every epoch's metrics reach the
-Tune driver, where ASHA compares trials by validation mIoU and stops poor ones.
+Tune driver, where ASHA compares trials by the objective (validation mIoU; on
+an instance dataset, validation mask AP50: ``segray.tuning.objective``) and stops poor ones.
 The trial's own process needs next to no CPU (its Train controller asks for
 none and its workers ask for their own), so a trial costs its workers' CPUs,
 plus one for its data pipeline.
@@ -27,6 +28,7 @@ from segray.config import ConfigError, TuneConfig, about
 from segray.runs import SEARCH_RUNS_DIR
 from segray.runtime import DATA_PIPELINE_CPUS
 from segray.tracking import finish_search_run, start_search_run, trial_tags
+from segray.tuning.objective import SEMANTIC, Objective, dataset_objective
 from segray.tuning.space import SearchSpace, check_space, load_space, probes, trial_config
 
 # A trial's own process only waits on its Train run (whose controller asks for no CPU and
@@ -43,6 +45,7 @@ class Search:
     base: dict[str, Any]
     uri: str
     plan: Any = None  # (Plan, source): the dataset's plan beneath every trial
+    objective: Objective = SEMANTIC  # what ASHA and best.json maximise: from the dataset's task
 
 
 def trial_base(cfg: TuneConfig, uri: str) -> dict[str, Any]:
@@ -96,7 +99,7 @@ def prepare(cfg: TuneConfig) -> Search:
         raise about("name", FileExistsError(f"name {cfg.name}: the search {uri} already exists; set `resume` to continue it or choose another `name`"))
     if cfg.resume and not exists:
         raise about("resume", FileNotFoundError(f"resume: there is no search at {uri} to continue"))
-    return Search(cfg, space, base, uri, plan)
+    return Search(cfg, space, base, uri, plan, dataset_objective(cfg.data))
 
 
 def trial_count(search: Search) -> int:
@@ -177,7 +180,7 @@ def run(search: Search, concurrent: int):
             param_space=search.space.param_space(),
             tune_config=tune.TuneConfig(
                 num_samples=cfg.trials,
-                scheduler=PersistentASHA.for_search(cfg, search.uri),
+                scheduler=PersistentASHA.for_search(cfg, search.uri, search.objective.metric),
                 # The limit goes to the generator itself: Tune ignores TuneConfig's
                 # max_concurrent_trials when given a generator of its own.
                 search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent),
@@ -185,7 +188,7 @@ def run(search: Search, concurrent: int):
                 trial_dirname_creator=trial_dirname,
             ),
             run_config=tune.RunConfig(
-                name=cfg.name, storage_path=path, storage_filesystem=fs, verbose=0, callbacks=[TrialLines(cfg.epochs, trial_count(search))]
+                name=cfg.name, storage_path=path, storage_filesystem=fs, verbose=0, callbacks=[TrialLines(cfg.epochs, trial_count(search), search.objective)]
             ),
         )
     started = time.time()
@@ -195,7 +198,7 @@ def run(search: Search, concurrent: int):
         finish_search_run(search.uri, parent, None, "FAILED")
         raise
     seconds = time.time() - started
-    table, curve = trial_rows(grid, storage.join(search.uri, SEARCH_RUNS_DIR), stopped_early(search.uri))
-    best = write_outputs(search.uri, table, curve)
+    table, curve = trial_rows(grid, storage.join(search.uri, SEARCH_RUNS_DIR), stopped_early(search.uri), search.objective)
+    best = write_outputs(search.uri, table, curve, search.objective)
     finish_search_run(search.uri, parent, best, "FINISHED")
-    return TuneResult(search.uri, table, best, seconds)
+    return TuneResult(search.uri, table, best, seconds, search.objective)
