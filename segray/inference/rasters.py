@@ -636,4 +636,4 @@ def predict_rasters(cfg, uris: list[str], spec, geometry: Geometry, run_format: 
     return write_results(out, frames, len(names), summary, errors)
 
 
-__all__ = ["ChunkPlan", "PredictChunks", "border_overhead", "chunk_logits", "predict_rasters", "raster_inputs"]
+__all__ = ["ChunkPlan", "PredictChunks", "border_overhead", "chunk_logits", "predict_rasters", "raster_inputs", "read_chunk_records"]

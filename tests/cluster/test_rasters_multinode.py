@@ -81,7 +81,7 @@ def _config(run: str, images: str, truth: str, out: str) -> dict:
 
 
 def _records(out: str):
-    from segray.inference.rasters import read_chunk_records
+    from segray.inference import read_chunk_records
 
     return read_chunk_records(out).to_pandas()
 
