@@ -15,6 +15,7 @@ from segray.inference.objects import INSTANCE_PER_CLASS_SCHEMA, OBJECTS_SCHEMA, 
 from segray.inference.output import RUN_FILE, TABLES, Output, PredictResult, claim, read_parts, write_results
 from segray.inference.pipeline import converted, geometry_of, predict
 from segray.inference.predictor import Predictor
+from segray.inference.rasters import read_chunk_records
 from segray.inference.sources import display_uint8
 from segray.inference.tables import (
     OK,
@@ -52,6 +53,7 @@ __all__ = [
     "objects_table",
     "predict",
     "read_confusion",
+    "read_chunk_records",
     "read_parts",
     "record_cells",
     "score_tables",

@@ -28,6 +28,7 @@ Outputs, under OUT:
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ CHUNK_SCHEMA = pa.schema(
         ("cm_counts", pa.list_(pa.int64())),
         ("run", pa.int64()),
         ("worker_peak_rss", pa.int64()),
+        # Which worker wrote the chunk (lineage: on a cluster, which node did the work).
+        ("node_id", pa.string()),
+        ("pid", pa.int64()),
     ]
 )
 
@@ -321,7 +325,6 @@ def write_chunk_levels(uri: str, levels: int, y0: int, x0: int, pred: np.ndarray
 
 def write_tiff_mask(zarr_uri: str, tiff_uri: str, tile: int = 512) -> None:
     """The zarr pyramid as a tiled pyramidal BigTIFF (SubIFDs), tile by tile; uploaded when ``tiff_uri`` is a bucket's."""
-    import os
     import tempfile
 
     import tifffile
@@ -373,6 +376,9 @@ class PredictChunks:
         self.plan, self.out_root, self.mask_format = plan, out_root, mask_format
         self.levels, self.num_classes, self.ignore_index, self.run = levels, num_classes, ignore_index, run
         self.open: dict[str, Any] = {}
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def _raster(self, uri: str):
         if uri not in self.open:
@@ -418,6 +424,7 @@ class PredictChunks:
             "cm_cells": cells.tolist(), "cm_counts": counts.tolist(), "run": self.run,
             # The actor's peak so far: memory per worker should depend on the chunk and window, not the raster.
             "worker_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "node_id": self.node_id, "pid": os.getpid(),
         }
         # Last, and atomic: the part is what says the chunk is done.
         storage.write_parquet(pa.Table.from_pylist([record], schema=CHUNK_SCHEMA), part)
@@ -503,6 +510,8 @@ def raster_tables(chunks: pa.Table, entries: list[RasterEntry], class_names: lis
         "class_id": np.tile(np.arange(c, dtype=np.int32), n), "class_name": np.tile(np.asarray(class_names, object), n),
         "pixels": pixels.reshape(-1), "has_truth": rep("has_truth"), "tp": tp.reshape(-1), "fp": fp.reshape(-1), "fn": fn.reshape(-1),
         "iou": iou_from_counts(tp, fp, fn).reshape(-1), "dice": dice_from_counts(tp, fp, fn).reshape(-1), "model_id": model_id,
+        # Lineage: the Ray node and process that predicted the chunk.
+        "node_id": rep("node_id"), "pid": rep("pid"),
     })
     ids = chunks["image_id"].to_numpy(zero_copy_only=False)
     has_truth = chunks["has_truth"].to_numpy(zero_copy_only=False)
@@ -627,4 +636,4 @@ def predict_rasters(cfg, uris: list[str], spec, geometry: Geometry, run_format: 
     return write_results(out, frames, len(names), summary, errors)
 
 
-__all__ = ["ChunkPlan", "PredictChunks", "border_overhead", "chunk_logits", "predict_rasters", "raster_inputs"]
+__all__ = ["ChunkPlan", "PredictChunks", "border_overhead", "chunk_logits", "predict_rasters", "raster_inputs", "read_chunk_records"]
