@@ -115,8 +115,13 @@ def main() -> None:
     parser.add_argument("--image", help="img2d.tif (default: found or fetched, see above)")
     parser.add_argument("--mask", default=MASK)
     parser.add_argument("--work", help="working folder (default: a temporary one)")
+    parser.add_argument("--summarise", nargs="+", metavar="LOG",
+                        help="train nothing: the RESULT of the per-fold rows printed in these logs (folds run by several processes)")
     args = parser.parse_args()
     budget = parse_duration(args.budget)
+    if args.summarise:
+        summarise_logs(args.summarise, budget)
+        return
     names = [n for n in args.models.split(",") if n]
     folds = [int(f) for f in args.folds.split(",")]
 
@@ -156,19 +161,24 @@ def main() -> None:
                 "schedule": "poly", "size": [TILE, TILE], "augment_set": ["flip", "rot90", "brightness", "contrast"],
             })
             train_s = time.time() - t0
-            loads.append(os.getloadavg()[0])
+            loads.append(os.getloadavg()[0])  # the 1-minute load as training ended
             out = os.path.join(work, "pred", run)
             s = segray.predict({"model": trained.run_uri, "input": test, "split": "train", "output": out, "batch_size": 1}).summary
             row = {"fold": fold, "model": name, "epochs": len(trained.history), "train_s": round(train_s), "test_objects": objects,
                    "predicted": s.get("objects"), "ap50": s.get("ap50"), "ap75": s.get("ap75"), "ap": s.get("ap"), "pq": s.get("pq"),
-                   "val_ap50": trained.best.get("val_ap50")}
+                   "val_ap50": trained.best.get("val_ap50"), "load": round(loads[-1], 2)}
             rows.append(row)
             print(json.dumps(row))
+    summarise(rows, names, budget, load_start[0], loads)
+
+
+def summarise(rows: list[dict], names: list[str], budget: float, load_start: float, loads: list[float]) -> None:
+    """The per-fold table, then the RESULT line: mean and spread (sample std) over folds of each model's AP50, AP75, PQ."""
     import pandas as pd
 
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows).sort_values(["fold", "model"])
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    fields: dict[str, object] = {"budget_per_fold_s": round(budget), "folds": len(folds)}
+    fields: dict[str, object] = {"budget_per_fold_s": round(budget), "folds": ",".join(str(f) for f in sorted(set(frame["fold"])))}
     for name in names:
         part = frame[frame["model"] == name]
         for key in ("ap50", "ap75", "pq"):
@@ -176,10 +186,25 @@ def main() -> None:
             fields[f"{name}_{key}_mean"] = float(values.mean())
             fields[f"{name}_{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
     best = max(names, key=lambda n: fields[f"{n}_ap50_mean"])
-    fields.update(best=best, target_ap50=0.75, load_start=round(load_start[0], 2),
+    fields.update(best=best, target_ap50=0.75, load_start=round(load_start, 2),
                   load_mean=round(float(np.mean(loads)) if loads else float("nan"), 2), cpus=os.cpu_count())
     print("RESULT " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()))
 
+
+def summarise_logs(paths: list[str], budget: float) -> None:
+    """``--summarise``: the RESULT of folds run by several processes (their logs' per-fold JSON rows, and load lines)."""
+    rows, loads = [], []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                if line.startswith('{"fold"'):
+                    row = json.loads(line)
+                    rows.append(row)
+                    if "load" in row:
+                        loads.append(row["load"])
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    print(f"{len(rows)} fold results from {', '.join(paths)}")
+    summarise(rows, names, budget, float("nan"), loads)
 
 if __name__ == "__main__":
     main()
