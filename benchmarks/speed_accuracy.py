@@ -39,11 +39,14 @@ def main() -> None:
     from segray import benchmark as bench
     from segray import models
 
+    task = None  # no data: every model is timed; with data, the models of its task
     if args.data:
+        from segray.data import load_dataset_info
         from segray.runtime import init_ray
 
+        task = load_dataset_info(args.data).task
         init_ray()
-    names = args.models or models.available()
+    names = args.models or models.available(task)
     frame = bench.benchmark(names, size=tuple(args.size), num_classes=args.classes, data=args.data, epochs=args.epochs, repeats=args.repeats)
     print(f"input {args.size[0]}x{args.size[1]}, CPU threads: TensorFlow's default (this machine has {os.cpu_count()} cores)")
     print(bench.format_table(frame))
@@ -56,8 +59,9 @@ def main() -> None:
     for row in frame.itertuples():
         fields += [f"{row.model}_gflops={row.gflops:.3f}", f"{row.model}_latency_p50_ms={row.latency_p50_ms:.2f}",
                    f"{row.model}_throughput={row.throughput:.2f}"]
-        if "val_miou" in frame:
-            fields.append(f"{row.model}_val_miou={row.val_miou:.4f}")
+        for column in ("val_miou", "val_ap50", "val_pq"):
+            if column in frame:
+                fields.append(f"{row.model}_{column}={getattr(row, column):.4f}")
         if gpu:
             fields.append(f"{row.model}_gpu_fp16_latency_p50_ms={row.gpu_fp16_latency_p50_ms:.3f}")
     print("RESULT " + " ".join(fields))

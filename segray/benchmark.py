@@ -9,13 +9,20 @@ For every model (default options unless given) at one input size:
   model compiled with ``tf.function``, on the CPU, after warm-up;
 - ``throughput``: images per second at the best of ``batches``, with that ``best_batch``;
 - with a dataset: ``val_miou`` (and ``val_dice``) of the model trained for the
-  same fixed number of epochs with ``segray.train`` (one worker);
+  same fixed number of epochs with ``segray.train`` (one worker); on an
+  instance dataset the instance models (``maskrcnn``, ``unet-instance``) are
+  measured instead, with val mask ``val_ap50``, ``val_ap`` and ``val_pq``
+  (panoptic quality) of their best epoch in place of mIoU;
 - on a GPU (when TensorFlow sees one): the same latency and throughput in
   float32 and in float16 (``mixed_float16``), ``gpu_*`` and ``gpu_fp16_*``.
 
-``write_report`` writes ``speed_accuracy.parquet`` and, when val mIoU was
-measured, ``speed_accuracy.png``: mIoU against latency with the Pareto front
-(no other model both faster and more accurate) marked.
+``write_report`` writes ``speed_accuracy.parquet`` and, when accuracy was
+measured, ``speed_accuracy.png``: val mIoU (instance rows: val AP50) against
+latency with the Pareto front (no other model both faster and more accurate) marked.
+
+Each row names its ``task``. ``gflops`` is NaN for a model whose parts are
+sub-models built for any input size (Mask R-CNN's FPN and heads), which the
+graph count cannot size.
 """
 
 from __future__ import annotations
@@ -49,9 +56,20 @@ def _timed_calls(fn, x, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        np.asarray(fn(x))  # waits for the result
+        [np.asarray(t) for t in _flat(fn(x))]  # waits for the result (every output of a several-output model)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _flat(outputs) -> list:
+    import tensorflow as tf
+
+    return tf.nest.flatten(outputs)
+
+
+def accuracy_column(frame: pd.DataFrame) -> str | None:
+    """The accuracy the table ranks by: ``val_miou`` (semantic rows), ``val_ap50`` (instance rows), or None (speed only)."""
+    return next((c for c in ("val_miou", "val_ap50") if c in frame), None)
 
 
 def time_model(model, size: tuple[int, int], device: str, batches: Sequence[int] = BATCHES, repeats: int = 20, warmup: int = 3) -> Timing:
@@ -94,17 +112,22 @@ def measure_speed(
     """One row of the table without accuracy: sizes, CPU timings, and GPU fp32/fp16 timings when there is a GPU."""
     import keras
 
-    from segray.models import build, count_params, dtype_policy, model_flops
+    from segray.models import build, count_params, dtype_policy, model_flops, spec
 
     options = options or {}
     keras.mixed_precision.set_global_policy("float32")
     model = build(name, num_classes, (size[0], size[1], 3), **options)
+    try:
+        gflops = model_flops(model) / 1e9
+    except ValueError:  # sub-models of any input size (Mask R-CNN's heads): no static shapes to count
+        gflops = math.nan
     row: dict[str, Any] = {
         "model": name,
+        "task": spec(name).task,
         "options": ", ".join(f"{k}={v}" for k, v in sorted(options.items())),
         "size": f"{size[0]}x{size[1]}",
         "params": int(count_params(model)),
-        "gflops": model_flops(model) / 1e9,
+        "gflops": gflops,
     }
     row.update(_timing_columns("", time_model(model, size, "/CPU:0", repeats=repeats)))
     if gpu_available():
@@ -118,9 +141,13 @@ def measure_speed(
 
 
 def measure_accuracy(name: str, data: str, size: tuple[int, int], epochs: int, options: dict[str, Any], work_dir: str, batch_size: int = 8) -> dict[str, Any]:
-    """val mIoU and Dice of ``name`` trained for ``epochs`` epochs on ``data`` (one worker), and the seconds it took."""
+    """val mIoU and Dice of ``name`` trained for ``epochs`` epochs on ``data`` (one worker), and the seconds it took.
+
+    An instance model (on an instance dataset): val mask AP50, AP and PQ of its best epoch (by AP50) instead.
+    """
     from segray.api import train
     from segray.config import TrainConfig
+    from segray.models import spec
 
     t0 = time.time()
     result = train(
@@ -129,8 +156,12 @@ def measure_accuracy(name: str, data: str, size: tuple[int, int], epochs: int, o
             size=list(size), model_options=options,
         )
     )
+    seconds = time.time() - t0
+    if spec(name).task == "instance":
+        return {**{f"val_{k}": float(result.best.get(f"val_{k}", math.nan)) for k in ("ap50", "ap", "pq")},
+                "train_epochs": epochs, "train_seconds": seconds}
     return {"val_miou": float(result.best["val_miou"]), "val_dice": float(result.best["val_mean_dice"]),
-            "train_epochs": epochs, "train_seconds": time.time() - t0}
+            "train_epochs": epochs, "train_seconds": seconds}
 
 
 def pareto_front(latency: Sequence[float], miou: Sequence[float]) -> list[bool]:
@@ -186,27 +217,31 @@ def benchmark(
                 row.update(measure_accuracy(name, data, size, epochs, options.get(name, {}), work_dir))
             rows.append(row)
     frame = pd.DataFrame(rows)
-    if "val_miou" in frame:
-        frame["pareto"] = pareto_front(frame["latency_p50_ms"].tolist(), frame["val_miou"].tolist())
+    accuracy = accuracy_column(frame)
+    if accuracy is not None:
+        frame["pareto"] = pareto_front(frame["latency_p50_ms"].tolist(), frame[accuracy].tolist())
     return frame
 
 
 def plot(frame: pd.DataFrame) -> bytes:
-    """val mIoU against CPU latency (batch 1, p50), the Pareto front joined and marked; PNG bytes."""
+    """val mIoU (instance models: val AP50) against CPU latency (batch 1, p50), the Pareto front joined and marked; PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    accuracy = accuracy_column(frame) or "val_miou"
+    label = {"val_miou": "val mIoU", "val_ap50": "val mask AP50"}[accuracy]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter(frame["latency_p50_ms"], frame["val_miou"], s=40, color="tab:blue", zorder=3)
+    ax.scatter(frame["latency_p50_ms"], frame[accuracy], s=40, color="tab:blue", zorder=3)
     front = frame[frame["pareto"]].sort_values("latency_p50_ms")
-    ax.plot(front["latency_p50_ms"], front["val_miou"], "-", color="tab:red", zorder=2, label="Pareto front")
-    ax.scatter(front["latency_p50_ms"], front["val_miou"], s=120, facecolors="none", edgecolors="tab:red", zorder=4)
+    ax.plot(front["latency_p50_ms"], front[accuracy], "-", color="tab:red", zorder=2, label="Pareto front")
+    ax.scatter(front["latency_p50_ms"], front[accuracy], s=120, facecolors="none", edgecolors="tab:red", zorder=4)
     for row in frame.itertuples():
-        ax.annotate(f"{row.model}\n{row.gflops:.1f} GFLOPs", (row.latency_p50_ms, row.val_miou), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        flops = f"{row.gflops:.1f} GFLOPs" if math.isfinite(row.gflops) else "GFLOPs not counted"
+        ax.annotate(f"{row.model}\n{flops}", (row.latency_p50_ms, getattr(row, accuracy)), textcoords="offset points", xytext=(6, 4), fontsize=8)
     size = frame["size"].iloc[0] if len(frame) else ""
-    ax.set(title=f"val mIoU against CPU latency ({size}, batch 1)", xlabel="latency per image, p50 (ms)", ylabel="val mIoU")
+    ax.set(title=f"{label} against CPU latency ({size}, batch 1)", xlabel="latency per image, p50 (ms)", ylabel=label)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -217,12 +252,12 @@ def plot(frame: pd.DataFrame) -> bytes:
 
 
 def write_report(frame: pd.DataFrame, output: str) -> list[str]:
-    """Writes ``OUTPUT/speed_accuracy.parquet`` and, with val mIoU, ``OUTPUT/speed_accuracy.png``; returns their URIs."""
+    """Writes ``OUTPUT/speed_accuracy.parquet`` and, with val mIoU or AP50, ``OUTPUT/speed_accuracy.png``; returns their URIs."""
     import pyarrow as pa
 
     written = [storage.join(output, TABLE_FILE)]
     storage.write_parquet(pa.Table.from_pandas(frame, preserve_index=False), written[0])
-    if "val_miou" in frame:
+    if accuracy_column(frame) is not None:
         written.append(storage.join(output, PLOT_FILE))
         storage.write_bytes(written[1], plot(frame))
     return written

@@ -175,14 +175,16 @@ def cmd_models_benchmark(cfg: ModelsConfig) -> None:
         except ValueError as e:
             raise ConfigError(f"name {name!r}: {e}", field="name") from None
     data = cfg.data
+    # Without data every model is timed; with data, the models of its task (an instance dataset: maskrcnn, unet-instance).
+    task = None
     if data is not None:
         from segray.data import load_dataset_info
         from segray.runtime import init_ray
 
-        load_dataset_info(data)  # a wrong path fails here, before any model is timed
+        task = load_dataset_info(data).task  # a wrong path fails here, before any model is timed
         init_ray()
     frame = bench.benchmark(
-        [name] if name else models.available(), size=tuple(cfg.size), num_classes=cfg.num_classes, data=data,
+        [name] if name else models.available(task), size=tuple(cfg.size), num_classes=cfg.num_classes, data=data,
         epochs=cfg.epochs, repeats=cfg.repeats,
     )
     print(bench.format_table(frame))

@@ -1291,7 +1291,8 @@ class ModelsConfig(Config):
         size: ``[H, W]`` of the input for FLOPs and the benchmark.
         num_classes: output classes of the models built.
         benchmark: time the models (``segray.models.benchmark``).
-        data: with ``benchmark``: an ingested dataset; each model trains ``epochs`` on it for its val mIoU.
+        data: with ``benchmark``: an ingested dataset; each model of its task trains ``epochs`` on it for its
+            val mIoU (an instance dataset: the instance models, for val mask AP50, AP and PQ).
         epochs: with ``data``: each model's training epochs.
         repeats: with ``benchmark``: timed batch-1 calls.
         output: with ``benchmark``: folder for speed_accuracy.parquet and .png.

@@ -41,3 +41,26 @@ def test_the_plot_marks_the_front(tmp_path):
     assert frame["pareto"].tolist() == [True, False, True]
     written = bench.write_report(frame, str(tmp_path))
     assert storage.read_bytes(written[1]).startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_instance_models_rows_on_instance_data(tmp_path, ray_cluster):
+    """Both instance models in the table, trained on the same tiny instance dataset: AP50/AP/PQ columns, no mIoU."""
+    from segray.cli import main as cli_main
+    from segray.models import spec
+
+    raw, data = str(tmp_path / "raw"), str(tmp_path / "data")
+    assert cli_main(["synth", raw, "--task", "instance", "--n", "12", "--size", "64", "--classes", "2"]) == 0
+    assert cli_main(["ingest", raw, data, "--task", "instance", "--val-fraction", "0.25"]) == 0
+    names = ["maskrcnn", "unet-instance"]
+    frame = bench.benchmark(names, size=(64, 64), data=data, epochs=1, options={n: dict(spec(n).tiny_options) for n in names},
+                            repeats=3, show_progress=False)
+    assert frame["model"].tolist() == names and set(frame["task"]) == {"instance"}
+    assert "val_miou" not in frame
+    for column in ("val_ap50", "val_ap", "val_pq"):
+        assert frame[column].between(0, 1).all(), frame[column]
+    assert (frame["latency_p50_ms"] > 0).all() and (frame["throughput"] > 0).all() and (frame["train_seconds"] > 0).all()
+    assert math.isnan(frame.loc[0, "gflops"]) and frame.loc[1, "gflops"] > 0  # Mask R-CNN's heads have no static shapes to count
+    assert frame["pareto"].any()
+    written = bench.write_report(frame, str(tmp_path / "report"))
+    assert storage.read_bytes(written[1]).startswith(b"\x89PNG")

@@ -96,11 +96,21 @@ class Geometry:
         return out
 
 
+def fit_scale(height: int, width: int, size: tuple[int, int] | None, mode: FitMode) -> tuple[float, float]:
+    """(sy, sx): fitted pixels per original pixel (``transforms.fit``'s resize, or letterbox pad that only shrinks)."""
+    if size is None:
+        return 1.0, 1.0
+    if mode == "resize":
+        return size[0] / height, size[1] / width
+    scale = min(size[0] / height, size[1] / width, 1.0)
+    return scale, scale
+
+
 def fitted_content(height: int, width: int, size: tuple[int, int], mode: FitMode) -> tuple[int, int]:
     """The ``(h, w)`` region of a fitted image that holds the picture (the rest is padding)."""
     if mode == "resize" or (height, width) == tuple(size):
         return tuple(size)
-    scale = min(size[0] / height, size[1] / width, 1.0)
+    scale, _ = fit_scale(height, width, size, mode)
     if scale < 1.0:
         # The same rounding as transforms.fit.
         return max(1, round(height * scale)), max(1, round(width * scale))

@@ -81,17 +81,6 @@ def _side_path(out: Output, folder: str, image_ids: list[str]) -> str:
     return storage.join(out.root, folder, storage.basename(out.part(image_ids)))
 
 
-def fit_scale(height: int, width: int, size: tuple[int, int] | None, fit: str) -> tuple[float, float]:
-    """(sy, sx): fitted pixels per original pixel (``transforms.fit``'s resize or letterbox pad)."""
-    if size is None:
-        return 1.0, 1.0
-    h, w = size
-    if fit == "resize":
-        return h / height, w / width
-    s = min(h / height, w / width, 1.0)
-    return s, s
-
-
 class ReadInstances:
     """``map_batches`` body (Ray tasks): shard rows -> decoded image (fitted), truth instance map and classes."""
 
@@ -161,11 +150,22 @@ class InstancePredictor:
         self.size, self.fit, self.threshold = size, fit, threshold
 
     def _one(self, image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from segray.models import paste_instances, predict_instances
+        import tensorflow as tf
 
-        # One image per call: a detection's mask does not depend on the batch it came in (a resume gives the same maps).
-        found = predict_instances(self.model, ((image - self.mean) / self.std)[None], self.threshold)[0]
+        from segray.inference.geometry import fit_scale, fitted_content, restore
+        from segray.models import bottom_up_probabilities, instances_from_detections, instances_from_outputs, is_bottom_up, paste_instances
+
+        # One image per call: an object does not depend on the batch it came in (a resume gives the same maps).
+        outputs = self.model(tf.constant(((image - self.mean) / self.std)[None]), training=False)
         sy, sx = fit_scale(height, width, self.size, self.fit)
+        if is_bottom_up(outputs):
+            # The heads' probabilities back at the image's own size, then the watershed there.
+            boundary, classes = bottom_up_probabilities(outputs)
+            content = fitted_content(height, width, tuple(self.size), self.fit) if self.size else (height, width)
+            both = restore(np.concatenate([boundary[0], classes[0]], axis=-1), content, height, width)
+            found = instances_from_outputs(both[..., :3], both[..., 3:])
+            return found["instances"], found["classes"], found["scores"]
+        found = instances_from_detections(outputs, image.shape[0], image.shape[1], self.threshold)[0]
         boxes = found["boxes"] / np.array([sy, sx, sy, sx], np.float32)
         instance_map, keep = paste_instances(boxes, found["masks"], found["scores"], height, width, self.threshold)
         return instance_map, found["classes"][keep].astype(np.int32), found["scores"][keep].astype(np.float32)

@@ -16,8 +16,10 @@ What a trained run saves (``RUN/model/``) and how it loads is ``segray.runs``'s;
 this package imports nothing of segray's outside itself.
 """
 
-from segray.models.bottomup import boundary_target, instances_from_classes
-from segray.models.maskrcnn import paste_instances, predict_instances
+from segray.models.bottomup import boundary_target, instances_from_classes, instances_from_outputs, is_bottom_up
+from segray.models.bottomup import probabilities as bottom_up_probabilities
+from segray.models.instances import predict_instances
+from segray.models.maskrcnn import instances_from_detections, paste_instances
 from segray.models.layers import DivisibleSizeCheck, MaxPoolingWithArgmax2D, MaxUnpooling2D, ResizeLike
 from segray.models.registry import DEEP_SUPERVISION_LEVELS, NO_XLA, ModelSpec, available, build, dtype_policy, register, spec
 from segray.models.summary import count_params, describe, flops_per_image, model_flops
@@ -32,12 +34,16 @@ __all__ = [
     "ResizeLike",
     "available",
     "boundary_target",
+    "bottom_up_probabilities",
     "build",
     "count_params",
     "describe",
     "dtype_policy",
     "flops_per_image",
     "instances_from_classes",
+    "instances_from_detections",
+    "instances_from_outputs",
+    "is_bottom_up",
     "paste_instances",
     "predict_instances",
     "model_flops",

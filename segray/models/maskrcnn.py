@@ -495,10 +495,14 @@ def predict_instances(model: keras.Model, images: np.ndarray | tf.Tensor, thresh
         float32 ``(N, S, S)`` (probabilities inside the box).
     """
     out = model(tf.convert_to_tensor(images, tf.float32), training=False)
-    height, width = int(images.shape[1]), int(images.shape[2])
+    return instances_from_detections(out, int(images.shape[1]), int(images.shape[2]), threshold)
+
+
+def instances_from_detections(out: dict[str, tf.Tensor], height: int, width: int, threshold: float = 0.5) -> list[dict[str, np.ndarray]]:
+    """``predict_instances`` of the model's outputs ``out`` on ``(B, height, width, 3)`` images."""
     scale = np.array([height, width, height, width], np.float32)
     results = []
-    for b in range(int(images.shape[0])):
+    for b in range(int(out["count"].shape[0])):
         n = int(out["count"][b])
         boxes = out["boxes"][b, :n].numpy() * scale
         masks, scores = out["masks"][b, :n].numpy(), out["scores"][b, :n].numpy()

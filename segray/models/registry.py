@@ -42,7 +42,7 @@ from typing import Any
 
 import keras
 
-from segray.models import deeplabv3plus, maskrcnn, segnet, unet
+from segray.models import bottomup, deeplabv3plus, maskrcnn, segnet, unet
 
 # Lower decoder levels that deep supervision trains heads on (1/2 and 1/4 of the size, nnU-Net's).
 DEEP_SUPERVISION_LEVELS = 2
@@ -132,6 +132,14 @@ BUILTIN: dict[str, ModelSpec] = {
         segnet.build_segnet,
         tiny_options={"depth": 2, "width": 8, "convs_per_stage": 1},
         no_xla="its MaxPoolWithArgmax (the pooling indices it unpools with) has no XLA kernel",
+    ),
+    "unet-instance": ModelSpec(
+        "unet-instance",
+        bottomup.build_unet_instance,
+        tiny_options={"depth": 2, "width": 8},
+        input_multiple=unet.input_multiple,
+        task="instance",
+        instance_loss=bottomup.BottomUpLoss,
     ),
     "unet": ModelSpec(
         "unet",

@@ -103,7 +103,7 @@ def resolve(cfg: TrainConfig) -> ResolvedRun:
         raise ConfigError(
             f"model {cfg.model} is a{'n' if entry.task == 'instance' else ''} {entry.task} segmentation model and {cfg.data} "
             f"is a{'n' if info.task == 'instance' else ''} {info.task} dataset (dataset.json); train a{'n' if info.task == 'instance' else ''} "
-            f"{info.task} model on it ({', '.join(n for n in models.available() if models.spec(n).task == info.task)})"
+            f"{info.task} model on it ({', '.join(models.available(info.task))})"
             + (", or ingest the data with `--task semantic`" if info.task == "instance" else ", or ingest instance data with `--task instance`"),
             field="model",
         )

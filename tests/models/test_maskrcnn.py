@@ -45,8 +45,8 @@ def test_registry_lists_maskrcnn_as_an_instance_model_apart_from_the_semantic_wa
     entry = models.spec("maskrcnn")
     assert entry.task == "instance" and entry.no_xla and entry.multiple() == 32
     assert "maskrcnn" not in models.available() and "unet" in models.available()
-    assert models.available("instance") == ["maskrcnn"]
-    assert set(models.available(None)) == set(models.available()) | {"maskrcnn"}
+    assert models.available("instance") == ["maskrcnn", "unet-instance"]
+    assert set(models.available(None)) == set(models.available()) | {"maskrcnn", "unet-instance"}
     with pytest.raises(ValueError, match="instance models: maskrcnn"):
         models.spec("maskrcnnn")
 

@@ -110,3 +110,32 @@ def test_task_mismatch_is_refused(instance_data, tmp_path):
         resolve(config_from(_config(sem, str(tmp_path), "m", size=[32, 32])))
     with pytest.raises(ConfigError, match=r"foreground_oversample with the instance dataset"):
         resolve(config_from(_config(data, str(tmp_path), "f", crop=[32, 32], foreground_oversample=0.3)))
+
+
+@pytest.mark.slow
+def test_cli_train_unet_instance_then_predict(instance_data):
+    """The bottom-up model goes through `segray train` (one epoch) and `segray predict` as Mask R-CNN does."""
+    root, data = instance_data
+    runs, out = str(root / "bu_runs"), str(root / "bu_pred")
+    assert cli_main(["train", "--data", data, "--storage", runs, "--name", "bu", "--model", "unet-instance", "--epochs", "1",
+                     "--batch-size", "2", "--workers", "1", "--lr", "3e-3", "--size", "64", "--schedule", "constant",
+                     "--model-option", "depth=2", "--model-option", "width=8"]) == 0
+    run = os.path.join(runs, "bu")
+    history = pq.read_table(os.path.join(run, "history.parquet")).to_pandas()
+    assert list(history["epoch"]) == [0] and np.isfinite(history["train_loss"]).all()
+    assert history["val_ap50"].between(0, 1).all() and "val_miou" not in history.columns
+    assert cli_main(["predict", "--model", run, "--input", data, "--split", "val", "--output", out, "--batch-size", "2"]) == 0
+    summary = json.loads(storage.read_text(os.path.join(out, "summary.json")))
+    assert summary["task"] == "instance" and summary["errors"] == 0 and summary["images"] == 3
+    objects = pq.read_table(os.path.join(out, "instances.parquet")).to_pandas()
+    maps = sorted(os.listdir(os.path.join(out, "instances")))
+    assert len(maps) == 3
+    import cv2
+
+    for name in maps:  # every object row has its pixels in the 16-bit map, and only those ids are there
+        ids = cv2.imread(os.path.join(out, "instances", name), cv2.IMREAD_UNCHANGED)
+        rows = objects[objects["image_id"] == name[: -len(".png")]]
+        assert ids.dtype == np.uint16 and ids.shape == (64, 64)
+        assert sorted(rows["instance_id"]) == sorted(int(v) for v in np.unique(ids) if v)
+    assert objects["score"].between(0, 1).all() and objects["class_id"].between(1, 2).all()
+    assert {"ap50", "pq"} <= set(pq.read_table(os.path.join(out, "per_class.parquet")).schema.names)
