@@ -182,7 +182,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     job_env_vars = job.get("env_vars") or {}
     env_vars = {k: os.environ.get(k, v) for k, v in QUIET_WORKER_ENV.items() if k not in job_env_vars}
-    # The driver imports TensorFlow too (ray.train.tensorflow); before that import.
+    # The driver imports TensorFlow too (segray.training builds the model); before that import.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", env_vars.get("TF_CPP_MIN_LOG_LEVEL", "3"))
     runtime_env: dict = {"env_vars": env_vars} if env_vars else {}
     runtime_env.update(_setup_hook(job))

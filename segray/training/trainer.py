@@ -258,10 +258,10 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None, trackin
         tracking_tags: tags for the run's MLflow run (a search's trial: its parent run).
     """
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
 
     from segray.data import read_split
     from segray.data import read_instances
+    from segray.tf_backend import tensorflow_trainer
     from segray.training.loop import instance_score, train_loop_per_worker, val_dataset_name
 
     run = cfg if isinstance(cfg, ResolvedRun) else resolve(cfg)
@@ -299,7 +299,7 @@ def train(cfg: TrainConfig | ResolvedRun, callbacks: list | None = None, trackin
         # bury the epoch lines that rank 0 prints (see train_loop_per_worker).
         ds.context.enable_progress_bars = False
     fs, path = storage.filesystem(cfg.storage)
-    trainer = TensorflowTrainer(
+    trainer = tensorflow_trainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "dataset_info": info.to_json(), "run_uri": run_uri, "mlflow": tracked},
         scaling_config=ray.train.ScalingConfig(

@@ -226,18 +226,18 @@ def _validation_matrix(loop_config):
 def test_worker_matrices_sum_to_single_worker_matrix(shapes, tmp_path):
     import keras
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
 
     from segray import models
     from segray.metrics import confusion_matrix
+    from segray.tf_backend import tensorflow_trainer
 
     cfg = config(shapes.dst, str(tmp_path), "cm", size=[32, 32])
     val = read_split(shapes.dst, "val")
     matrices = {}
     for workers in (1, 2):
-        # The same val datasets and DataConfig as segray.training.train builds.
+        # The same val datasets, DataConfig and trainer as segray.training.train builds.
         parts = {f"val_{k}": read_split(shapes.dst, "val", part=(k, workers)) for k in range(workers)}
-        trainer = TensorflowTrainer(
+        trainer = tensorflow_trainer(
             _validation_matrix,
             # One worker streams every pass (a part too big to keep), two keep theirs in memory.
             train_loop_config={"config": cfg.to_dict(), "dataset_info": shapes.info.to_json(), "val_cache_bytes": 0 if workers == 1 else None},
