@@ -27,8 +27,6 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 MIB = 2**20
 
 
@@ -155,6 +153,8 @@ def main() -> None:
 
     import ray
 
+    # Here, not at import: tests import server_processes from this module.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from inference_throughput import make_run
     from segray.runtime import quiet_logging
 
