@@ -219,6 +219,10 @@ def worst_objects(tables: OutputTables, k: int, display_height: int) -> tuple[st
     """Outline strips of the ``k`` images of lowest PQ (``instance_images``) and how many there are."""
     if k == 0:
         return '<p class="note">Not asked for (--worst 0).</p>', 0
+    try:
+        tables.table("instance_images")
+    except FileNotFoundError as e:  # an output written before predict kept per-image PQ
+        return f'<p class="note">No per-image PQ: {_e(e)}; run predict again into a new folder to get it.</p>', 0
     frame = tables.sql(f"SELECT * FROM instance_images WHERE NOT isnan(pq) ORDER BY pq ASC, image_id ASC LIMIT {int(k)}")
     if frame.empty:
         return '<p class="note">No scored images.</p>', 0
