@@ -487,6 +487,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if export_model is None:
                     export_model = float32_model(cfg, info.num_classes)
                 artifacts.write_best_model(export_model, worker.model.get_weights(), epoch, metrics, preprocessing_of(cfg, info))
+            if epoch == cfg.epochs - 1:
+                # Before the last report: a search's scheduler stops the trial from outside
+                # when it sees that report, and the workers may not get past it.
+                write_end(loop_config["run_uri"], len(history), cfg.epochs, "epochs")
             with tempfile.TemporaryDirectory() as tmp:
                 save_state(tmp, worker.net, worker.optimizer, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

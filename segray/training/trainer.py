@@ -11,7 +11,7 @@ from segray.config import ConfigError, TrainConfig, about, field_defaults, from_
 from segray.data import DatasetInfo, load_dataset_info
 from segray.ownership import canonical
 from segray.runtime import is_verbose
-from segray.runs import HISTORY_FILE, PLAN_FILE, clear_end, has_history, read_config, read_history, run_exists, write_config, write_end, write_plan
+from segray.runs import HISTORY_FILE, PLAN_FILE, clear_end, has_history, read_config, read_history, run_exists, run_state, write_config, write_end, write_plan
 from segray.tracking import dataset_fingerprint, describe_pending, finish_train_run, start_train_run
 
 # What a resumed run may change (the fields marked resumable): how long it goes on and how failures are handled.
@@ -190,6 +190,12 @@ def _check_resumable(run_uri: str, cfg: TrainConfig) -> None:
 def _record_failure(run_uri: str, epochs: int, error: BaseException) -> None:
     """``ended.json`` of a run Ray Train gave up on: the epochs done and the error's last line."""
     done = len(read_history(run_uri)) if has_history(run_uri) else 0
+    state = run_state(run_uri)
+    if state is not None and state.finished and state.epochs_done == done:
+        # The loop had recorded its end (all epochs, say) before the workers died: a search's
+        # scheduler stops a trial from outside at its last report, which Ray Train sees as an
+        # error. What the run did is already on record; its end is not a failure.
+        return
     lines = str(error).strip().splitlines()
     write_end(run_uri, done, epochs, "failed", f"{type(error).__name__}: {lines[-1][:300]}" if lines else type(error).__name__)
 
