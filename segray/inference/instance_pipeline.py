@@ -250,24 +250,6 @@ def _latest(table: pa.Table, records: pa.Table) -> pa.Table:
     return table.filter(pc.is_in(keys(table), keys(ok)))
 
 
-def _per_class(frames: dict[str, Any] | None, metrics, class_names: list[str], model_id: str):
-    """predict's per_class frame (IoU/Dice) with the instance columns joined by class id."""
-    from segray.inference.objects import INSTANCE_PER_CLASS_SCHEMA, instance_per_class_frame
-
-    inst = instance_per_class_frame(metrics, class_names, model_id).drop(columns=["class_name", "model_id"])
-    inst = inst.rename(columns={"truth": "truth_objects", "predicted": "predicted_objects", "tp": "tp_objects", "fp": "fp_objects", "fn": "fn_objects"})
-    semantic = frames["per_class"]
-    merged = semantic.merge(inst, on="class_id", how="left")
-    fields = list(table_schema("per_class", len(class_names)))
-    renamed = {"truth": "truth_objects", "predicted": "predicted_objects", "tp": "tp_objects", "fp": "fp_objects", "fn": "fn_objects"}
-    for f in INSTANCE_PER_CLASS_SCHEMA:
-        if f.name in ("class_id", "class_name", "model_id"):
-            continue
-        name = renamed.get(f.name, f.name)
-        fields.append(pa.field(name, pa.float64()))  # counts too: background has none (NaN)
-    return merged[[f.name for f in fields]], pa.schema(fields)
-
-
 def predict_instances(cfg: PredictConfig, spec, started: float, run: int) -> PredictResult:
     """``segray.predict`` for an instance model; ``spec`` from ``resolve_model``.
 
@@ -277,7 +259,7 @@ def predict_instances(cfg: PredictConfig, spec, started: float, run: int) -> Pre
     import ray
 
     from segray.data import read_shards, write_errors
-    from segray.inference.instance_tables import write_image_quality
+    from segray.inference.instance_tables import instance_per_class, write_image_quality
     from segray.inference.objects import OBJECTS_SCHEMA
     from segray.inference.sources import list_source
     from segray.metrics import InstanceMetrics
@@ -351,7 +333,7 @@ def predict_instances(cfg: PredictConfig, spec, started: float, run: int) -> Pre
             metrics.add_record(record)
         instance_summary = metrics.summary()
         write_image_quality(out.root, metrics.records)  # per-image PQ (segray report's worst images)
-        per_class, per_class_schema = _per_class(frames, metrics, names, spec.model_id)
+        per_class, per_class_schema = instance_per_class(frames["per_class"], metrics, names, spec.model_id)
         frames["per_class"] = per_class
         scores.update({k: v for k, v in instance_summary.items() if k != "images"})
     write_errors(out.root, errors)
