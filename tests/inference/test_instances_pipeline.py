@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -13,67 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from segray import storage
-from segray.cli import main as cli_main
+from tests.instance_run import instance_run as shared_instance_run, split_rows
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def _rows(data: str, split: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """{id: (image, instance map, classes)} of an ingested instance split."""
-    from segray.data import decode_image
-    from segray.data.instance_pipeline import decode_instances
-
-    rows = {}
-    for name in sorted(os.listdir(os.path.join(data, split))):
-        table = pq.read_table(os.path.join(data, split, name), columns=["image_id", "image", "instances", "classes"])
-        for r in table.to_pylist():
-            rows[r["image_id"]] = (decode_image(r["image"]), decode_instances(r["instances"]), np.asarray(r["classes"], np.int64))
-    return rows
-
-
-def _train(data: str, run: str, steps: int = 8) -> None:
-    """A few Mask R-CNN steps of the training loop's instance step on the train split, saved as a run's model/."""
-    import tensorflow as tf
-
-    from segray import models
-    from segray.config import TrainConfig
-    from segray.data.info import load_dataset_info
-    from segray.runs import write_model
-    from segray.training.loop import WorkerLoop, preprocessing_of
-
-    info = load_dataset_info(data)
-    cfg = TrainConfig(
-        data=data, storage="none", name="t", model="maskrcnn", batch_size=1, lr=3e-3, schedule="constant", workers=1,
-        optimizer="adam", size=(64, 64), model_options=dict(models.spec("maskrcnn").tiny_options),
-    )
-    loop = WorkerLoop(cfg, info, world_size=1)
-    batches = []
-    for image, ids, classes in _rows(data, "train").values():
-        padded = np.zeros((1, max(8, len(classes))), np.int32)
-        padded[0, : len(classes)] = classes
-        batches.append((tf.constant(image[None]), tf.constant(ids.astype(np.int32)[None]), tf.constant(padded)))
-    for step in range(steps):
-        loop.train_step(*batches[step % len(batches)])
-    write_model(run, loop.net, preprocessing_of(cfg, info), {"steps": steps})
-
-
 @pytest.fixture(scope="module")
 def instance_run(tmp_path_factory):
-    from segray.api import predict
-
-    root = tmp_path_factory.mktemp("inst")
-    raw, data, out, run = str(root / "raw"), str(root / "data"), str(root / "out"), str(root / "run")
-    assert cli_main(["synth", raw, "--task", "instance", "--n", "6", "--size", "64", "--classes", "3"]) == 0
-    assert cli_main(["ingest", raw, data, "--task", "instance", "--val-fraction", "0.5"]) == 0
-    _train(data, run)
-    cfg = {"model": run, "input": data, "split": "val", "output": out, "batch_size": 2}
-    result = predict(cfg)
-    assert result.errors == [], result.errors
-    return SimpleNamespace(root=root, data=data, out=out, cfg=cfg, result=result)
+    return shared_instance_run(tmp_path_factory.mktemp("inst"))
 
 
 def _truth(data: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {k: (ids, classes) for k, (_, ids, classes) in _rows(data, "val").items()}
+    return {k: (ids, classes) for k, (_, ids, classes) in split_rows(data, "val").items()}
 
 
 def test_files_and_schemas(instance_run):
