@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import time
 from typing import Any
 
@@ -35,7 +34,7 @@ from segray.config import EvaluateConfig, about
 from segray.data import IGNORE_INDEX, BadInput, ClassInfo, index_folder, load_classes
 from segray.inference.instance_tables import INSTANCES_FILE, instance_per_class, write_image_quality
 from segray.inference.objects import OBJECTS_SCHEMA, objects_table
-from segray.inference.output import Output, PredictResult, claim
+from segray.inference.output import Output, PredictResult, claim, json_plain
 from segray.inference.tables import ERROR, OK, RECORD_SCHEMA, error_record, latest_records, ok_record, score_tables, table_schema, write_frame
 from segray.ownership import canonical
 from segray.runtime import bounded_retries
@@ -368,17 +367,8 @@ def evaluate_instances(cfg: EvaluateConfig) -> PredictResult:
         "images_per_s": round(scored / wall, 3) if scored else None,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    summary = json.loads(json.dumps(summary, default=_plain))
+    summary = json.loads(json.dumps(summary, default=json_plain))
     storage.write_text(out.summary, json.dumps(summary, indent=2))
     return PredictResult(out.root, summary, frames["per_class"], frames["per_image"], frames["confusion"], errors)
 
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(f"not JSON serialisable: {value!r}")
 

@@ -148,12 +148,13 @@ def write_results(
     else:
         for name, frame in frames.items():
             write_frame(frame, table_schema(name, num_classes), out.table(name))
-    summary = json.loads(json.dumps(summary, default=_plain))
+    summary = json.loads(json.dumps(summary, default=json_plain))
     storage.write_text(out.summary, json.dumps(summary, indent=2))
     return PredictResult(out.root, summary, frames["per_class"], frames["per_image"], frames["confusion"], errors)
 
 
-def _plain(value: Any) -> Any:
+def json_plain(value: Any) -> Any:
+    """``json.dumps``' default for a summary: tuples as lists, numpy scalars as Python ones, NaN as null."""
     if isinstance(value, tuple):
         return list(value)
     if hasattr(value, "item"):
